@@ -1,0 +1,97 @@
+"""Where the database is, and opening connections to it with clear errors.
+
+DSN resolution, in order: the ``dsn`` argument, ``PGJOURNAL_DSN``, else the
+embedded development server (started on demand, reused across runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from .errors import DatabaseUnavailable
+
+log = logging.getLogger("pgjournal")
+
+_PASSWORD_URL = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ``***`` (for messages and logs)."""
+    return _PASSWORD_KV.sub(r"\1***", _PASSWORD_URL.sub(r"\1***\3", dsn))
+
+
+def resolve_dsn(dsn: str | None = None) -> str:
+    """Pick the DSN: argument, then ``PGJOURNAL_DSN``, then the embedded dev server."""
+    if dsn:
+        return dsn
+    env = os.environ.get("PGJOURNAL_DSN")
+    if env:
+        return env
+    from .embedded import dev_server
+
+    server = dev_server()
+    log.info("no DSN given and PGJOURNAL_DSN unset: using the embedded dev server at %s "
+             "(data in %s)", server.dsn, server.data_dir)
+    return server.dsn
+
+
+def describe_connect_error(dsn: str, exc: BaseException) -> str:
+    """One line: which DSN failed, why, and what to check."""
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if "password" in low:
+        hint = "check the user name and password"
+    elif "does not exist" in low and "database" in low:
+        hint = "create the database or fix its name in the DSN"
+    elif "role" in low and "does not exist" in low:
+        hint = "create the role or fix the user name in the DSN"
+    elif "invalid" in low or "missing" in low or "syntax" in low:
+        hint = "check the DSN's syntax (postgresql://user:pass@host:port/dbname)"
+    else:
+        hint = "check that the server is running and the host and port are right"
+    return f"cannot connect to {mask_dsn(dsn)}: {reason} ({hint})"
+
+
+def connect_sync(dsn: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
+    """A synchronous connection with dict rows, or ``DatabaseUnavailable``."""
+    kwargs.setdefault("connect_timeout", 10)
+    try:
+        return psycopg.connect(dsn, row_factory=dict_row, **kwargs)
+    except (psycopg.Error, ValueError) as exc:
+        raise DatabaseUnavailable(describe_connect_error(dsn, exc)) from None
+
+
+async def connect_async(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
+    """An async connection with dict rows, or ``DatabaseUnavailable``."""
+    kwargs.setdefault("connect_timeout", 10)
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row, **kwargs)
+    except (psycopg.Error, ValueError) as exc:
+        raise DatabaseUnavailable(describe_connect_error(dsn, exc)) from None
+
+
+async def open_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, name: str = "pgjournal"
+) -> AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]:
+    """Open a pool after one probe connection, so a bad DSN fails fast and clearly."""
+    probe = await connect_async(dsn)
+    await probe.close()
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        kwargs={"row_factory": dict_row, "autocommit": True},
+        reconnect_timeout=300,
+    )
+    await pool.open(wait=True, timeout=30)
+    return pool

@@ -1,0 +1,78 @@
+"""The exceptions pgjournal raises.
+
+Every error a user can cause (bad DSN, missing schema, unknown run, a value
+that cannot be stored) is one of these, with a message that says what to do,
+instead of a traceback from deep inside psycopg.
+"""
+
+from __future__ import annotations
+
+
+class PgJournalError(Exception):
+    """Base class of every pgjournal error."""
+
+
+class ConfigurationError(PgJournalError, ValueError):
+    """Bad settings: an invalid schema or queue name, a bad size limit."""
+
+
+class DatabaseUnavailable(PgJournalError):
+    """The database cannot be reached or refuses the connection."""
+
+
+class SchemaNotReady(PgJournalError):
+    """The schema is missing or at another version than this code."""
+
+
+class SerializationError(PgJournalError, TypeError):
+    """A value cannot be stored in the journal (wrong type or too large)."""
+
+
+class UnknownRun(PgJournalError, LookupError):
+    """No run with that id exists."""
+
+
+class UnknownWorkflow(PgJournalError, LookupError):
+    """No workflow of that name is registered with the app."""
+
+
+class InvalidState(PgJournalError):
+    """The run is not in a state that allows the operation (e.g. signal an ended run)."""
+
+
+class TerminalError(PgJournalError):
+    """Raise (or subclass) this in a workflow or step to fail the run at once, with no retry."""
+
+
+class NonDeterminismError(TerminalError):
+    """A replayed run asked for a different step than its journal holds at that position."""
+
+
+class StepError(PgJournalError):
+    """A journaled step failure replayed when the original exception type cannot be rebuilt."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+
+class RunFailed(PgJournalError):
+    """The run ended as failed (or dead); raised by ``RunHandle.result()``."""
+
+    def __init__(self, run_id: str, error: dict[str, object] | None, status: str = "failed"):
+        err = error or {}
+        super().__init__(
+            f"run {run_id} {status}: {err.get('type', 'Error')}: {err.get('message', '')}"
+        )
+        self.run_id = run_id
+        self.status = status
+        self.error = err
+
+
+class Cancelled(PgJournalError):
+    """The run was cancelled; raised by ``RunHandle.result()``."""
+
+
+class LeaseLost(PgJournalError):
+    """This worker no longer owns the run (the lease moved on, or it was cancelled)."""
