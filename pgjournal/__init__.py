@@ -1,0 +1,63 @@
+"""pgjournal: durable, journaled execution of long-running Python work on PostgreSQL.
+
+Everything a user needs is importable from here.
+"""
+
+from .app import App, RunHandle, Workflow, exponential_backoff
+from .connect import mask_dsn
+from .embedded import EmbeddedServer, dev_server, throwaway_server
+from .errors import (
+    Cancelled,
+    ConfigurationError,
+    DatabaseUnavailable,
+    InvalidState,
+    LeaseLost,
+    NonDeterminismError,
+    PgJournalError,
+    RunFailed,
+    SchemaNotReady,
+    SerializationError,
+    StepError,
+    TerminalError,
+    UnknownRun,
+    UnknownWorkflow,
+)
+from .migrations import migrate, migration_script
+from .run import Run
+from .serializer import Serializer
+from .store import Store
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Cancelled",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "EmbeddedServer",
+    "InvalidState",
+    "LeaseLost",
+    "NonDeterminismError",
+    "PgJournalError",
+    "Run",
+    "RunFailed",
+    "RunHandle",
+    "SchemaNotReady",
+    "SerializationError",
+    "Serializer",
+    "StepError",
+    "Store",
+    "TerminalError",
+    "UnknownRun",
+    "UnknownWorkflow",
+    "Worker",
+    "Workflow",
+    "__version__",
+    "dev_server",
+    "exponential_backoff",
+    "mask_dsn",
+    "migrate",
+    "migration_script",
+    "throwaway_server",
+]

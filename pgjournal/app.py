@@ -1,0 +1,311 @@
+"""``App``: the workflow registry and the client API (start, signal, cancel, retry, results)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._sql import validate_identifier
+from .connect import resolve_dsn
+from .errors import Cancelled, ConfigurationError, RunFailed, UnknownRun
+from .listener import Listener
+from .migrations import migrate
+from .serializer import DEFAULT_MAX_BYTES, Serializer
+from .store import Store
+
+log = logging.getLogger("pgjournal")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+ENDED = frozenset({"completed", "failed", "cancelled", "dead"})
+
+
+def exponential_backoff(attempt: int) -> float:
+    """Default retry delay: 1 s, 2 s, 4 s ... capped at 5 minutes."""
+    return float(min(2 ** (attempt - 1), 300))
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A registered workflow and its run settings."""
+
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    queue: str
+    max_attempts: int
+    retry_backoff: Callable[[int], float]
+    timeout: float | None
+    max_recoveries: int
+
+
+def _as_uuid(run_id: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(run_id, uuid.UUID):
+        return run_id
+    try:
+        return uuid.UUID(str(run_id))
+    except ValueError:
+        raise UnknownRun(f"{run_id!r} is not a run id (expected a UUID)") from None
+
+
+class RunHandle:
+    """A run, by id: its status and (awaited) result. Cheap to create."""
+
+    def __init__(self, app: App, run_id: uuid.UUID) -> None:
+        self.app = app
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle({str(self.run_id)!r})"
+
+    async def status(self) -> str:
+        row = await (await self.app.store()).get_run(self.run_id)
+        if row is None:
+            raise UnknownRun(f"run {self.run_id} does not exist")
+        return str(row["status"])
+
+    async def info(self) -> dict[str, Any]:
+        """The run's row (status, attempts, error, timestamps ...)."""
+        row = await (await self.app.store()).get_run(self.run_id)
+        if row is None:
+            raise UnknownRun(f"run {self.run_id} does not exist")
+        return row
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its output.
+
+        Raises ``RunFailed`` (failed or dead), ``Cancelled``, or ``TimeoutError``
+        after ``timeout`` seconds. Woken by NOTIFY; polls as a safety net.
+        """
+        async with asyncio.timeout(timeout):
+            return await self.app._wait_result(self.run_id)
+
+    async def signal(self, name: str, payload: Any = None) -> None:
+        await self.app.signal(self.run_id, name, payload)
+
+    async def cancel(self) -> str:
+        return await self.app.cancel(self.run_id)
+
+
+class App:
+    """A pgjournal application: workflows plus a connection to one schema.
+
+    ``dsn=None`` uses ``PGJOURNAL_DSN``, else the embedded development server.
+    Connections open lazily on first use; ``async with app`` closes them.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "pgjournal",
+        allow_pickle: bool = False,
+        max_value_bytes: int = DEFAULT_MAX_BYTES,
+        pool_size: int = 10,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.schema = validate_identifier(schema)
+        self._dsn = dsn
+        self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
+        self.pool_size = pool_size
+        self.poll_interval = poll_interval
+        self.workflows: dict[str, Workflow] = {}
+        self._store: Store | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._done_listener: Listener | None = None
+        self._waiters: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+
+    # -- registry ------------------------------------------------------------
+
+    def workflow(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = "default",
+        max_attempts: int = 3,
+        retry_backoff: Callable[[int], float] | float = exponential_backoff,
+        timeout: float | None = None,
+        max_recoveries: int = 5,
+    ) -> Callable[[F], F]:
+        """Register ``async def wf(run, *args, **kwargs)`` as a workflow.
+
+        ``retry_backoff`` is seconds (a number, or a function of the attempt
+        that failed). ``timeout`` bounds one attempt. ``max_recoveries``: how
+        many worker crashes a run survives before it is parked as ``dead``.
+        """
+        validate_identifier(queue, "queue name")
+        if max_attempts < 1:
+            raise ConfigurationError("max_attempts must be at least 1")
+        backoff: Callable[[int], float]
+        if callable(retry_backoff):
+            backoff = retry_backoff
+        else:
+            fixed = float(retry_backoff)
+            backoff = lambda _attempt: fixed  # noqa: E731
+
+        def register(fn: F) -> F:
+            if not asyncio.iscoroutinefunction(fn):
+                raise ConfigurationError(f"workflow {fn.__name__!r} must be an async def")
+            wf_name = name or fn.__name__
+            if not wf_name:
+                raise ConfigurationError("a workflow needs a non-empty name")
+            self.workflows[wf_name] = Workflow(wf_name, fn, queue, max_attempts, backoff,
+                                               timeout, max_recoveries)
+            return fn
+
+        return register
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        if self._dsn is None:
+            self._dsn = resolve_dsn(None)
+        return self._dsn
+
+    async def store(self) -> Store:
+        """The app's store, opened (and the schema version checked) on first use."""
+        if self._store is None:
+            if self._open_lock is None:
+                self._open_lock = asyncio.Lock()
+            async with self._open_lock:
+                if self._store is None:
+                    dsn = await asyncio.to_thread(lambda: self.dsn)
+                    self._store = await Store.open(dsn, schema=self.schema,
+                                                   max_size=self.pool_size,
+                                                   serializer=self.serializer)
+        return self._store
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations to the app's schema (see ``pgjournal.migrate``)."""
+        dsn = await asyncio.to_thread(lambda: self.dsn)
+        return await asyncio.to_thread(migrate, dsn, schema=self.schema)
+
+    async def close(self) -> None:
+        if self._done_listener is not None:
+            await self._done_listener.stop()
+            self._done_listener = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> App:
+        await self.store()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- client API ----------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: str | Callable[..., Any],
+        *args: Any,
+        queue: str | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> RunHandle:
+        """Enqueue a run of ``workflow`` (a name, or the registered function).
+
+        A name this app does not know is accepted (another service may run
+        it); its run fails with a clear error if no worker knows it either.
+        The same ``idempotency_key`` always yields the same run.
+        """
+        if callable(workflow):
+            found = [w for w in self.workflows.values() if w.fn is workflow]
+            if not found:
+                raise ConfigurationError(
+                    f"{getattr(workflow, '__name__', workflow)!r} is not registered with "
+                    "this app; decorate it with @app.workflow()")
+            name = found[0].name
+        else:
+            name = workflow
+        wf = self.workflows.get(name)
+        queue = validate_identifier(queue or (wf.queue if wf else "default"), "queue name")
+        input_json = self.serializer.dumps({"args": list(args), "kwargs": kwargs},
+                                           what=f"input of workflow {name!r}")
+        store = await self.store()
+        run_id, _created = await store.start_run(
+            uuid.uuid4(), name, queue, input_json, priority=priority, delay=delay or 0.0,
+            idempotency_key=idempotency_key,
+            max_attempts=wf.max_attempts if wf else 3,
+            max_recoveries=wf.max_recoveries if wf else 5,
+        )
+        return RunHandle(self, run_id)
+
+    def handle(self, run_id: uuid.UUID | str) -> RunHandle:
+        """The handle of an existing run, without a round trip."""
+        return RunHandle(self, _as_uuid(run_id))
+
+    async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
+        """Send signal ``name`` to a run; durable even if the run is not waiting yet."""
+        await (await self.store()).send_signal(_as_uuid(run_id), name, payload)
+
+    async def cancel(self, run_id: uuid.UUID | str) -> str:
+        """Cancel a run; a running one stops at its next step. Returns its status."""
+        return await (await self.store()).cancel_run(_as_uuid(run_id))
+
+    async def retry(self, run_id: uuid.UUID | str) -> str:
+        """Requeue a failed, dead or cancelled run; its completed steps are not redone."""
+        return await (await self.store()).retry_run(_as_uuid(run_id))
+
+    async def set_queue(self, name: str, *, concurrency_limit: int | None = None,
+                        paused: bool | None = None) -> None:
+        """Set a queue's concurrency limit (across all workers) and paused flag."""
+        await (await self.store()).set_queue(name, concurrency_limit=concurrency_limit,
+                                             paused=paused)
+
+    # -- waiting for results --------------------------------------------------
+
+    def _on_done(self, payload: str) -> None:
+        schema, _, run = payload.partition(":")
+        if schema != self.schema:
+            return
+        with contextlib.suppress(ValueError):
+            for fut in self._waiters.get(uuid.UUID(run), []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _wake_all_waiters(self) -> None:
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _wait_result(self, run_id: uuid.UUID) -> Any:
+        store = await self.store()
+        if self._done_listener is None:
+            self._done_listener = Listener(self.dsn, "pgjournal_done", self._on_done,
+                                           self._wake_all_waiters)
+            await self._done_listener.start()
+        loop = asyncio.get_running_loop()
+        waiters = self._waiters.setdefault(run_id, set())
+        fut: asyncio.Future[None] | None = None
+        try:
+            while True:
+                fut = loop.create_future()
+                waiters.add(fut)
+                row = await store.request_result(run_id)
+                if row is None:
+                    raise UnknownRun(f"run {run_id} does not exist")
+                status = row["status"]
+                if status == "completed":
+                    return self.serializer.loads(row["output"])
+                if status == "cancelled":
+                    raise Cancelled(f"run {run_id} was cancelled")
+                if status in ("failed", "dead"):
+                    raise RunFailed(str(run_id), row["error"], status)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), self.poll_interval * 5)
+                waiters.discard(fut)
+        finally:
+            if fut is not None:
+                waiters.discard(fut)
+            if not waiters:
+                self._waiters.pop(run_id, None)

@@ -1,0 +1,264 @@
+"""The async store: every read and write of runs, journal entries, chunks,
+signals and events, as calls of the named queries in ``sql/queries.sql``.
+
+The store knows nothing of workflows; the runtime (``app``, ``run``,
+``worker``) decides what to write and the store writes it in one round trip.
+Database errors that a user can cause come out as pgjournal errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import errors as pgerr
+from psycopg_pool import AsyncConnectionPool
+
+from ._sql import Queries, validate_identifier
+from .connect import mask_dsn, open_pool, resolve_dsn
+from .errors import DatabaseUnavailable, InvalidState, SchemaNotReady, UnknownRun
+from .migrations import schema_version_check
+from .serializer import Serializer
+
+Row = dict[str, Any]
+Pool = AsyncConnectionPool[psycopg.AsyncConnection[Row]]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A run a worker just claimed, with its journal (in call order)."""
+
+    run_id: UUID
+    workflow: str
+    queue: str
+    input: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    epoch: int
+    recoveries: int
+    db_now: datetime
+    journal: list[dict[str, Any]]
+
+
+def _translate(exc: psycopg.Error, schema: str) -> Exception:
+    state = getattr(exc, "sqlstate", None)
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if state == "PJ404":
+        return UnknownRun(msg)
+    if state == "PJ409":
+        return InvalidState(msg)
+    if isinstance(exc, pgerr.UndefinedTable | pgerr.UndefinedFunction | pgerr.InvalidSchemaName):
+        return SchemaNotReady(
+            f"schema {schema!r} is missing or incomplete ({msg}); run "
+            f"`pgjournal migrate --schema {schema}`"
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnavailable(f"database connection failed: {msg}")
+    return exc
+
+
+class Store:
+    """Async access to one pgjournal schema through a connection pool."""
+
+    def __init__(self, pool: Pool, *, schema: str = "pgjournal",
+                 serializer: Serializer | None = None) -> None:
+        self.pool = pool
+        self.schema = validate_identifier(schema)
+        self.q = Queries(schema)
+        self.serializer = serializer or Serializer()
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str | None = None,
+        *,
+        schema: str = "pgjournal",
+        min_size: int = 1,
+        max_size: int = 10,
+        serializer: Serializer | None = None,
+        check: bool = True,
+    ) -> Store:
+        """Open a pool on ``dsn`` (see ``resolve_dsn``) and check the schema version."""
+        validate_identifier(schema)
+        dsn = resolve_dsn(dsn)
+        pool = await open_pool(dsn, min_size=min_size, max_size=max_size,
+                               name=f"pgjournal:{mask_dsn(dsn)}")
+        store = cls(pool, schema=schema, serializer=serializer)
+        if check:
+            try:
+                await store.check_schema()
+            except BaseException:
+                await pool.close()
+                raise
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- plumbing ------------------------------------------------------------
+
+    async def fetch(self, query: str, /, **params: Any) -> list[Row]:
+        """Run the named query and return all rows, translating user-caused errors."""
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self.q[query], params)
+                return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise _translate(exc, self.schema) from exc
+
+    async def fetchone(self, query: str, /, **params: Any) -> Row | None:
+        rows = await self.fetch(query, **params)
+        return rows[0] if rows else None
+
+    async def check_schema(self) -> None:
+        try:
+            row = await self.fetchone("schema_version")
+        except SchemaNotReady:
+            row = None
+        schema_version_check(self.schema, row)
+
+    # -- runs ----------------------------------------------------------------
+
+    async def start_run(
+        self,
+        run_id: UUID,
+        workflow: str,
+        queue: str,
+        input_json: str,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+        max_recoveries: int = 5,
+        source: str = "native",
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[UUID, bool]:
+        row = await self.fetchone(
+            "start_run", id=run_id, workflow=workflow, queue=queue, input=input_json,
+            priority=priority, delay=delay, idempotency_key=idempotency_key,
+            max_attempts=max_attempts, max_recoveries=max_recoveries, source=source,
+            meta=json.dumps(meta or {}),
+        )
+        assert row is not None
+        return row["run_id"], row["created"]
+
+    async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
+                    lease: float) -> list[Claim]:
+        rows = await self.fetch("claim_runs", worker=worker, queues=list(queues),
+                                limit=limit, lease=lease)
+        return [
+            Claim(r["id"], r["workflow"], r["queue"], r["input"], r["attempt"],
+                  r["max_attempts"], r["lease_epoch"], r["recoveries"], r["db_now"],
+                  r["journal"])
+            for r in rows
+        ]
+
+    async def journal_step(self, **params: Any) -> str | None:
+        """Write one journal entry (see ``journal_step`` in SQL); None or the lost status."""
+        params.setdefault("tries", 1)
+        params.setdefault("started_at", None)
+        params.setdefault("chunks", None)
+        params.setdefault("chunk_start", 0)
+        row = await self.fetchone("journal_step", **params)
+        return row["lost"] if row else "deleted"
+
+    async def append_chunks(self, **params: Any) -> str | None:
+        row = await self.fetchone("append_chunks", **params)
+        return row["lost"] if row else "deleted"
+
+    async def wait_signal(self, **params: Any) -> tuple[str, Any]:
+        row = await self.fetchone("wait_signal", **params)
+        assert row is not None
+        return row["outcome"], row["payload"]
+
+    async def sleep_until(self, **params: Any) -> tuple[str, datetime | None]:
+        row = await self.fetchone("sleep_until", **params)
+        assert row is not None
+        return row["outcome"], row["wake_at"]
+
+    async def complete_runs(self, items: Sequence[tuple[UUID, int, str]]) -> set[UUID]:
+        rows = await self.fetch(
+            "complete_runs",
+            ids=[i[0] for i in items], epochs=[i[1] for i in items],
+            outputs=[i[2] for i in items],
+        )
+        return {r["run_id"] for r in rows}
+
+    async def fail_run(self, run: UUID, epoch: int, error: dict[str, Any], *,
+                       delay: float, terminal: bool) -> str:
+        row = await self.fetchone("fail_run", run=run, epoch=epoch, error=json.dumps(error),
+                                  delay=delay, terminal=terminal)
+        assert row is not None
+        return str(row["status"])
+
+    async def release_runs(self, items: Sequence[tuple[UUID, int]]) -> int:
+        row = await self.fetchone("release_runs", ids=[i[0] for i in items],
+                                  epochs=[i[1] for i in items])
+        return int(row["released"]) if row else 0
+
+    async def heartbeat(self, worker: UUID, items: Sequence[tuple[UUID, int]],
+                        lease: float) -> list[tuple[UUID, str]]:
+        rows = await self.fetch("heartbeat", worker=worker, ids=[i[0] for i in items],
+                                epochs=[i[1] for i in items], lease=lease)
+        return [(r["lost_run_id"], r["status"]) for r in rows]
+
+    async def register_worker(self, worker: UUID, host: str, pid: int,
+                              queues: Sequence[str], concurrency: int) -> None:
+        await self.fetch("register_worker", id=worker, host=host, pid=pid,
+                         queues=list(queues), concurrency=concurrency)
+
+    async def stop_worker(self, worker: UUID) -> None:
+        await self.fetch("stop_worker", id=worker)
+
+    async def send_signal(self, run: UUID, name: str, payload: Any) -> int:
+        text = self.serializer.dumps(payload, what=f"payload of signal {name!r}")
+        row = await self.fetchone("send_signal", run=run, name=name, payload=text)
+        assert row is not None
+        return int(row["signal_id"])
+
+    async def cancel_run(self, run: UUID) -> str:
+        row = await self.fetchone("cancel_run", run=run)
+        assert row is not None
+        return str(row["status"])
+
+    async def retry_run(self, run: UUID) -> str:
+        row = await self.fetchone("retry_run", run=run)
+        assert row is not None
+        return str(row["status"])
+
+    async def request_result(self, run: UUID) -> Row | None:
+        return await self.fetchone("request_result", run=run)
+
+    async def set_queue(self, name: str, *, concurrency_limit: int | None = None,
+                        paused: bool | None = None) -> None:
+        validate_identifier(name, "queue name")
+        await self.fetch("set_queue", name=name, limit=concurrency_limit, paused=paused)
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get_run(self, run: UUID) -> Row | None:
+        return await self.fetchone("get_run", run=run)
+
+    async def get_steps(self, run: UUID) -> list[Row]:
+        return await self.fetch("get_steps", run=run)
+
+    async def get_chunks(self, run: UUID) -> list[Row]:
+        return await self.fetch("get_chunks", run=run)
+
+    async def get_signals(self, run: UUID) -> list[Row]:
+        return await self.fetch("get_signals", run=run)
+
+    async def get_events(self, run: UUID) -> list[Row]:
+        return await self.fetch("get_events", run=run)
+
+    async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
+                        queue: str | None = None, since: datetime | None = None,
+                        limit: int = 50) -> list[Row]:
+        return await self.fetch("list_runs", status=status, workflow=workflow, queue=queue,
+                                since=since, limit=limit)

@@ -1,0 +1,94 @@
+-- The statements pgjournal's Python code runs, by name. {schema} is replaced
+-- by the quoted schema identifier; every value is a bind parameter.
+-- State changes are calls of the schema's functions (see migrations/0002).
+
+-- name: schema_version
+SELECT max(version) AS version FROM {schema}.migrations;
+
+-- name: start_run
+SELECT run_id, created FROM {schema}.start_run(
+    %(id)s, %(workflow)s, %(queue)s, %(input)s::jsonb, %(priority)s, %(delay)s,
+    %(idempotency_key)s, %(max_attempts)s, %(max_recoveries)s, %(source)s, %(meta)s::jsonb);
+
+-- name: claim_runs
+SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s);
+
+-- name: journal_step
+SELECT {schema}.journal_step(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(kind)s, %(status)s,
+    %(output)s::jsonb, %(error)s::jsonb, %(attempt)s, %(tries)s, %(started_at)s,
+    %(chunks)s::jsonb, %(chunk_start)s) AS lost;
+
+-- name: append_chunks
+SELECT {schema}.append_chunks(
+    %(run)s, %(epoch)s, %(position)s, %(chunk_start)s, %(chunks)s::jsonb) AS lost;
+
+-- name: wait_signal
+SELECT outcome, payload FROM {schema}.wait_signal(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(timeout)s, %(attempt)s);
+
+-- name: sleep_until
+SELECT outcome, wake_at FROM {schema}.sleep_until(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(seconds)s,
+    %(wake_at)s, %(attempt)s);
+
+-- name: complete_runs
+SELECT run_id FROM {schema}.complete_runs(%(ids)s, %(epochs)s, %(outputs)s::jsonb[]);
+
+-- name: fail_run
+SELECT {schema}.fail_run(%(run)s, %(epoch)s, %(error)s::jsonb, %(delay)s, %(terminal)s)
+    AS status;
+
+-- name: release_runs
+SELECT {schema}.release_runs(%(ids)s, %(epochs)s) AS released;
+
+-- name: heartbeat
+SELECT lost_run_id, status FROM {schema}.heartbeat(%(worker)s, %(ids)s, %(epochs)s, %(lease)s);
+
+-- name: register_worker
+SELECT {schema}.register_worker(%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s);
+
+-- name: stop_worker
+SELECT {schema}.stop_worker(%(id)s);
+
+-- name: send_signal
+SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::jsonb) AS signal_id;
+
+-- name: cancel_run
+SELECT {schema}.cancel_run(%(run)s) AS status;
+
+-- name: retry_run
+SELECT {schema}.retry_run(%(run)s) AS status;
+
+-- name: request_result
+SELECT status, output, error FROM {schema}.request_result(%(run)s);
+
+-- name: set_queue
+SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
+
+-- name: get_run
+SELECT * FROM {schema}.runs WHERE id = %(run)s;
+
+-- name: get_steps
+SELECT * FROM {schema}.steps WHERE run_id = %(run)s ORDER BY position;
+
+-- name: get_chunks
+SELECT position, seq, chunk FROM {schema}.stream_chunks
+WHERE run_id = %(run)s ORDER BY position, seq;
+
+-- name: get_signals
+SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id;
+
+-- name: get_events
+SELECT * FROM {schema}.run_events WHERE run_id = %(run)s ORDER BY id;
+
+-- name: list_runs
+SELECT id, workflow, queue, status, priority, attempt, recoveries, error,
+       created_at, updated_at, started_at, finished_at
+FROM {schema}.runs
+WHERE (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+ORDER BY created_at DESC
+LIMIT %(limit)s;
