@@ -1,0 +1,112 @@
+"""Shared helpers: side-effect counting and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
+                   interval: float = 0.05, what: str = "condition") -> Any:
+    """Await until ``check()`` returns something truthy (a DB-observed event)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class Effects:
+    """Counts the side effects that step functions in ``tests.procs`` commit."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn, self.schema = dsn, schema
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{schema}".test_effects (id bigserial PRIMARY KEY, '
+                "run_id text NOT NULL, step text NOT NULL, pid int NOT NULL, "
+                "at timestamptz NOT NULL DEFAULT now())"
+            )
+
+    def rows(self, run_id: Any = None) -> list[tuple[str, str, int]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(
+                f'SELECT run_id, step, pid FROM "{self.schema}".test_effects '
+                "WHERE %s::text IS NULL OR run_id = %s::text ORDER BY id",
+                (None if run_id is None else str(run_id),) * 2,
+            ).fetchall()
+
+    def count(self, run_id: Any, step: str) -> int:
+        return sum(1 for _r, s, _p in self.rows(run_id) if s == step)
+
+    async def wait(self, run_id: Any, step: str, n: int = 1, timeout: float = 30) -> None:
+        async def check() -> bool:
+            return await asyncio.to_thread(self.count, run_id, step) >= n
+        await wait_for(check, timeout, what=f"step {step} of run {run_id} to run {n}x")
+
+
+@pytest.fixture
+def effects(pgjournal_dsn: str, pgjournal_schema: str) -> Effects:
+    return Effects(pgjournal_dsn, pgjournal_schema)
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def spawn_worker(pgjournal_dsn: str, pgjournal_schema: str,
+                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``tests.procs`` workers as real processes; all are killed at teardown."""
+    procs: list[WorkerProcess] = []
+
+    def spawn(*, env: dict[str, str] | None = None, dsn: str | None = None,
+              **opts: Any) -> WorkerProcess:
+        args = [sys.executable, "-m", "tests.procs", dsn or pgjournal_dsn, pgjournal_schema]
+        for key, value in opts.items():
+            args += [f"--{key}", str(value)]
+        log = tmp_path / f"worker-{len(procs)}.log"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log.open("wb"),
+                                stderr=subprocess.STDOUT)
+        wp = WorkerProcess(proc, log)
+        procs.append(wp)
+        return wp
+
+    yield spawn
+    for wp in procs:
+        if wp.proc.poll() is None:
+            with_stop = wp.proc.pid
+            os.kill(with_stop, signal.SIGCONT)
+            wp.kill()
+            wp.proc.wait(10)

@@ -1,0 +1,122 @@
+"""Workflows for tests that run workers as real processes, and their entry point.
+
+    python -m tests.procs DSN SCHEMA [--concurrency N] [--lease S] [--queues a,b]
+
+Step functions record each execution in ``<schema>.test_effects`` (created by
+the ``effects`` fixture), so a test can count how often a step really ran.
+``PGJ_BLOCK=<step>`` makes that step hang after recording itself (a test then
+kills or stops the process); ``PGJ_SLOW=<step>:<seconds>`` slows a step down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+import pgjournal
+
+_conn: psycopg.Connection[Any] | None = None
+_lock = threading.Lock()
+_target: tuple[str, str] = ("", "")
+
+
+def effect(run_id: str, step: str) -> str:
+    """A side effect: one committed row per execution."""
+    global _conn
+    dsn, schema = _target
+    with _lock:
+        if _conn is None or _conn.closed:
+            _conn = psycopg.connect(dsn, autocommit=True)
+        _conn.execute(
+            f'INSERT INTO "{schema}".test_effects (run_id, step, pid) VALUES (%s, %s, %s)',
+            (str(run_id), step, os.getpid()),
+        )
+    if os.environ.get("PGJ_BLOCK") == step:
+        time.sleep(3600)
+    slow = os.environ.get("PGJ_SLOW", "")
+    if slow.startswith(step + ":"):
+        time.sleep(float(slow.split(":")[1]))
+    return step
+
+
+def build_app(dsn: str, schema: str) -> pgjournal.App:
+    global _target
+    _target = (dsn, schema)
+    app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
+
+    @app.workflow(max_attempts=3, retry_backoff=0.1)
+    async def five_steps(run: pgjournal.Run, n: int = 5) -> str:
+        done = []
+        for i in range(1, n + 1):
+            done.append(await run.step(f"s{i}", effect, str(run.id), f"s{i}"))
+        return ",".join(done)
+
+    @app.workflow()
+    async def waiter(run: pgjournal.Run, names: list[str], timeout: float | None = None) -> Any:
+        got = []
+        for name in names:
+            try:
+                got.append(await run.wait_signal(name, timeout=timeout))
+            except TimeoutError:
+                got.append("timeout")
+            await run.step(f"after-{name}", effect, str(run.id), f"after-{name}")
+        return got
+
+    @app.workflow()
+    async def sleeper(run: pgjournal.Run, seconds: float) -> str:
+        await run.step("before", effect, str(run.id), "before")
+        await run.sleep("nap", seconds)
+        await run.step("after", effect, str(run.id), "after")
+        return "rested"
+
+    @app.workflow(queue="limited")
+    async def limited(run: pgjournal.Run, hold: float) -> str:
+        await run.step("hold", effect, str(run.id), "hold")
+        await asyncio.sleep(hold)
+        await run.step("release", effect, str(run.id), "release")
+        return "ok"
+
+    @app.workflow()
+    async def noop(run: pgjournal.Run) -> None:
+        return None
+
+    @app.workflow(max_attempts=1)
+    async def chain(run: pgjournal.Run, n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += await run.step("tick", effect, str(run.id), f"tick{i}") == f"tick{i}"
+        return total
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dsn")
+    parser.add_argument("schema")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--lease", type=float, default=2.0)
+    parser.add_argument("--queues", default="default,limited")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = build_app(args.dsn, args.schema)
+    worker = pgjournal.Worker(app, queues=args.queues.split(","),
+                              concurrency=args.concurrency, lease=args.lease,
+                              grace_period=5.0)
+
+    async def serve() -> None:
+        async with app:
+            await worker.run()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
