@@ -65,9 +65,9 @@ class Queries:
         self.schema = validate_identifier(schema)
         ident = sql.Identifier(self.schema)
         self._q = {
-            name: sql.SQL(text).format(schema=ident)  # type: ignore[arg-type]
+            name: sql.SQL(text).format(schema=ident)
             for name, text in _named_queries().items()
         }
 
     def __getitem__(self, name: str) -> sql.Composed:
-        return self._q[name]  # type: ignore[return-value]
+        return self._q[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -147,14 +148,14 @@ class App:
             backoff = lambda _attempt: fixed  # noqa: E731
 
         def register(fn: F) -> F:
-            if not asyncio.iscoroutinefunction(fn):
+            if not inspect.iscoroutinefunction(fn):
                 raise ConfigurationError(f"workflow {fn.__name__!r} must be an async def")
             wf_name = name or fn.__name__
             if not wf_name:
                 raise ConfigurationError("a workflow needs a non-empty name")
             self.workflows[wf_name] = Workflow(wf_name, fn, queue, max_attempts, backoff,
                                                timeout, max_recoveries)
-            return fn
+            return fn  # type: ignore[return-value]  # narrowed by iscoroutinefunction
 
         return register
 

@@ -74,6 +74,18 @@ def _ensure_service_user() -> None:
         )
 
 
+def _check_reachable(path: Path) -> None:
+    """As root, the service user must be able to traverse every parent directory."""
+    for parent in [*reversed(path.resolve().parents)]:
+        if not parent.stat().st_mode & 0o001:
+            raise DatabaseUnavailable(
+                f"cannot use {path} for the embedded PostgreSQL: as root the server runs as "
+                f"user {SERVICE_USER!r}, which cannot enter {parent} (mode "
+                f"{oct(parent.stat().st_mode & 0o777)}); choose a data directory outside it "
+                "(PGJOURNAL_DEV_DATA) or chmod o+x it"
+            )
+
+
 def _chown_tree(path: Path) -> None:
     import pwd
 
@@ -163,6 +175,8 @@ class EmbeddedServer:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if _as_root():
+            _check_reachable(self.data_dir)
+            _check_reachable(bin_dir())
             _ensure_service_user()
             self.data_dir.chmod(0o700)
             _chown_tree(self.data_dir)
@@ -175,7 +189,7 @@ class EmbeddedServer:
             hint = ""
             if "ermission denied" in res.stderr and _as_root():
                 hint = (f" (as root the server runs as user {SERVICE_USER!r}, which must be "
-                        "able to read the Python environment: install it outside /root)")
+                        "able to read the data directory and the Python environment)")
             raise DatabaseUnavailable(
                 f"initdb failed in {self.data_dir}: {res.stderr.strip()[-500:]}{hint}"
             )

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 STREAM_FLUSH_SECONDS = 0.5
 
 
-class Suspended(BaseException):  # noqa: N818 - control flow, not an error
+class Suspended(BaseException):
     """Unwinds a workflow whose run was suspended (signal wait, durable sleep).
 
     A ``BaseException`` so that a workflow's ``except Exception`` cannot swallow it.
@@ -44,7 +44,7 @@ class Suspended(BaseException):  # noqa: N818 - control flow, not an error
         self.until = until
 
 
-class Abandoned(BaseException):  # noqa: N818 - control flow, not an error
+class Abandoned(BaseException):
     """Unwinds a workflow whose worker lost the run (lease moved on, cancelled, DB gone)."""
 
     def __init__(self, status: str) -> None:
@@ -85,7 +85,7 @@ def rebuild_exception(error: dict[str, Any]) -> BaseException:
         args = error.get("args")
         try:
             return cls(*args) if isinstance(args, list) else cls(message)
-        except Exception:  # noqa: BLE001 - any constructor problem falls back
+        except Exception:
             pass
     return StepError(type_name, message)
 

@@ -65,7 +65,7 @@ class Serializer:
         raise TypeError(f"type {type(value).__qualname__} is not JSON serializable")
 
     def dumps(self, value: Any, *, what: str = "value") -> str:
-        """Encode ``value`` as JSON text; ``what`` names it in errors (e.g. "result of step 'x'")."""
+        """Encode ``value`` as JSON text; ``what`` names it in errors ("result of step 'x'")."""
         try:
             text = json.dumps(value, default=self._default, allow_nan=False,
                               separators=(",", ":"))

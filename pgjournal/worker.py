@@ -50,7 +50,7 @@ class _Completer:
             batch, self._pending = self._pending, []
             try:
                 done = await self._store.complete_runs([(r, e, o) for r, e, o, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            except Exception as exc:
                 for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -125,7 +125,7 @@ class Worker:
         log.info("worker %s serving queues %s (concurrency %d, lease %.0fs)", self.id,
                  ",".join(self.queues), self.concurrency, self.lease)
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -232,7 +232,7 @@ class Worker:
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
                 run = Run(store, self.app.serializer, claim)
                 inspect.signature(wf.fn).bind(run, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - bad input fails the run, not the worker
+            except Exception as exc:
                 await self._fail(claim, exc, terminal=True, error={
                     "type": "BadInput", "module": "pgjournal.errors",
                     "message": f"cannot call workflow {wf.name!r} with this input: {exc}"})
@@ -247,7 +247,7 @@ class Worker:
             except Abandoned as a:
                 self._log_abandoned(claim, a.status)
                 return
-            except Exception as exc:  # noqa: BLE001 - the run's failure, recorded in the run
+            except Exception as exc:
                 if run.db_failed:
                     self._log_abandoned(claim, "database unavailable")
                     return

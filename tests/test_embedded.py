@@ -1,0 +1,67 @@
+"""The embedded server: throwaway servers restart and survive kill -9; the dev
+server is the default when no DSN is configured, and is reused across processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from pgjournal.embedded import EmbeddedServer
+
+from .conftest import ROOT
+
+
+def test_throwaway_server_restarts_and_survives_kill(pgjournal_server_factory) -> None:  # type: ignore[no-untyped-def]
+    # Durable settings: a crash must not lose committed data.
+    server: EmbeddedServer = pgjournal_server_factory(settings={})
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v int)")
+        conn.execute("INSERT INTO kept VALUES (42)")
+    server.kill()
+    assert not server.is_running()
+    server.start()
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.execute("SELECT v FROM kept").fetchone() == (42,)
+    server.stop()
+    assert not server.is_running()
+
+
+def test_no_dsn_uses_persistent_dev_server() -> None:
+    # Not pytest's tmp_path: as root, the server's own user must reach the directory.
+    tmp_path = Path(tempfile.mkdtemp(prefix="pgjournal-devtest-"))
+    tmp_path.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PGJOURNAL_DSN",)}
+    env["PGJOURNAL_DEV_DATA"] = str(tmp_path / "dev")
+    code = (
+        "import asyncio, logging, sys, pgjournal\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "pgjournal.migrate()\n"
+        "app = pgjournal.App()\n"
+        "async def main():\n"
+        "    async with app:\n"
+        "        h = await app.start('x')\n"
+        "        print('DSN', app.dsn, 'STATUS', await h.status())\n"
+        "asyncio.run(main())\n"
+    )
+    try:
+        outs = []
+        for _ in range(2):
+            res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+            outs.append(res.stdout)
+        assert "using the embedded dev server" in outs[0]
+        dsn_lines = [next(line for line in o.splitlines() if line.startswith("DSN")) for o in outs]
+        assert dsn_lines[0].split()[1] == dsn_lines[1].split()[1], "the same server is reused"
+        assert "STATUS queued" in outs[1]
+        with psycopg.connect(dsn_lines[0].split()[1]) as conn:
+            assert conn.execute("SELECT count(*) FROM pgjournal.runs").fetchone() == (2,)
+    finally:
+        EmbeddedServer(tmp_path / "dev").stop()
+        shutil.rmtree(tmp_path, ignore_errors=True)
