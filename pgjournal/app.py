@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ._sql import validate_identifier
 from .connect import resolve_dsn
-from .errors import Cancelled, ConfigurationError, RunFailed, UnknownRun
+from .errors import Cancelled, ConfigurationError, DatabaseUnavailable, RunFailed, UnknownRun
 from .listener import Listener
 from .migrations import migrate
 from .serializer import DEFAULT_MAX_BYTES, Serializer
@@ -288,11 +288,21 @@ class App:
         loop = asyncio.get_running_loop()
         waiters = self._waiters.setdefault(run_id, set())
         fut: asyncio.Future[None] | None = None
+        backoff = 0.1
         try:
             while True:
                 fut = loop.create_future()
                 waiters.add(fut)
-                row = await store.request_result(run_id)
+                try:
+                    row = await store.request_result(run_id)
+                except DatabaseUnavailable as exc:
+                    # Waiting outlives a database restart; the caller's timeout bounds it.
+                    log.warning("waiting for run %s: %s; retrying", run_id, exc)
+                    waiters.discard(fut)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.1
                 if row is None:
                     raise UnknownRun(f"run {run_id} does not exist")
                 status = row["status"]

@@ -45,6 +45,13 @@ class Claim:
     journal: list[dict[str, Any]]
 
 
+#: Queries that may run twice without harm (reads, and idempotent flag/lease updates).
+_RETRYABLE = frozenset({
+    "schema_version", "request_result", "heartbeat", "get_run", "get_steps", "get_chunks",
+    "get_signals", "get_events", "list_runs",
+})
+
+
 def _translate(exc: psycopg.Error, schema: str) -> Exception:
     state = getattr(exc, "sqlstate", None)
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -103,13 +110,24 @@ class Store:
     # -- plumbing ------------------------------------------------------------
 
     async def fetch(self, query: str, /, **params: Any) -> list[Row]:
-        """Run the named query and return all rows, translating user-caused errors."""
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(self.q[query], params)
-                return await cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise _translate(exc, self.schema) from exc
+        """Run the named query and return all rows, translating user-caused errors.
+
+        A query that is safe to repeat is retried once on a broken connection
+        (after a server restart the pool may still hold dead connections).
+        """
+        tries = 2 if query in _RETRYABLE else 1
+        for attempt in range(tries):
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(self.q[query], params)
+                    return await cur.fetchall() if cur.description else []
+            except psycopg.OperationalError as exc:
+                if attempt + 1 < tries:
+                    continue
+                raise _translate(exc, self.schema) from exc
+            except psycopg.Error as exc:
+                raise _translate(exc, self.schema) from exc
+        raise AssertionError("unreachable")
 
     async def fetchone(self, query: str, /, **params: Any) -> Row | None:
         rows = await self.fetch(query, **params)

@@ -31,6 +31,16 @@ async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
         await asyncio.sleep(interval)
 
 
+async def lease_expired(store: Any, run_id: Any) -> bool:
+    """True once the run's lease (its due_at while running) lies in the past."""
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            f'SELECT status = \'running\' AND due_at < now() AS expired '
+            f'FROM "{store.schema}".runs WHERE id = %s', (run_id,))
+        row = await cur.fetchone()
+    return bool(row and row["expired"])
+
+
 class Effects:
     """Counts the side effects that step functions in ``tests.procs`` commit."""
 
@@ -91,8 +101,9 @@ def spawn_worker(pgjournal_dsn: str, pgjournal_schema: str,
     procs: list[WorkerProcess] = []
 
     def spawn(*, env: dict[str, str] | None = None, dsn: str | None = None,
-              **opts: Any) -> WorkerProcess:
-        args = [sys.executable, "-m", "tests.procs", dsn or pgjournal_dsn, pgjournal_schema]
+              schema: str | None = None, **opts: Any) -> WorkerProcess:
+        args = [sys.executable, "-m", "tests.procs", dsn or pgjournal_dsn,
+                schema or pgjournal_schema]
         for key, value in opts.items():
             args += [f"--{key}", str(value)]
         log = tmp_path / f"worker-{len(procs)}.log"
@@ -106,7 +117,6 @@ def spawn_worker(pgjournal_dsn: str, pgjournal_schema: str,
     yield spawn
     for wp in procs:
         if wp.proc.poll() is None:
-            with_stop = wp.proc.pid
-            os.kill(with_stop, signal.SIGCONT)
+            os.kill(wp.proc.pid, signal.SIGCONT)
             wp.kill()
             wp.proc.wait(10)

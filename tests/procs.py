@@ -31,13 +31,23 @@ def effect(run_id: str, step: str) -> str:
     """A side effect: one committed row per execution."""
     global _conn
     dsn, schema = _target
+    deadline = time.monotonic() + 60
     with _lock:
-        if _conn is None or _conn.closed:
-            _conn = psycopg.connect(dsn, autocommit=True)
-        _conn.execute(
-            f'INSERT INTO "{schema}".test_effects (run_id, step, pid) VALUES (%s, %s, %s)',
-            (str(run_id), step, os.getpid()),
-        )
+        while True:  # the database may be restarting under us (server-crash tests)
+            try:
+                if _conn is None or _conn.closed:
+                    _conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+                _conn.execute(
+                    f'INSERT INTO "{schema}".test_effects (run_id, step, pid) '
+                    "VALUES (%s, %s, %s)",
+                    (str(run_id), step, os.getpid()),
+                )
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                _conn = None
+                time.sleep(0.2)
     if os.environ.get("PGJ_BLOCK") == step:
         time.sleep(3600)
     slow = os.environ.get("PGJ_SLOW", "")
