@@ -1,0 +1,44 @@
+"""The optional least-privilege roles script (``sql/roles.sql``), ready to run.
+
+pgjournal works without it (one role owning the schema). A DBA who wants
+workers that can only move runs through the fenced functions, and people who
+can only read, runs the script this module returns, e.g.
+``pgjournal roles --schema app | psql "$DSN"``. See ``docs/dba.md``.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from ._sql import sql_dir, validate_identifier
+from .errors import ConfigurationError
+
+DEFAULT_WORKER_ROLE = "pgjournal_worker"
+DEFAULT_READER_ROLE = "pgjournal_reader"
+
+
+def roles_sql(
+    schema: str = "pgjournal",
+    *,
+    worker_role: str = DEFAULT_WORKER_ROLE,
+    reader_role: str = DEFAULT_READER_ROLE,
+) -> str:
+    """The roles script for ``schema``, with the two role names filled in.
+
+    Every name is validated as an identifier before it reaches the SQL, then
+    quoted by psycopg; roles are cluster-wide, so tests (or a cluster hosting
+    several schemas with separate rights) pass their own names.
+    """
+    names = {
+        "schema": validate_identifier(schema),
+        "worker": validate_identifier(worker_role, "role name"),
+        "reader": validate_identifier(reader_role, "role name"),
+    }
+    if names["worker"] == names["reader"]:
+        raise ConfigurationError(f"the worker and reader roles must differ (both {worker_role!r})")
+    template = (sql_dir() / "roles.sql").read_text()
+    params: dict[str, sql.Composable] = {}
+    for key, name in names.items():
+        params[key] = sql.Identifier(name)
+        params[f"{key}_name"] = sql.Literal(name)
+    return sql.SQL(template).format(**params).as_string(None)

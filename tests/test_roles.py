@@ -1,0 +1,217 @@
+"""The optional roles script: a reader that only reads, a worker that only works.
+
+Roles are cluster-wide, so every test creates its own uniquely named roles (and
+login users that are members of them) and drops them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors as pgerr
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import pgjournal
+from pgjournal.roles import roles_sql
+
+from .conftest import wait_for
+
+DENIED = pgerr.InsufficientPrivilege
+
+
+@dataclass
+class Roles:
+    worker: str  # the group roles the script creates
+    reader: str
+    worker_dsn: str  # login users that are members of them
+    reader_dsn: str
+
+
+@pytest.fixture
+def roles(pgjournal_dsn: str, pgjournal_schema: str) -> Iterator[Roles]:
+    suffix = uuid.uuid4().hex[:10]
+    worker, reader = f"pjw_{suffix}", f"pjr_{suffix}"
+    worker_login, reader_login = f"{worker}_login", f"{reader}_login"
+    script = roles_sql(pgjournal_schema, worker_role=worker, reader_role=reader)
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        conn.execute(script.encode())
+        for login, group in ((worker_login, worker), (reader_login, reader)):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(login), sql.Identifier(group)))
+    try:
+        yield Roles(worker, reader, make_conninfo(pgjournal_dsn, user=worker_login),
+                    make_conninfo(pgjournal_dsn, user=reader_login))
+    finally:
+        with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+            for role in (worker_login, reader_login, worker, reader):
+                ident = sql.Identifier(role)
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+                conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def _denied(dsn: str, schema: str, statement: str, params: Any = None) -> None:
+    """``statement`` ({s} = the schema) must fail for lack of privilege."""
+    query = sql.SQL(statement).format(s=sql.Identifier(schema))  # type: ignore[arg-type]
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(DENIED):
+        conn.execute(query, params)
+
+
+def test_roles_sql_rejects_bad_names() -> None:
+    with pytest.raises(pgjournal.ConfigurationError, match="invalid schema name"):
+        roles_sql("x; DROP TABLE runs")
+    with pytest.raises(pgjournal.ConfigurationError, match="invalid role name"):
+        roles_sql("pgjournal", worker_role='w"; --')
+    with pytest.raises(pgjournal.ConfigurationError, match="must differ"):
+        roles_sql("pgjournal", worker_role="same", reader_role="same")
+
+
+def test_script_is_idempotent(pgjournal_dsn: str, pgjournal_schema: str,
+                              roles: Roles) -> None:
+    """Re-running it (after each migrate, as documented) must succeed and change nothing."""
+    script = roles_sql(pgjournal_schema, worker_role=roles.worker, reader_role=roles.reader)
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        before = conn.execute(
+            "SELECT proname, proacl::text, prosecdef FROM pg_proc p JOIN pg_namespace n "
+            "ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (pgjournal_schema,)
+        ).fetchall()
+        conn.execute(script.encode())
+        after = conn.execute(
+            "SELECT proname, proacl::text, prosecdef FROM pg_proc p JOIN pg_namespace n "
+            "ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (pgjournal_schema,)
+        ).fetchall()
+    assert before == after
+
+
+async def test_reader_reads_but_cannot_write_or_call_functions(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        roles: Roles) -> None:
+    handle = await pgjournal_app.start("anything", 1)
+    schema = pgjournal_schema
+    with psycopg.connect(roles.reader_dsn, autocommit=True) as conn:
+        for relation in ("runs", "run_overview", "queue_depth", "worker_health", "steps"):
+            rows = conn.execute(sql.SQL("SELECT * FROM {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(relation))).fetchall()
+            assert rows or relation in ("worker_health", "steps"), relation
+        (status,) = conn.execute(sql.SQL("SELECT status FROM {}.run_overview WHERE id = %s")
+                                 .format(sql.Identifier(schema)), (handle.run_id,)).fetchone()
+        assert status == "queued"
+        # No EXECUTE on any function of the schema, state-changing or not.
+        callable_fns = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n "
+            "ON n.oid = p.pronamespace WHERE n.nspname = %s "
+            "AND has_function_privilege(p.oid, 'EXECUTE')", (schema,)).fetchall()
+        assert callable_fns == []
+    run = handle.run_id
+    _denied(roles.reader_dsn, schema, "SELECT {s}.cancel_run(%s)", (run,))
+    _denied(roles.reader_dsn, schema, "SELECT {s}.set_queue('default', 1, true)")
+    _denied(roles.reader_dsn, schema,
+            "SELECT * FROM {s}.claim_runs(gen_random_uuid(), ARRAY['default'], 1, 30)")
+    _denied(roles.reader_dsn, schema, "SELECT {s}.send_signal(%s, 'x', 'null')", (run,))
+    _denied(roles.reader_dsn, schema, "UPDATE {s}.runs SET status = 'cancelled'")
+    _denied(roles.reader_dsn, schema, "DELETE FROM {s}.steps")
+    _denied(roles.reader_dsn, schema,
+            "INSERT INTO {s}.queues (name, paused) VALUES ('q', true)")
+    _denied(roles.reader_dsn, schema, "CREATE TABLE {s}.mine (x int)")
+    assert await handle.status() == "queued"
+
+
+def test_worker_cannot_run_ddl_or_bypass_the_functions(
+        pgjournal_dsn: str, pgjournal_schema: str, roles: Roles) -> None:
+    schema, dsn = pgjournal_schema, roles.worker_dsn
+    _denied(dsn, schema, "CREATE TABLE {s}.mine (x int)")
+    _denied(dsn, schema, "CREATE VIEW {s}.mine AS SELECT 1")
+    _denied(dsn, schema, "CREATE FUNCTION {s}.mine() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    _denied(dsn, schema, "ALTER TABLE {s}.runs ADD COLUMN x int")
+    _denied(dsn, schema, "DROP TABLE {s}.steps")
+    _denied(dsn, schema, "DROP VIEW {s}.run_overview")
+    _denied(dsn, schema, "TRUNCATE {s}.runs")
+    _denied(dsn, schema, "CREATE INDEX ON {s}.runs (queue)")
+    # State changes only through the fenced worker functions:
+    _denied(dsn, schema, "UPDATE {s}.runs SET status = 'completed'")
+    _denied(dsn, schema, "INSERT INTO {s}.steps (run_id, position, name, occurrence, status, "
+                         "lease_epoch) VALUES (gen_random_uuid(), 0, 'x', 0, 'completed', 1)")
+    _denied(dsn, schema, "SELECT * FROM {s}.claim_from(gen_random_uuid(), "
+                         "ARRAY['default'], 1, 30)")
+    # ... and no client functions unless granted separately.
+    _denied(dsn, schema, "SELECT {s}.cancel_run(gen_random_uuid())")
+    _denied(dsn, schema, "SELECT {s}.set_queue('default', 1, true)")
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'mine'",
+            (schema,)).fetchone()
+        assert tables == (0,)
+
+
+async def _one(dsn: str, query: str, *params: Any) -> Any:
+    def run() -> Any:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(query, params).fetchone()
+            return row[0] if row else None
+    return await asyncio.to_thread(run)
+
+
+@pytest.fixture
+async def worker_app(roles: Roles, pgjournal_schema: str) -> AsyncIterator[pgjournal.App]:
+    app = pgjournal.App(roles.worker_dsn, schema=pgjournal_schema, poll_interval=0.2)
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+async def test_worker_role_claims_journals_and_completes(
+        pgjournal_app: pgjournal.App, worker_app: pgjournal.App, pgjournal_dsn: str,
+        pgjournal_schema: str) -> None:
+    """A Worker connected as the worker role exercises every worker function."""
+
+    async def tokens(n: int) -> AsyncIterator[str]:
+        for i in range(n):
+            yield f"t{i}"
+            await asyncio.sleep(0.05)
+
+    @worker_app.workflow(max_attempts=1)
+    async def agent(run: pgjournal.Run, topic: str) -> str:
+        plan = await run.step("plan", lambda t: f"plan for {t}", topic)
+        draft = [c async for c in run.stream_step("draft", tokens, 4)]
+        verdict = await run.wait_signal("review", timeout=60)
+        await run.sleep("cool-down", 0.2)
+        return f"{plan}: {''.join(draft)} ({verdict['ok']})"
+
+    @worker_app.workflow(max_attempts=1)
+    async def broken(run: pgjournal.Run) -> None:
+        raise ValueError("nope")
+
+    worker = pgjournal.Worker(worker_app, concurrency=2, lease=1.5)
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        # The client side (start, signal, result) uses the owner's app.
+        good = await pgjournal_app.start("agent", "roles")
+        bad = await pgjournal_app.start("broken")
+        q = f'SELECT status FROM "{pgjournal_schema}".runs WHERE id = %s'
+
+        async def suspended() -> bool:
+            return await _one(pgjournal_dsn, q, good.run_id) == "suspended"
+
+        await wait_for(suspended, 30, what="the run to wait for its signal")
+        await pgjournal_app.signal(good.run_id, "review", {"ok": True})
+        assert await good.result(timeout=30) == "plan for roles: t0t1t2t3 (True)"
+        with pytest.raises(pgjournal.RunFailed, match="nope"):
+            await bad.result(timeout=30)
+        # It held its leases across heartbeats and registered itself.
+        workers = f'SELECT count(*) FROM "{pgjournal_schema}".workers WHERE id = %s'
+        assert await _one(pgjournal_dsn, workers, worker.id) == 1
+    finally:
+        worker.stop()
+        await task
+    stopped = f'SELECT stopped_at IS NOT NULL FROM "{pgjournal_schema}".workers WHERE id = %s'
+    assert await _one(pgjournal_dsn, stopped, worker.id) is True
+    kinds = (f'SELECT string_agg(kind, \',\' ORDER BY position) FROM "{pgjournal_schema}".steps '
+             "WHERE run_id = %s")
+    assert await _one(pgjournal_dsn, kinds, good.run_id) == "step,stream,signal,sleep"
