@@ -1,0 +1,210 @@
+-- The statements the `pgjournal` CLI and `pgjournal demo` run, by name, in the
+-- format of queries.sql: {schema} is replaced by the quoted schema identifier;
+-- every value is a bind parameter. State changes still go through the
+-- schema's functions (via the store); these are reads, retention and the
+-- demo's own bookkeeping.
+
+-- name: queues
+-- Per queue: depth, what is due now, running (and with an expired lease),
+-- suspended, how long the oldest due run has waited, and its settings.
+-- Reads only unfinished runs (the runs_unfinished_status index).
+WITH live AS (
+    SELECT queue,
+           count(*) FILTER (WHERE status = 'queued') AS queued,
+           count(*) FILTER (WHERE status = 'queued' AND due_at <= now()) AS due,
+           count(*) FILTER (WHERE status = 'running') AS running,
+           count(*) FILTER (WHERE status = 'running' AND due_at <= now()) AS lease_expired,
+           count(*) FILTER (WHERE status = 'suspended') AS suspended,
+           min(due_at) FILTER (WHERE status = 'queued' AND due_at <= now()) AS oldest_due
+    FROM {schema}.runs
+    WHERE status IN ('queued', 'running', 'suspended')
+    GROUP BY queue
+)
+SELECT coalesce(l.queue, q.name) AS queue,
+       coalesce(l.queued, 0) AS queued,
+       coalesce(l.due, 0) AS due,
+       coalesce(l.running, 0) AS running,
+       coalesce(l.lease_expired, 0) AS lease_expired,
+       coalesce(l.suspended, 0) AS suspended,
+       l.oldest_due,
+       extract(epoch FROM now() - l.oldest_due)::float8 AS lag_seconds,
+       q.concurrency_limit,
+       coalesce(q.paused, false) AS paused
+FROM live l
+FULL JOIN {schema}.queues q ON q.name = l.queue
+ORDER BY 1;
+
+-- name: queue_settings
+SELECT name, concurrency_limit, paused FROM {schema}.queues WHERE name = %(name)s;
+
+-- name: workers
+-- Registered workers with their heartbeat age and the runs they hold now.
+-- Without `all`: live ones, i.e. not stopped and heard from in the last hour.
+SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.heartbeat_at,
+       w.stopped_at,
+       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age,
+       coalesce(h.held, 0) AS runs_held
+FROM {schema}.workers w
+LEFT JOIN (SELECT worker_id, count(*) AS held FROM {schema}.runs
+           WHERE status = 'running' GROUP BY worker_id) h ON h.worker_id = w.id
+WHERE %(all)s OR (w.stopped_at IS NULL AND w.heartbeat_at > now() - interval '1 hour')
+ORDER BY w.started_at DESC, w.id;
+
+-- name: prune_count
+SELECT count(*) AS n FROM {schema}.runs
+WHERE status = ANY (%(statuses)s::text[])
+  AND status IN ('completed', 'failed', 'cancelled', 'dead')
+  AND created_at < now() - make_interval(secs => %(age)s)
+  AND finished_at < now() - make_interval(secs => %(age)s);
+
+-- name: prune_batch
+-- One batch of retention. Only ended runs (never queued, running or
+-- suspended); rows a concurrent transaction holds (e.g. a retry) are skipped
+-- and the status is re-checked under the row lock. created_at <= finished_at,
+-- so the created_at bound lets the runs_created index find the old rows.
+-- Steps, chunks, signals and events go with their run (ON DELETE CASCADE).
+WITH doomed AS (
+    SELECT id FROM {schema}.runs
+    WHERE status = ANY (%(statuses)s::text[])
+      AND status IN ('completed', 'failed', 'cancelled', 'dead')
+      AND created_at < now() - make_interval(secs => %(age)s)
+      AND finished_at < now() - make_interval(secs => %(age)s)
+    ORDER BY created_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.runs r USING doomed
+WHERE r.id = doomed.id AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
+RETURNING r.id;
+
+-- name: demo_schema_state
+-- Whether the demo may reset this schema: it must be absent, empty, or a
+-- schema an earlier demo made (it has the demo_effects table).
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s) AS present,
+       EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %(schema)s AND c.relname = 'demo_effects') AS is_demo,
+       (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm')) AS relations;
+
+-- name: demo_drop_schema
+DROP SCHEMA IF EXISTS {schema} CASCADE;
+
+-- name: demo_setup
+-- The demo's own side-effect log: one row each time a step function of the
+-- demo really ran to the end (written by the step, not by pgjournal).
+CREATE TABLE IF NOT EXISTS {schema}.demo_effects (
+    id     bigserial PRIMARY KEY,
+    run_id uuid NOT NULL,
+    step   text NOT NULL,
+    pid    integer NOT NULL,
+    at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: demo_effect
+INSERT INTO {schema}.demo_effects (run_id, step, pid) VALUES (%(run)s, %(step)s, %(pid)s);
+
+-- name: demo_progress
+SELECT status, wait_signal, count(*) AS n, sum(recoveries)::int AS recoveries,
+       count(*) FILTER (WHERE recoveries > 0) AS recovered
+FROM {schema}.runs WHERE id = ANY (%(runs)s::uuid[])
+GROUP BY status, wait_signal;
+
+-- name: demo_awaiting_approval
+SELECT id FROM {schema}.runs
+WHERE id = ANY (%(runs)s::uuid[]) AND status = 'suspended' AND wait_signal = 'approval';
+
+-- name: demo_worker_state
+-- What a worker process holds right now: its running runs, and whether any
+-- of its step functions finished its side effect without the journal entry
+-- having been committed yet (the instant in which no journal can help).
+SELECT w.id AS worker_id,
+       (SELECT count(*) FROM {schema}.runs r
+        WHERE r.worker_id = w.id AND r.status = 'running') AS held,
+       (SELECT count(*) FROM {schema}.runs r
+        WHERE r.worker_id = w.id AND r.status = 'running'
+          AND EXISTS (SELECT 1 FROM {schema}.steps s WHERE s.run_id = r.id)) AS held_with_journal,
+       (SELECT count(*) FROM {schema}.demo_effects e
+        JOIN {schema}.runs r ON r.id = e.run_id AND r.worker_id = w.id
+        WHERE e.pid = w.pid
+          AND NOT EXISTS (SELECT 1 FROM {schema}.steps s
+                          WHERE s.run_id = e.run_id AND s.name = e.step
+                            AND s.status = 'completed')) AS unjournaled_effects
+FROM {schema}.workers w
+WHERE w.pid = %(pid)s AND w.stopped_at IS NULL
+ORDER BY w.started_at DESC
+LIMIT 1;
+
+-- name: demo_check
+-- No step executed twice: every completed step or stream step in the journal
+-- of these runs, against the side effects the step functions recorded.
+WITH journal AS (
+    SELECT run_id, name FROM {schema}.steps
+    WHERE run_id = ANY (%(runs)s::uuid[]) AND kind IN ('step', 'stream')
+      AND status = 'completed'
+), executions AS (
+    SELECT run_id, step AS name, count(*) AS n FROM {schema}.demo_effects
+    WHERE run_id = ANY (%(runs)s::uuid[])
+    GROUP BY run_id, step
+)
+SELECT (SELECT count(*) FROM journal) AS steps,
+       (SELECT coalesce(sum(n), 0) FROM executions)::bigint AS executions,
+       (SELECT count(*) FROM executions WHERE n > 1) AS repeated,
+       (SELECT count(*) FROM journal j
+        LEFT JOIN executions e USING (run_id, name) WHERE e.n IS NULL) AS unexecuted;
+
+-- name: demo_summary
+SELECT count(*) AS runs,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE recoveries > 0) AS recovered,
+       extract(epoch FROM percentile_cont(0.5) WITHIN GROUP
+               (ORDER BY finished_at - created_at))::float8 AS median_seconds
+FROM {schema}.runs WHERE id = ANY (%(runs)s::uuid[]);
+
+-- name: demo_journal_kinds
+SELECT kind, count(*) AS n FROM {schema}.steps
+WHERE run_id = ANY (%(runs)s::uuid[]) GROUP BY kind;
+
+-- name: demo_steps_by_worker
+-- Which worker process journaled each step: the step's lease epoch names the
+-- claim it was written under, and the claim's event names the worker.
+SELECT w.pid, w.host, count(*) AS steps,
+       count(DISTINCT s.run_id) AS runs
+FROM {schema}.steps s
+JOIN {schema}.run_events e
+  ON e.run_id = s.run_id AND e.lease_epoch = s.lease_epoch AND e.to_status = 'running'
+JOIN {schema}.workers w ON w.id = e.worker_id
+WHERE s.run_id = ANY (%(runs)s::uuid[])
+GROUP BY w.pid, w.host
+ORDER BY w.pid;
+
+-- name: demo_registered
+SELECT DISTINCT pid FROM {schema}.workers
+WHERE pid = ANY (%(pids)s::int[]) AND stopped_at IS NULL;
+
+-- The SQL `pgjournal demo` prints for a DBA ({run}: a run the kill recovered).
+
+-- name: dba_runs
+SELECT id, workflow, status, attempt, recoveries, worker_pid, steps_completed, run_time
+FROM {schema}.run_overview
+ORDER BY created_at DESC;
+
+-- name: dba_timeline
+SELECT position, name, kind, status, tries, duration
+FROM {schema}.step_timings
+WHERE run_id = {run}
+ORDER BY position;
+
+-- name: dba_events
+SELECT e.at, e.from_status, e.to_status, e.lease_epoch, w.pid AS worker_pid
+FROM {schema}.run_events e
+LEFT JOIN {schema}.workers w ON w.id = e.worker_id
+WHERE e.run_id = {run}
+ORDER BY e.id;
+
+-- name: dba_no_step_twice
+SELECT s.run_id, s.name, count(x.id) AS executions
+FROM {schema}.steps s
+LEFT JOIN {schema}.demo_effects x ON x.run_id = s.run_id AND x.step = s.name
+WHERE s.kind IN ('step', 'stream') AND s.status = 'completed'
+GROUP BY s.run_id, s.name
+HAVING count(x.id) <> 1;
