@@ -4,8 +4,9 @@
 -- Adapter runs live in runs/steps/stream_chunks/signals like native runs, with
 -- runs.source = the adapter's name and queue = 'pgjournal.adapters'. That queue
 -- name is not a valid identifier, so no worker can ever be configured to
--- claim it, and an open adapter run is 'running' with due_at = 'infinity', so
--- it never looks like an expired lease either.
+-- claim it, and an open adapter run is 'running' with due_at = 9999-01-01 (not
+-- 'infinity', which Python's datetime cannot load), so it never looks like an
+-- expired lease either.
 -- All writes go through the functions below: each locks the run row first,
 -- so positions and occurrences are allocated in the database and two
 -- processes writing to one run never collide.
@@ -17,6 +18,10 @@ COMMENT ON COLUMN steps.meta IS
 
 CREATE INDEX runs_source_created ON runs (source, created_at DESC)
     WHERE source <> 'native';
+
+-- The due_at of an open adapter run: never due, still a datetime Python loads.
+CREATE FUNCTION adapter_open_until() RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$ SELECT '9999-01-01 00:00:00+00'::timestamptz $$;
 
 -- Make sure adapter run p_run exists (created with p_status) and lock its row.
 -- Refuses native runs: adapters never write into a workflow's journal.
@@ -31,7 +36,7 @@ DECLARE
 BEGIN
     INSERT INTO runs (id, workflow, queue, status, due_at, source, meta, started_at)
     VALUES (p_run, p_workflow, 'pgjournal.adapters', p_status,
-            CASE WHEN p_status IN ('queued', 'running') THEN 'infinity'::timestamptz END,
+            CASE WHEN p_status IN ('queued', 'running') THEN adapter_open_until() END,
             p_source, coalesce(p_meta, '{}'::jsonb),
             CASE WHEN p_status = 'running' THEN now() END)
     ON CONFLICT (id) DO NOTHING;
@@ -157,7 +162,7 @@ BEGIN
     PERFORM adapter_run(p_run, p_source, p_workflow, p_run_meta, p_status);
     UPDATE runs r SET
         status = p_status, error = p_error,
-        due_at = CASE WHEN p_status IN ('queued', 'running') THEN 'infinity'::timestamptz END,
+        due_at = CASE WHEN p_status IN ('queued', 'running') THEN adapter_open_until() END,
         started_at = coalesce(r.started_at, now()),
         finished_at = CASE WHEN p_status IN ('completed', 'failed', 'cancelled', 'dead')
                            THEN now() END,
@@ -179,7 +184,7 @@ BEGIN
         workflow = p_workflow, status = p_status, input = p_input, output = p_output,
         error = p_error, meta = p_meta, created_at = p_created_at,
         updated_at = p_updated_at,
-        due_at = CASE WHEN p_status IN ('queued', 'running') THEN 'infinity'::timestamptz END,
+        due_at = CASE WHEN p_status IN ('queued', 'running') THEN adapter_open_until() END,
         started_at = p_created_at,
         finished_at = CASE WHEN p_status IN ('completed', 'failed', 'cancelled', 'dead')
                            THEN p_updated_at END
