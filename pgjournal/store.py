@@ -167,9 +167,11 @@ class Store:
         return row["run_id"], row["created"]
 
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
-                    lease: float) -> list[Claim]:
-        rows = await self.fetch("claim_runs", worker=worker, queues=list(queues),
-                                limit=limit, lease=lease)
+                    lease: float, *, hungry: bool = False) -> list[Claim]:
+        """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
+        sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``)."""
+        rows = await self.fetch("go_hungry" if hungry else "claim_runs", worker=worker,
+                                queues=list(queues), limit=limit, lease=lease)
         return [
             Claim(r["id"], r["workflow"], r["queue"], r["input"], r["attempt"],
                   r["max_attempts"], r["lease_epoch"], r["recoveries"], r["db_now"],

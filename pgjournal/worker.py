@@ -99,6 +99,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._store: Store | None = None
         self._completer: _Completer | None = None
+        self._hungry = False
         self.claimed = 0
         self.finished = 0
 
@@ -160,6 +161,15 @@ class Worker:
                 self._wake.clear()
                 try:
                     claims = await self._store.claim(self.id, self.queues, free, self.lease)
+                    if len(claims) < free and not self._hungry:
+                        # Going idle: ask for NOTIFYs, and claim once more under
+                        # the queue locks so no enqueue slips between the two.
+                        claims += await self._store.claim(self.id, self.queues,
+                                                          free - len(claims), self.lease,
+                                                          hungry=True)
+                        self._hungry = len(claims) < free
+                    elif len(claims) == free:
+                        self._hungry = False
                     backoff = 0.1
                 except DatabaseUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)

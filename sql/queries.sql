@@ -13,6 +13,9 @@ SELECT run_id, created FROM {schema}.start_run(
 -- name: claim_runs
 SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s);
 
+-- name: go_hungry
+SELECT * FROM {schema}.go_hungry(%(worker)s, %(queues)s, %(limit)s, %(lease)s);
+
 -- name: journal_step
 SELECT {schema}.journal_step(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(kind)s, %(status)s,

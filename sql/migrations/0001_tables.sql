@@ -21,7 +21,9 @@ CREATE TABLE workers (
     concurrency  integer NOT NULL,
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
-    stopped_at   timestamptz
+    stopped_at   timestamptz,
+    -- The worker has free slots and sleeps on LISTEN: enqueues must NOTIFY.
+    hungry       boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE workers IS 'Registry of worker processes and their last heartbeat.';
 
