@@ -67,7 +67,7 @@ SELECT
     s.started_at,
     s.finished_at,
     s.finished_at - s.started_at AS duration,
-    extract(epoch FROM s.finished_at - s.started_at) * 1000 AS duration_ms,
+    (extract(epoch FROM s.finished_at - s.started_at) * 1000)::double precision AS duration_ms,
     s.error ->> 'type' AS error_type,
     s.error ->> 'message' AS error_message
 FROM steps s
