@@ -41,8 +41,9 @@ def sql_dir() -> Path:
 
 
 @cache
-def _named_queries() -> dict[str, str]:
-    text = (sql_dir() / "queries.sql").read_text()
+def named_queries(filename: str = "queries.sql") -> dict[str, str]:
+    """The ``-- name: x`` blocks of one file in ``sql/``, by name."""
+    text = (sql_dir() / filename).read_text()
     queries: dict[str, str] = {}
     name: str | None = None
     lines: list[str] = []
@@ -59,14 +60,14 @@ def _named_queries() -> dict[str, str]:
 
 
 class Queries:
-    """The named queries, formatted once for one schema."""
+    """The named queries of ``sql/<filename>``, formatted once for one schema."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, filename: str = "queries.sql") -> None:
         self.schema = validate_identifier(schema)
         ident = sql.Identifier(self.schema)
         self._q = {
             name: sql.SQL(text).format(schema=ident)
-            for name, text in _named_queries().items()
+            for name, text in named_queries(filename).items()
         }
 
     def __getitem__(self, name: str) -> sql.Composed:

@@ -70,14 +70,20 @@ BEGIN
     RETURN QUERY SELECT v_id, true;
 END $$;
 
+-- What a claim hands a worker: the run, the epoch it now owns it with, the
+-- database clock, and the whole journal (so replay needs no further round trip).
+CREATE TYPE claimed_run AS (
+    id uuid, workflow text, queue text, input jsonb, attempt integer,
+    max_attempts integer, lease_epoch bigint, recoveries integer,
+    db_now timestamptz, journal jsonb
+);
+
 -- Claim up to p_limit runs of p_queues (no paused or concurrency-limited
 -- queue among them; claim_runs sorts those out). The journal of each claimed
 -- run comes back with it, so replay needs no further round trip.
 CREATE FUNCTION claim_from(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision)
-RETURNS TABLE (id uuid, workflow text, queue text, input jsonb, attempt integer,
-               max_attempts integer, lease_epoch bigint, recoveries integer,
-               db_now timestamptz, journal jsonb)
+RETURNS SETOF claimed_run
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     RETURN QUERY
@@ -121,9 +127,7 @@ END $$;
 -- workers because limited queues are claimed under a lock on their row.
 CREATE FUNCTION claim_runs(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision)
-RETURNS TABLE (id uuid, workflow text, queue text, input jsonb, attempt integer,
-               max_attempts integer, lease_epoch bigint, recoveries integer,
-               db_now timestamptz, journal jsonb)
+RETURNS SETOF claimed_run
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     v_free text[];
@@ -178,9 +182,7 @@ END $$;
 -- racing with this either is claimed here or sees the flag and NOTIFYs.
 CREATE FUNCTION go_hungry(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision)
-RETURNS TABLE (id uuid, workflow text, queue text, input jsonb, attempt integer,
-               max_attempts integer, lease_epoch bigint, recoveries integer,
-               db_now timestamptz, journal jsonb)
+RETURNS SETOF claimed_run
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     v_q text;
