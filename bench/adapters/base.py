@@ -157,3 +157,29 @@ async def count_effects(dsn: str) -> dict[str, int]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute("SELECT step, count(*) FROM bench_effects GROUP BY step")
         return {str(step): int(n) for step, n in await cur.fetchall()}
+
+
+def as_url(dsn: str) -> str:
+    """``dsn`` as a ``postgresql://`` URL (for libraries that take only URLs)."""
+    from urllib.parse import quote
+
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    user = quote(str(info.get("user", "postgres")))
+    password = f":{quote(str(info['password']))}" if info.get("password") else ""
+    host = info.get("host", "127.0.0.1")
+    port = info.get("port", 5432)
+    return f"postgresql://{user}{password}@{host}:{port}/{info.get('dbname', 'postgres')}"
+
+
+async def scalar(dsn: str, query: str) -> int:
+    """One integer from ``query`` on a short-lived connection."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query.encode())
+        row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+async def execute(dsn: str, query: str) -> None:
+    """Run ``query`` (no parameters) on a short-lived connection."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(query.encode())
