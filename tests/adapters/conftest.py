@@ -60,7 +60,8 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     def start(*args: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"proc-{len(procs)}.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "tests.adapters.procs", *args],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=log,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         procs.append(proc)
         return proc
@@ -70,5 +71,6 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe:
+                pipe.close()

@@ -5,8 +5,9 @@
 
 ``session`` runs steps s1..sSTEPS of a PostgresRuntime session, each returning a
 fresh uuid, and prints ``name value`` per step; after BLOCK_AFTER steps it
-hangs (for kill -9). ``append`` waits for "go" on stdin, then appends COUNT
-entries to the agent's sequence journal and prints the sequences it got.
+hangs (for kill -9). ``append`` initialises a DurableJournal, prints "ready",
+waits for a line on stdin, then appends COUNT entries to the agent's journal
+and prints the sequences it got.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ async def append(dsn: str, schema: str, agent_id: str, count: int) -> None:
     storage = await PostgresJournalStorage.connect(dsn, schema=schema, max_size=2)
     journal = DurableJournal(storage, agent_id)
     await journal.initialize()
+    print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     got = []
     for i in range(count):
