@@ -396,9 +396,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_paint("events", "bold", colour))
         cells, styles = [], []
         for e in data["events"]:
+            detail = error_text(e["detail"], 50)
+            if e["from_status"] == e["to_status"] == "running":
+                detail = detail or "lease expired: taken over by another worker"
             cells.append(["+" + between(t0, e["at"]), e["from_status"] or "-", e["to_status"],
                           str(e["attempt"]), str(e["lease_epoch"]),
-                          str(e["worker_id"] or "-"), error_text(e["detail"], 50)])
+                          str(e["worker_id"] or "-"), detail])
             styles.append([None, None, STATUS_STYLE.get(e["to_status"]), None, None, None,
                            "red"])
         print(textwrap.indent(table(cells, ["AT", "FROM", "TO", "ATT", "EPOCH", "WORKER",

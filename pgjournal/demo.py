@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ._output import human_seconds, paint, table, use_colour
+from ._output import human_seconds, paint, shorten, table, use_colour
 from ._sql import validate_identifier
 from .app import App
 from .cli import cli_fetch, cli_query, run_query
@@ -172,6 +172,9 @@ class Display:
             line += f" · {c.other_ended} failed"
         if self.tty:
             self._clear()
+            # A wrapped line would break the in-place redraw: cut to the width.
+            room = shutil.get_terminal_size().columns - len(self.elapsed()) - width - 5
+            line = shorten(line, max(room, 20))
             lines = [f"{self.elapsed()} [{paint(bar, 'green', self.colour)}] {line}"]
             if workers:
                 lines.append("         workers: " + "  ".join(

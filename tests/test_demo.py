@@ -1,0 +1,93 @@
+"""``pgjournal demo --short``: the README's first command, as CI runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PGJOURNAL_DSN",
+                                                            "PGJOURNAL_SCHEMA")}
+    return subprocess.run([sys.executable, "-m", "pgjournal", "demo", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout,
+                          check=False)
+
+
+def gone(pid: int) -> bool:
+    """True when the process no longer runs (a zombie nobody reaped counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+@pytest.fixture
+def demo_schema(pgjournal_dsn: str) -> Iterator[str]:
+    schema = f"demo_{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_demo_short_kills_a_worker_and_no_step_runs_twice(pgjournal_dsn: str,
+                                                          demo_schema: str) -> None:
+    res = run_demo("--short", "--dsn", pgjournal_dsn, "--schema", demo_schema)
+    out = res.stdout
+    assert res.returncode == 0, (out, res.stderr)
+
+    m = re.search(r"^no step executed twice: (\d+) steps, (\d+) executions$", out, re.M)
+    assert m, out
+    steps, executions = int(m.group(1)), int(m.group(2))
+    assert steps == executions and steps > 0
+    assert re.search(r"killed worker #\d \(pid \d+\) with SIGKILL", out), out
+    assert "SELECT" in out and f'"{demo_schema}".steps' in out  # the SQL for a DBA
+
+    pids = [int(p) for p in re.search(r"pids ([\d, ]+)\)", out).group(1).split(", ")]  # type: ignore[union-attr]
+    assert len(pids) == 3
+    assert all(gone(pid) for pid in pids), "the demo left a worker process behind"
+
+    # The database agrees with what the demo printed.
+    def q(text: str) -> Any:
+        return sql.SQL(text).format(schema=sql.Identifier(demo_schema))  # type: ignore[arg-type]
+
+    with psycopg.connect(pgjournal_dsn) as conn:
+        statuses = dict(conn.execute(q(
+            "SELECT status, count(*) FROM {schema}.runs GROUP BY status")).fetchall())
+        assert statuses == {"completed": 12}
+        recovered = conn.execute(q(
+            "SELECT count(*) FROM {schema}.runs WHERE recoveries > 0")).fetchone()
+        assert recovered is not None and recovered[0] >= 1
+        journal = conn.execute(q(
+            "SELECT count(*) FROM {schema}.steps WHERE kind IN ('step', 'stream')"
+            " AND status = 'completed'")).fetchone()
+        effects = conn.execute(q("SELECT count(*), count(DISTINCT (run_id, step)) "
+                                 "FROM {schema}.demo_effects")).fetchone()
+        assert journal is not None and effects is not None
+        assert journal[0] == steps and effects == (executions, executions)
+        # The two survivors were stopped cleanly (SIGTERM); only the killed one was not.
+        unstopped = conn.execute(q("SELECT count(*) FILTER (WHERE stopped_at IS NULL), "
+                                   "count(*) FROM {schema}.workers")).fetchone()
+        assert unstopped == (1, 3)
+
+
+def test_demo_refuses_a_schema_that_is_not_its_own(pgjournal_dsn: str,
+                                                   pgjournal_schema: str) -> None:
+    res = run_demo("--short", "--dsn", pgjournal_dsn, "--schema", pgjournal_schema)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"pgjournal: error: schema {pgjournal_schema!r} already holds tables that are not "
+        "the demo's; the demo resets its schema, so pick another one with --schema"]
