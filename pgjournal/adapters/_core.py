@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from .._sql import sql_dir, validate_identifier
 from ..connect import connect_sync, mask_dsn, open_pool, resolve_dsn
 from ..errors import InvalidState, PgJournalError
-from ..migrations import migrate, migration_script
+from ..migrations import available, migrate, migration_script
 from ..serializer import Serializer
 from ..store import _translate
 
@@ -116,8 +116,6 @@ def schema_script(schema: str = "pgjournal") -> str:
     plain = migration_script(schema)
     head, _, _rest = plain.partition("-- migration ")
     parts = [head.rstrip()]
-    from ..migrations import available
-
     for m in available():
         tag, outer = f"$pgjournal_{m.version:04d}$", f"$pgjournal_do_{m.version:04d}$"
         if tag in m.sql or outer in m.sql:  # pragma: no cover - would need the tag itself
