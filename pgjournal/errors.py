@@ -72,7 +72,3 @@ class RunFailed(PgJournalError):
 
 class Cancelled(PgJournalError):
     """The run was cancelled; raised by ``RunHandle.result()``."""
-
-
-class LeaseLost(PgJournalError):
-    """This worker no longer owns the run (the lease moved on, or it was cancelled)."""
