@@ -41,6 +41,7 @@ class Workflow:
     retry_backoff: Callable[[int], float]
     timeout: float | None
     max_recoveries: int
+    signature: inspect.Signature
 
 
 def _as_uuid(run_id: uuid.UUID | str) -> uuid.UUID:
@@ -154,7 +155,7 @@ class App:
             if not wf_name:
                 raise ConfigurationError("a workflow needs a non-empty name")
             self.workflows[wf_name] = Workflow(wf_name, fn, queue, max_attempts, backoff,
-                                               timeout, max_recoveries)
+                                               timeout, max_recoveries, inspect.signature(fn))
             return fn  # type: ignore[return-value]  # narrowed by iscoroutinefunction
 
         return register

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import signal
@@ -241,7 +240,7 @@ class Worker:
                 data = self.app.serializer.loads(claim.input)
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
                 run = Run(store, self.app.serializer, claim)
-                inspect.signature(wf.fn).bind(run, *args, **kwargs)
+                wf.signature.bind(run, *args, **kwargs)
             except Exception as exc:
                 await self._fail(claim, exc, terminal=True, error={
                     "type": "BadInput", "module": "pgjournal.errors",
