@@ -845,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes to start (default 3). 0: use workers already "
                         "running elsewhere (e.g. docker compose); nothing is killed")
     p.add_argument("--no-kill", action="store_true", help="do not kill a worker")
+    p.add_argument("--keep-server", action="store_true",
+                   help="leave the embedded PostgreSQL running if the demo started it")
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (default 90; 45 if --short)")
     return parser

@@ -41,6 +41,7 @@ from ._sql import validate_identifier
 from .app import App
 from .cli import cli_fetch, cli_query, run_query
 from .connect import connect_async, mask_dsn, resolve_dsn
+from .embedded import EmbeddedServer, dev_data_dir
 from .errors import ConfigurationError, InvalidState, PgJournalError
 from .migrations import migrate
 
@@ -209,6 +210,7 @@ class Demo:
         self.run_ids: list[uuid.UUID] = []
         self.kill: Kill | None = None
         self.dsn = ""
+        self.started_server: EmbeddedServer | None = None
 
     def say(self, text: str = "", style: str | None = None) -> None:
         self.out.write(paint(text, style, self.colour) + "\n")
@@ -218,9 +220,22 @@ class Demo:
 
     def resolve(self) -> None:
         if not (self.args.dsn or os.environ.get("PGJOURNAL_DSN")):
-            self.say("starting the embedded PostgreSQL (the first time takes a few seconds)",
-                     "dim")
+            server = EmbeddedServer(dev_data_dir())
+            if not server.is_running():
+                self.say("starting the embedded PostgreSQL (the first time takes a few "
+                         "seconds)", "dim")
+                self.started_server = server
         self.dsn = resolve_dsn(self.args.dsn)
+
+    def stop_server(self) -> None:
+        """Stop the embedded server if the demo started it: no process is left behind.
+
+        Its data stays, and any later command (``pgjournal runs``) starts it again.
+        """
+        if self.started_server is not None and not self.args.keep_server:
+            self.started_server.stop()
+            self.say(f"stopped the embedded PostgreSQL the demo started (data kept in "
+                     f"{self.started_server.data_dir}; pgjournal commands restart it)", "dim")
 
     async def reset_schema(self) -> None:
         """Drop and re-create the demo schema, refusing any schema that is not a demo's."""
@@ -515,6 +530,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return code
     finally:
         demo.stop_workers()
+        demo.stop_server()
         if ok:
             shutil.rmtree(demo.logdir, ignore_errors=True)
         elif demo.workers:

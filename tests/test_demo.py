@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+
+from pgjournal.embedded import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,3 +95,26 @@ def test_demo_refuses_a_schema_that_is_not_its_own(pgjournal_dsn: str,
     assert res.stderr.strip().splitlines() == [
         f"pgjournal: error: schema {pgjournal_schema!r} already holds tables that are not "
         "the demo's; the demo resets its schema, so pick another one with --schema"]
+
+
+def test_demo_on_a_fresh_machine_uses_the_embedded_server_and_stops_it() -> None:
+    """No DSN anywhere: the demo creates the embedded dev server, and stops it again."""
+    base = Path(tempfile.mkdtemp(prefix="pgjournal-demo-dev-"))
+    base.chmod(0o755)  # as root the server runs as another user, which must get in
+    data = base / "dev"
+    env = {k: v for k, v in os.environ.items() if k not in ("PGJOURNAL_DSN",
+                                                            "PGJOURNAL_SCHEMA")}
+    env["PGJOURNAL_DEV_DATA"] = str(data)
+    try:
+        res = subprocess.run([sys.executable, "-m", "pgjournal", "demo", "--short"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=240,
+                             check=False)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert "starting the embedded PostgreSQL" in res.stdout
+        assert re.search(r"^no step executed twice: (\d+) steps, \1 executions$", res.stdout,
+                         re.M), res.stdout
+        assert (data / "PG_VERSION").exists()
+        assert not (data / "postmaster.pid").exists(), "the demo left its server running"
+    finally:
+        EmbeddedServer(data).stop()
+        shutil.rmtree(base, ignore_errors=True)
