@@ -191,7 +191,7 @@ class _Runtime:
         entry = await self._journal.get_step(s.id, key)
         if entry is not None:
             return entry.value
-        result = await _call(fn, args, kwargs)
+        result = self._as_journaled(await _call(fn, args, kwargs), f"result of step {key!r}")
         await self._journal.put_step(s.id, key, result)
         return result
 
@@ -211,11 +211,20 @@ class _Runtime:
         if inspect.isawaitable(source):
             source = await source
         got: list[Any] = []
-        async for chunk in source:
+        async for raw in source:
+            chunk = self._as_journaled(raw, f"chunk of stream {name!r}")
             got.append(chunk)
             yield chunk
         if s is not None and self._journal is not None:
             await self._journal.put_stream(s.id, name, got)
+
+    def _as_journaled(self, value: Any, what: str) -> Any:
+        """The value as a replay from Postgres will return it (a tuple comes back
+        as a list, a pydantic model as an equal copy), so a first run and a
+        replay see the same thing; unstorable values fail here, before use."""
+        if isinstance(self._journal, PostgresJournalStore):
+            return self._journal.adapter.serializer.roundtrip(value, what=what)[1]
+        return value
 
     # -- signals ------------------------------------------------------------------
 

@@ -299,3 +299,23 @@ async def test_a_session_journaled_in_one_process_replays_in_another(
         await rt.aclose()
     assert (s1, s2, s3) == (first["s1"], first["s2"], "fresh")
     assert dba.rows("SELECT status FROM runs WHERE id = %s", run_id)[0]["status"] == "completed"
+
+
+async def test_postgres_first_run_returns_what_a_replay_returns(
+        pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    import pgjournal
+
+    rt = await PostgresRuntime.connect(pgjournal_dsn, schema=pgjournal_schema)
+    try:
+        async with rt.session("s-json"):
+            first = await rt.step("pair", lambda: (1, 2))
+            chunks = [c async for c in rt.stream_step("toks", tokens, ["a"])]
+            with pytest.raises(pgjournal.SerializationError, match="step 'bad'"):
+                await rt.step("bad", lambda: object())
+        async with rt.session("s-json"):
+            again = await rt.step("pair", lambda: (3, 4))
+            assert await rt.step("bad", lambda: "now fine") == "now fine"
+    finally:
+        await rt.aclose()
+    assert first == again == [1, 2]
+    assert chunks == ["a"]
