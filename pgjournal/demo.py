@@ -243,11 +243,14 @@ class Demo:
         async with conn:
             state = (await run_query(conn, "demo_schema_state", self.schema,
                                      schema=self.schema))[0]
-            if state["present"] and state["relations"] and not state["is_demo"]:
-                raise ConfigurationError(
-                    f"schema {self.schema!r} already holds tables that are not the demo's; "
-                    f"the demo resets its schema, so pick another one with --schema")
+            # With external workers (--workers 0) they already serve the schema:
+            # it is kept, and only the runs this demo starts are counted.
             if self.s.workers > 0:
+                if state["present"] and state["relations"] and not state["is_demo"]:
+                    raise ConfigurationError(
+                        f"schema {self.schema!r} already holds tables that are not the "
+                        "demo's; the demo resets its schema, so pick another one with "
+                        "--schema")
                 await run_query(conn, "demo_drop_schema", self.schema)
         await asyncio.to_thread(migrate, self.dsn, schema=self.schema)
         conn = await connect_async(self.dsn, autocommit=True)

@@ -118,3 +118,32 @@ def test_demo_on_a_fresh_machine_uses_the_embedded_server_and_stops_it() -> None
     finally:
         EmbeddedServer(data).stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_demo_with_external_workers_keeps_the_schema(pgjournal_dsn: str, pgjournal_schema: str,
+                                                     tmp_path: Path) -> None:
+    """``--workers 0`` (docker compose): workers started elsewhere serve the demo's runs."""
+    env = {**os.environ, "PGJOURNAL_DSN": pgjournal_dsn, "PGJOURNAL_SCHEMA": pgjournal_schema}
+    workers = []
+    for n in range(2):
+        with (tmp_path / f"w{n}.log").open("w") as log:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "pgjournal", "worker", "pgjournal._demo_app:app",
+                 "--lease", "2"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        res = run_demo("--short", "--workers", "0", "--runs", "6", "--dsn", pgjournal_dsn,
+                       "--schema", pgjournal_schema)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert re.search(r"^no step executed twice: (\d+) steps, \1 executions$", res.stdout,
+                         re.M), res.stdout
+        assert "killed" not in res.stdout
+        assert all(w.poll() is None for w in workers), "the demo must not touch them"
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(30)
+    with psycopg.connect(pgjournal_dsn) as conn:
+        row = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE status = 'completed'), "
+                                   "count(*) FROM {}.runs").format(
+                                       sql.Identifier(pgjournal_schema))).fetchone()
+        assert row == (6, 6)
