@@ -14,7 +14,6 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 import psycopg
@@ -22,7 +21,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from .._sql import sql_dir, validate_identifier
+from .._sql import Queries, validate_identifier
 from ..connect import connect_sync, mask_dsn, open_pool, resolve_dsn
 from ..errors import InvalidState, PgJournalError
 from ..migrations import available, migrate, migration_script
@@ -88,23 +87,6 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-@cache
-def _adapter_queries() -> dict[str, str]:
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in (sql_dir() / "adapters.sql").read_text().splitlines():
-        if line.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip().rstrip(";")
-            name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.startswith("--"):
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip().rstrip(";")
-    return queries
-
-
 def schema_script(schema: str = "pgjournal") -> str:
     """The whole pgjournal schema as one idempotent SQL script for a DBA.
 
@@ -146,9 +128,7 @@ class Adapter:
         self.workflow = workflow
         self.read_sources = list(read_sources or (source,))
         self.serializer = serializer or Serializer()
-        ident = sql.Identifier(self.schema)
-        self._q = {name: sql.SQL(text).format(schema=ident)
-                   for name, text in _adapter_queries().items()}
+        self._q = Queries(self.schema, "adapters.sql")
 
     def query(self, name: str) -> sql.Composed:
         return self._q[name]
