@@ -347,14 +347,14 @@ async def test_psql_walkthrough(pgjournal_app: pgjournal.App, serving: Serving,
 
     @app.workflow()
     async def hello(run: pgjournal.Run, name: str) -> str:
-        return await run.step("greet", lambda n: f"hello {n}", name)
+        return str(await run.step("greet", lambda n: f"hello {n}", name))
 
     @app.workflow(max_attempts=1)
     async def fragile(run: pgjournal.Run) -> str:
         await run.step("once", lambda: "kept")
         if run.attempt < 2:
             raise RuntimeError("first attempt fails")
-        return await run.step("finish", lambda: "second time lucky")
+        return str(await run.step("finish", lambda: "second time lucky"))
 
     # A run started from psql is executed by the Python worker.
     (started,) = db.one_doc("psql-start")

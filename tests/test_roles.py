@@ -58,7 +58,7 @@ def roles(pgjournal_dsn: str, pgjournal_schema: str) -> Iterator[Roles]:
 
 def _denied(dsn: str, schema: str, statement: str, params: Any = None) -> None:
     """``statement`` ({s} = the schema) must fail for lack of privilege."""
-    query = sql.SQL(statement).format(s=sql.Identifier(schema))  # type: ignore[arg-type]
+    query = sql.SQL(statement).format(s=sql.Identifier(schema))
     with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(DENIED):
         conn.execute(query, params)
 
@@ -99,9 +99,9 @@ async def test_reader_reads_but_cannot_write_or_call_functions(
             rows = conn.execute(sql.SQL("SELECT * FROM {}.{}").format(
                 sql.Identifier(schema), sql.Identifier(relation))).fetchall()
             assert rows or relation in ("worker_health", "steps"), relation
-        (status,) = conn.execute(sql.SQL("SELECT status FROM {}.run_overview WHERE id = %s")
-                                 .format(sql.Identifier(schema)), (handle.run_id,)).fetchone()
-        assert status == "queued"
+        row = conn.execute(sql.SQL("SELECT status FROM {}.run_overview WHERE id = %s")
+                           .format(sql.Identifier(schema)), (handle.run_id,)).fetchone()
+        assert row == ("queued",)
         # No EXECUTE on any function of the schema, state-changing or not.
         callable_fns = conn.execute(
             "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n "
@@ -197,7 +197,7 @@ async def test_worker_role_claims_journals_and_completes(
         q = f'SELECT status FROM "{pgjournal_schema}".runs WHERE id = %s'
 
         async def suspended() -> bool:
-            return await _one(pgjournal_dsn, q, good.run_id) == "suspended"
+            return bool(await _one(pgjournal_dsn, q, good.run_id) == "suspended")
 
         await wait_for(suspended, 30, what="the run to wait for its signal")
         await pgjournal_app.signal(good.run_id, "review", {"ok": True})

@@ -1,0 +1,216 @@
+"""docker/: what can be checked without a Docker engine.
+
+The compose file parses and wires the expected services; every pgjournal
+command in it is accepted by the real CLI; the image's entry point runs here,
+outside Docker; and the compose topology itself (the starter, its health
+check, three workers started through the entry point with the compose
+commands, one of them killed with SIGKILL) runs against a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from pgjournal.cli import build_parser
+
+from .conftest import ROOT
+
+DOCKER = ROOT / "docker"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+PGJOURNAL_SERVICES = {"starter", "worker-1", "worker-2", "worker-3"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def entry_env(**extra: str) -> dict[str, str]:
+    """The environment of a container, minus Docker: the venv's pgjournal on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGJOURNAL_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def entry(*args: str, env: dict[str, str] | None = None,
+          timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env=env or entry_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# -- static checks ---------------------------------------------------------------------
+
+
+def test_compose_has_the_expected_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"postgres"} | PGJOURNAL_SERVICES
+
+    pg = services["postgres"]
+    assert pg["image"].startswith("postgres:")
+    assert "pg_isready" in pg["healthcheck"]["test"]
+    pg_env = pg["environment"]
+
+    images = set()
+    for name in PGJOURNAL_SERVICES:
+        svc = services[name]
+        build = svc["build"]
+        assert (DOCKER / build["context"]).resolve() == ROOT
+        assert (ROOT / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+        images.add(svc["image"])
+        dsn = psycopg.conninfo.conninfo_to_dict(svc["environment"]["PGJOURNAL_DSN"])
+        assert dsn["host"] == "postgres"
+        assert (dsn["user"], dsn["password"], dsn["dbname"]) == (
+            pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
+        schema = svc["command"][svc["command"].index("--schema") + 1]
+        assert schema == svc["environment"]["PGJOURNAL_SCHEMA"]
+    assert len(images) == 1  # one image, built once
+
+    workers = [services[f"worker-{i}"] for i in (1, 2, 3)]
+    assert len({w["hostname"] for w in workers}) == 3  # three distinct hosts
+    for w in workers:
+        assert w["command"][0] == "worker"
+        assert w["depends_on"]["starter"]["condition"] == "service_healthy"
+    starter = services["starter"]
+    assert starter["command"][:3] == ["demo", "--workers", "0"]
+    assert starter["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert starter["healthcheck"]["test"][:3] == ["CMD", "pgjournal", "queues"]
+
+
+def test_compose_commands_are_accepted_by_the_cli(compose: dict[str, Any]) -> None:
+    parser = build_parser()
+    for name in PGJOURNAL_SERVICES:
+        command = compose["services"][name]["command"]
+        args = parser.parse_args(command)  # exits (SystemExit) on an unknown option
+        assert args.command == command[0]
+    check = compose["services"]["starter"]["healthcheck"]["test"]
+    assert parser.parse_args(check[2:]).command == "queues"
+
+    # The workers serve the queue of the demo's workflow.
+    worker = parser.parse_args(compose["services"]["worker-1"]["command"])
+    module, _, attr = worker.app.partition(":")
+    app = getattr(__import__(module, fromlist=[attr]), attr)
+    assert {wf.queue for wf in app.workflows.values()} == set(worker.queue)
+
+
+def test_dockerfile_copies_what_the_build_needs() -> None:
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    included = {line[1:] for line in ignore if line.startswith("!")}
+    for src in re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE):
+        for path in src.split():
+            assert (ROOT / path).exists(), path
+            assert path.rstrip("/") in included, f"{path} is excluded from the build context"
+    (entrypoint,) = re.findall(r'^ENTRYPOINT \["([^"]+)"\]', dockerfile, re.MULTILINE)
+    assert re.search(rf"^COPY docker/entrypoint.sh /usr/local/bin/{entrypoint}$", dockerfile,
+                     re.MULTILINE)
+
+
+# -- the entry point, outside Docker -----------------------------------------------------
+
+
+def test_entrypoint_runs_outside_docker() -> None:
+    top = entry("--help")
+    assert top.returncode == 0, top.stderr
+    assert "worker" in top.stdout and "demo" in top.stdout
+    worker = entry("worker", "--help")
+    assert worker.returncode == 0, worker.stderr
+    assert "--concurrency" in worker.stdout
+    bad = entry("worker", "nowhere.module:app", "--queue", "agents",
+                env=entry_env(PGJOURNAL_DSN="postgresql://nobody@127.0.0.1:1/none"))
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.fixture
+def demo_schema(pgjournal_dsn: str) -> Iterator[str]:
+    """A schema name of the test's own (the demo migrates it itself)."""
+    schema = f"t_docker_{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_compose_topology_survives_a_killed_worker(
+        compose: dict[str, Any], pgjournal_dsn: str, demo_schema: str, tmp_path: Path) -> None:
+    """`docker compose up` then `docker compose kill worker-2`, without Docker."""
+    services = compose["services"]
+
+    def command(name: str, *extra: str) -> list[str]:
+        return [demo_schema if a == "pgjournal_demo" else a
+                for a in services[name]["command"]] + list(extra)
+
+    env = entry_env(PGJOURNAL_DSN=pgjournal_dsn, PGJOURNAL_SCHEMA=demo_schema)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs: dict[str, Path] = {}
+
+    def start(name: str, args: list[str]) -> None:
+        logs[name] = tmp_path / f"{name}.log"
+        with logs[name].open("wb") as fh:
+            procs[name] = subprocess.Popen(["sh", str(ENTRYPOINT), *args], env=env, cwd=ROOT,
+                                           stdout=fh, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        check = services["starter"]["healthcheck"]["test"][1:]
+        check = [demo_schema if a == "pgjournal_demo" else a for a in check]
+        return subprocess.run(check, env=env, capture_output=True, check=False,
+                              timeout=30).returncode == 0
+
+    def effects() -> int:
+        with psycopg.connect(pgjournal_dsn) as conn:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}.demo_effects").format(
+                sql.Identifier(demo_schema))).fetchone()
+            return int(row[0]) if row else 0
+
+    def poll(what: str, check: Any, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            starter = procs["starter"]
+            assert starter.poll() is None or what == "the starter to finish", \
+                f"starter exited early:\n{logs['starter'].read_text()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    try:
+        assert not healthy()  # no schema yet: the workers would have to wait
+        # Short and few runs: the topology is what is under test, not the demo.
+        start("starter", command("starter", "--short", "--runs", "6"))
+        poll("the starter to become healthy", healthy)
+        for i in (1, 2, 3):
+            start(f"worker-{i}", command(f"worker-{i}"))
+        poll("steps to run", lambda: effects() > 0)
+        os.kill(procs["worker-2"].pid, signal.SIGKILL)  # docker compose kill worker-2
+
+        poll("the starter to finish", lambda: procs["starter"].poll() is not None, 120)
+        out = logs["starter"].read_text()
+        assert procs["starter"].returncode == 0, out
+        assert "no step executed twice" in out
+
+        for i in (1, 3):  # docker compose stop: SIGTERM, a clean stop
+            procs[f"worker-{i}"].send_signal(signal.SIGTERM)
+        for i in (1, 3):
+            assert procs[f"worker-{i}"].wait(30) == 0, logs[f"worker-{i}"].read_text()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(10)
