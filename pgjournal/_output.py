@@ -152,8 +152,7 @@ class Progress:
         self.total = max(total, 0)
         self.label = label
         self.stream = stream or sys.stderr
-        self.tty = use_colour(self.stream) or bool(getattr(self.stream, "isatty", None)
-                                                    and self.stream.isatty())
+        self.tty = bool(getattr(self.stream, "isatty", None) and self.stream.isatty())
         self.done = 0
         self._started = time.monotonic()
         self._last_decile = -1

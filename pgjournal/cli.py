@@ -230,7 +230,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     lease=args.lease, grace_period=args.grace)
 
     async def serve(app: App) -> None:
-        await app.store()
         await worker.run()
 
     with_app(args, serve, app=app)
@@ -502,14 +501,15 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 
 def _parse_limit(text: str) -> int | None:
-    if text.lower() in ("none", "off", "0"):
+    if text.lower() in ("none", "off"):
         return None
     try:
         value = int(text)
     except ValueError:
         raise fail(f"limit {text!r} is not a number (or 'none')") from None
-    if value < 0:
-        raise fail("a concurrency limit must be positive (or 'none')")
+    if value < 1:
+        raise fail("a concurrency limit must be at least 1; to stop a queue use "
+                   "`pgjournal queues pause`, to lift the limit use 'none'")
     return value
 
 
@@ -828,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dev", "start, stop or inspect the embedded development PostgreSQL",
             """
             pgjournal dev start      # prints the DSN
-            pgjournal dev status
+            pgjournal dev status     # exit status 3 when it is not running
             pgjournal dev stop
             """, [js], cmd_dev)
     p.add_argument("action", choices=["start", "stop", "status"])

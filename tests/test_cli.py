@@ -173,6 +173,7 @@ def test_bad_input_gets_one_clear_line(cli: Cli) -> None:
     one_line_error(cli("runs", "--since", "yesterday", expect=1), "not a duration")
     one_line_error(cli("prune", "--older-than", "soon", expect=1), "not a duration")
     one_line_error(cli("queues", "limit", "q", "lots", expect=1), "not a number")
+    one_line_error(cli("queues", "limit", "q", "0", expect=1), "queues pause")
     one_line_error(cli("queues", "pause", "bad-name", expect=1), "invalid queue name")
     run_id = cli("start", "wf").stdout.strip()
     one_line_error(cli("signal", run_id, "go", "{nope", expect=1), "payload is not valid JSON")
