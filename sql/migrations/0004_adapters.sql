@@ -97,8 +97,12 @@ BEGIN
         RAISE EXCEPTION 'entry % of run % already exists; entries are never overwritten',
             v_pos, p_run USING ERRCODE = 'PJ412';
     END IF;
-    SELECT coalesce(max(s.occurrence) + 1, 0), max(s.position) INTO v_occ, v_last
-    FROM steps s WHERE s.run_id = p_run AND s.name = p_name;
+    -- Occurrences follow positions, so the last occurrence (an index lookup on
+    -- the unique key) is also the last position of this name.
+    SELECT s.occurrence + 1, s.position INTO v_occ, v_last
+    FROM steps s WHERE s.run_id = p_run AND s.name = p_name
+    ORDER BY s.occurrence DESC LIMIT 1;
+    v_occ := coalesce(v_occ, 0);
     IF v_old IS NULL THEN
         INSERT INTO steps (run_id, position, name, occurrence, kind, status, output, error,
                            meta, lease_epoch, started_at, finished_at)
