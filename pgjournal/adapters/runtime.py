@@ -72,7 +72,7 @@ class Session:
     def __init__(self, runtime: _Runtime, session_id: str) -> None:
         self.id = session_id
         self._runtime = runtime
-        self._event = asyncio.Event()
+        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._received: dict[str, int] = defaultdict(int)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -92,10 +92,11 @@ class Session:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        event = self._events[name]
         async with self._locks[name]:
             index = self._received[name]
             while True:
-                self._event.clear()
+                event.clear()
                 found, payload = await self._runtime._signals.take_signal(self.id, name, index)
                 if found:
                     self._received[name] = index + 1
@@ -108,10 +109,13 @@ class Session:
                 poll = self._runtime.poll_interval
                 limit = poll if remaining is None else min(remaining, poll or remaining)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._event.wait(), limit)
+                    await asyncio.wait_for(event.wait(), limit)
 
-    def _wake(self) -> None:
-        self._event.set()
+    def _wake(self, name: str | None = None) -> None:
+        """Wake waits for signal ``name`` (None: all of this session's waits)."""
+        for key, event in self._events.items():
+            if name is None or key == name:
+                event.set()
 
 
 async def _call(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -240,7 +244,7 @@ class _Runtime:
     async def _send(self, session_id: str, name: str, payload: Any) -> None:
         await self._signals.send_signal(session_id, name, payload)
         for s in self._open.get(session_id, ()):
-            s._wake()
+            s._wake(name)
 
     async def _listen(self) -> None:
         """On Postgres, LISTEN for signals sent by other processes (once)."""

@@ -319,3 +319,15 @@ async def test_postgres_first_run_returns_what_a_replay_returns(
         await rt.aclose()
     assert first == again == [1, 2]
     assert chunks == ["a"]
+
+
+async def test_concurrent_waits_on_different_names(runtime: Any) -> None:
+    async with runtime.session("s-two") as s:
+        xs = [asyncio.create_task(s.wait("x", timeout=20)) for _ in range(2)]
+        y = asyncio.create_task(s.wait("y", timeout=20))
+        await asyncio.sleep(0.05)
+        await runtime.signal("s-two", "x", 1)
+        await runtime.signal("s-two", "y", 2)
+        await runtime.signal("s-two", "x", 3)
+        assert await asyncio.wait_for(y, 20) == 2
+        assert sorted(await asyncio.wait_for(asyncio.gather(*xs), 20)) == [1, 3]
