@@ -527,6 +527,13 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = Settings.from_args(args)
     demo = Demo(args, settings)
     ok = False
+
+    def terminated(signum: int, _frame: object) -> None:
+        # Unwind through the finally below, so the workers go too.
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminated)
     try:
         code = asyncio.run(demo.main())
         ok = code == 0

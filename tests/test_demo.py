@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +149,26 @@ def test_demo_with_external_workers_keeps_the_schema(pgjournal_dsn: str, pgjourn
                                    "count(*) FROM {}.runs").format(
                                        sql.Identifier(pgjournal_schema))).fetchone()
         assert row == (6, 6)
+
+
+def test_demo_stopped_midway_takes_its_workers_with_it(pgjournal_dsn: str, demo_schema: str,
+                                                      tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PGJOURNAL_DSN",
+                                                            "PGJOURNAL_SCHEMA")}
+    out = tmp_path / "demo.out"
+    with out.open("w") as fh:
+        demo = subprocess.Popen([sys.executable, "-m", "pgjournal", "demo", "--no-kill",
+                                 "--dsn", pgjournal_dsn, "--schema", demo_schema],
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"pids ([\d, ]+)\)", out.read_text())):
+            assert demo.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        pids = [int(p) for p in m.group(1).split(", ")]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert all(gone(pid) for pid in pids), out.read_text()
