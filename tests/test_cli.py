@@ -404,3 +404,44 @@ def test_options_after_the_command_and_from_env(pgjournal_dsn: str, pgjournal_sc
     env = clean_env(PGJOURNAL_DSN=pgjournal_dsn, PGJOURNAL_SCHEMA=pgjournal_schema)
     listed = json.loads(run_cli("runs", "--json", env=env).stdout)
     assert [r["id"] for r in listed] == [run_id]
+
+
+def test_prune_while_a_worker_works_never_touches_unfinished_runs(
+        cli: Cli, db: psycopg.Connection[Any], pgjournal_dsn: str, pgjournal_schema: str,
+        tmp_path: Path) -> None:
+    db.execute(cli_query("demo_setup", pgjournal_schema))
+    log = tmp_path / "worker.log"
+    with log.open("w") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pgjournal", "worker", DEMO_APP, "--dsn", pgjournal_dsn,
+             "--schema", pgjournal_schema, "--concurrency", "4", "--lease", "5"],
+            cwd=ROOT, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        ids = [cli("start", "agent", "--queue", "agents", "--args", f'["task {i}"]',
+                   "--kwargs", '{"latency": 0.05, "cool_down": 0.3}').stdout.strip()
+               for i in range(6)]
+        waiting = cli_query_text("SELECT count(*) AS n FROM {schema}.runs WHERE status = "
+                                 "'suspended' HAVING count(*) = 6", pgjournal_schema)
+        wait_db(db, waiting)
+        assert "deleted 0 runs" in cli("prune", "--older-than", "0s").stdout
+        for run_id in ids:
+            cli("signal", run_id, "approval", '{"by": "t"}')
+        # Prune in a loop while the runs resume, sleep, publish and complete.
+        pruned = 0
+        deadline = time.monotonic() + 60
+        while pruned < 6:
+            assert time.monotonic() < deadline, f"only {pruned} pruned"
+            res = json.loads(cli("prune", "--older-than", "0s", "--json").stdout)
+            pruned += res["deleted"]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+    output = log.read_text()
+    assert "lost the lease" not in output and "Traceback" not in output, output
+    effects = db.execute(cli_query_text(
+        "SELECT run_id::text, count(*) FILTER (WHERE step = 'publish') AS published "
+        "FROM {schema}.demo_effects GROUP BY run_id", pgjournal_schema)).fetchall()
+    assert {r["run_id"]: r["published"] for r in effects} == dict.fromkeys(ids, 1)
