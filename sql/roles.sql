@@ -51,8 +51,8 @@ DECLARE
     f regprocedure;
     -- What a pgjournal.Worker calls.
     v_worker text[] := ARRAY[
-        'claim_runs', 'journal_step', 'append_chunks', 'wait_signal', 'sleep_until',
-        'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
+        'claim_runs', 'go_hungry', 'journal_step', 'append_chunks', 'wait_signal',
+        'sleep_until', 'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
         'register_worker', 'stop_worker'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[

@@ -308,8 +308,9 @@ async def test_worker_health(pgjournal_app: pgjournal.App, serving: Serving,
 
     serving.start()
     h = await app.start(hold)
-    await until(db, "SELECT 1 FROM worker_health WHERE id = %s AND runs_held = 1",
-                serving.worker.id, what="the worker to hold the run")
+    # Holding one run with three slots free, it waits for more work.
+    await until(db, "SELECT 1 FROM worker_health WHERE id = %s AND runs_held = 1 AND hungry",
+                serving.worker.id, what="the worker to hold the run and want more")
     gone = uuid.uuid4()
     db.rows("SELECT register_worker(%s, 'host-b', 77, ARRAY['default'], 1)", gone)
     db.rows("UPDATE workers SET heartbeat_at = now() - interval '10 minutes' WHERE id = %s",
@@ -321,7 +322,7 @@ async def test_worker_health(pgjournal_app: pgjournal.App, serving: Serving,
     assert (mine["state"], mine["host"], mine["runs_held"], mine["queues"]) == (
         "alive", socket.gethostname(), 1, ["default"])
     assert mine["heartbeat_age"] < timedelta(seconds=30)
-    assert (rows[77]["state"], rows[77]["runs_held"]) == ("stale", 0)
+    assert (rows[77]["state"], rows[77]["runs_held"], rows[77]["hungry"]) == ("stale", 0, False)
     assert rows[77]["heartbeat_age"] >= timedelta(minutes=10)
 
     db.rows("SET pgjournal.worker_stale_after = '1 hour'")
@@ -335,7 +336,7 @@ async def test_worker_health(pgjournal_app: pgjournal.App, serving: Serving,
     await until(db, "SELECT 1 FROM worker_health WHERE id = %s AND state = 'stopped'",
                 serving.worker.id, what="the worker to stop")
     (w,) = db.rows("SELECT * FROM worker_health WHERE id = %s", serving.worker.id)
-    assert w["runs_held"] == 0 and w["stopped_at"] is not None
+    assert (w["runs_held"], w["hungry"]) == (0, False) and w["stopped_at"] is not None
 
 
 # -- driving the queue from psql ------------------------------------------------------

@@ -7,6 +7,7 @@ login users that are members of them) and drops them afterwards.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from psycopg.conninfo import make_conninfo
 import pgjournal
 from pgjournal.roles import roles_sql
 
-from .conftest import wait_for
+from .conftest import ROOT, wait_for
 
 DENIED = pgerr.InsufficientPrivilege
 
@@ -70,6 +71,23 @@ def test_roles_sql_rejects_bad_names() -> None:
         roles_sql("pgjournal", worker_role='w"; --')
     with pytest.raises(pgjournal.ConfigurationError, match="must differ"):
         roles_sql("pgjournal", worker_role="same", reader_role="same")
+
+
+def _listed(name: str) -> set[str]:
+    """The function names in one of the ARRAY[...] lists of sql/roles.sql."""
+    text = (ROOT / "sql" / "roles.sql").read_text()
+    match = re.search(rf"{name} text\[\] := ARRAY\[(.*?)\];", text, re.DOTALL)
+    assert match, name
+    return set(re.findall(r"'([a-z_]+)'", match.group(1)))
+
+
+def test_every_function_the_python_calls_is_classified() -> None:
+    """A function added to sql/queries.sql must be put on the worker or client list."""
+    called = set(re.findall(r"\{schema\}\.([a-z_]+)\(", (ROOT / "sql" / "queries.sql")
+                            .read_text()))
+    worker, client = _listed("v_worker"), _listed("v_client")
+    assert called and not worker & client
+    assert called <= worker | client, f"unclassified: {sorted(called - worker - client)}"
 
 
 def test_script_is_idempotent(pgjournal_dsn: str, pgjournal_schema: str,
@@ -184,6 +202,8 @@ async def test_worker_role_claims_journals_and_completes(
         await run.sleep("cool-down", 0.2)
         return f"{plan}: {''.join(draft)} ({verdict['ok']})"
 
+    # Registered with the client too, so the run it starts has one attempt.
+    @pgjournal_app.workflow(max_attempts=1)
     @worker_app.workflow(max_attempts=1)
     async def broken(run: pgjournal.Run) -> None:
         raise ValueError("nope")

@@ -249,6 +249,7 @@ SELECT
     w.stopped_at,
     coalesce(h.runs_held, 0) AS runs_held,
     coalesce(h.expired_leases, 0) AS expired_leases,
+    w.hungry AND w.stopped_at IS NULL AS hungry,
     CASE
         WHEN w.stopped_at IS NOT NULL THEN 'stopped'
         WHEN now() - w.heartbeat_at <= coalesce(
