@@ -112,6 +112,7 @@ async def cli_fetch(app: App, name: str, /, **params: Any) -> list[Row]:
 
 
 def fail(message: str) -> ConfigurationError:
+    """A user error: ``main`` prints its one line and exits 1."""
     return ConfigurationError(message)
 
 
@@ -176,10 +177,6 @@ def load_app(spec: str, args: argparse.Namespace) -> App:
 
 def print_json(value: Any) -> None:
     print(to_json(value))
-
-
-def status_cell(status: str, colour: bool) -> tuple[str, str | None]:
-    return status, (STATUS_STYLE.get(status) if colour else None)
 
 
 def error_text(error: Any, width: int = 60) -> str:
@@ -688,8 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     db, js = _db_parent(), _json_parent()
 
     def add(name: str, help_: str, examples: str, parents: Sequence[argparse.ArgumentParser],
-            func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, parents=list(parents),
+            func: Callable[[argparse.Namespace], int],
+            more: str = "") -> argparse.ArgumentParser:
+        text = "\n\n".join(textwrap.fill(par, 79) for par in (help_ + more).split("\n\n"))
+        p = sub.add_parser(name, help=help_, description=text, parents=list(parents),
                            formatter_class=_Formatter,
                            epilog="examples:\n" + textwrap.indent(examples.strip(), "  "))
         p.set_defaults(func=func)
@@ -709,7 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
             pgjournal worker myproject.jobs:app
             pgjournal worker myproject.jobs:app --queue agents --queue mail --concurrency 20
             PGJOURNAL_DSN=postgresql://app@db/app pgjournal worker pgjournal._demo_app:app
-            """, [db], cmd_worker)
+            """, [db], cmd_worker,
+            more=".\n\n--dsn/--schema are exported as PGJOURNAL_DSN/PGJOURNAL_SCHEMA before "
+                 "the app is imported, for apps that read them. SIGTERM or Ctrl-C stops it "
+                 "gracefully: no new claims, in-flight runs get --grace seconds, then their "
+                 "leases are released for other workers.")
     p.add_argument("app", metavar="MODULE:APP", help="import path of the pgjournal.App")
     p.add_argument("--queue", action="append", metavar="Q",
                    help="queue to serve (repeatable; default: the queues of the app's "
