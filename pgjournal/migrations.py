@@ -44,7 +44,12 @@ def code_version() -> int:
 
 
 def migration_script(schema: str = "pgjournal") -> str:
-    """The whole schema as one SQL script a DBA can review and apply with psql."""
+    """The whole schema as one SQL script a DBA can review and apply with psql.
+
+    Idempotent like :func:`migrate`: under the same advisory lock, each
+    migration runs only if the schema's ``migrations`` table lacks it, so the
+    script suits a fresh and an up-to-date schema alike.
+    """
     schema = validate_identifier(schema)
     q = '"' + schema + '"'
     parts = [
@@ -55,11 +60,16 @@ def migration_script(schema: str = "pgjournal") -> str:
         _MIGRATIONS_TABLE,
     ]
     for m in available():
-        parts.append(f"-- migration {m.version:04d}_{m.name}")
-        parts.append(m.sql)
+        body, guard = f"$pgjournal_{m.version:04d}$", f"$pgjournal_do_{m.version:04d}$"
+        if body in m.sql or guard in m.sql:
+            raise RuntimeError(f"migration {m.version} contains a reserved dollar-quote tag")
         parts.append(
-            f"INSERT INTO migrations (version, name) VALUES ({m.version}, '{m.name}') "
-            "ON CONFLICT DO NOTHING;"
+            f"-- migration {m.version:04d}_{m.name}\n"
+            f"DO {guard}\nBEGIN\n"
+            f"    IF NOT EXISTS (SELECT 1 FROM migrations WHERE version = {m.version}) THEN\n"
+            f"        EXECUTE {body}{m.sql}{body};\n"
+            f"        INSERT INTO migrations (version, name) VALUES ({m.version}, '{m.name}');\n"
+            f"    END IF;\nEND\n{guard};"
         )
     parts.append("COMMIT;")
     return "\n".join(parts) + "\n"

@@ -95,3 +95,12 @@ def test_migration_script_applies_with_plain_sql(empty_db: str) -> None:
         conn.execute(script.encode())
     # The runner then sees it as up to date.
     assert pgjournal.migrate(empty_db, schema="from_script") == []
+
+
+def test_migration_script_is_idempotent(empty_db: str) -> None:
+    script = migration_script("twice")
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(script.encode())
+        conn.execute(script.encode())
+        rows = conn.execute("SELECT version FROM twice.migrations ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == list(range(1, code_version() + 1))

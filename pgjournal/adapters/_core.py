@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from .._sql import Queries, validate_identifier
 from ..connect import connect_sync, mask_dsn, open_pool, resolve_dsn
 from ..errors import InvalidState, PgJournalError
-from ..migrations import available, migrate, migration_script
+from ..migrations import migrate, migration_script
 from ..serializer import Serializer
 from ..store import _translate
 
@@ -87,31 +87,9 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def schema_script(schema: str = "pgjournal") -> str:
-    """The whole pgjournal schema as one idempotent SQL script for a DBA.
-
-    ``pgjournal.migration_script`` applies every migration unconditionally;
-    here each one runs only if the schema's ``migrations`` table lacks it, so
-    the script can be applied to a fresh or an up-to-date schema alike.
-    """
-    schema = validate_identifier(schema)
-    plain = migration_script(schema)
-    head, _, _rest = plain.partition("-- migration ")
-    parts = [head.rstrip()]
-    for m in available():
-        tag, outer = f"$pgjournal_{m.version:04d}$", f"$pgjournal_do_{m.version:04d}$"
-        if tag in m.sql or outer in m.sql:  # pragma: no cover - would need the tag itself
-            raise RuntimeError(f"migration {m.version} contains a reserved dollar-quote tag")
-        parts.append(
-            f"-- migration {m.version:04d}_{m.name}\n"
-            f"DO {outer}\nBEGIN\n"
-            f"    IF NOT EXISTS (SELECT 1 FROM migrations WHERE version = {m.version}) THEN\n"
-            f"        EXECUTE {tag}{m.sql}{tag};\n"
-            f"        INSERT INTO migrations (version, name) VALUES ({m.version}, '{m.name}');\n"
-            f"    END IF;\nEND\n{outer};"
-        )
-    parts.append("COMMIT;")
-    return "\n".join(parts) + "\n"
+#: The whole pgjournal schema as one idempotent SQL script for a DBA (the
+#: seed interfaces' ``schema_sql()``): the same script as ``pgjournal migrate --sql``.
+schema_script = migration_script
 
 
 class Adapter:
