@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,33 @@ def test_dockerfile_copies_what_the_build_needs() -> None:
     (entrypoint,) = re.findall(r'^ENTRYPOINT \["([^"]+)"\]', dockerfile, re.MULTILINE)
     assert re.search(rf"^COPY docker/entrypoint.sh /usr/local/bin/{entrypoint}$", dockerfile,
                      re.MULTILINE)
+
+
+def test_image_build_step_installs_a_complete_package(tmp_path: Path) -> None:
+    """The Dockerfile's `pip install .`, on exactly what its COPY lines bring in."""
+    pytest.importorskip("hatchling")  # the build backend, for an offline build
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    context = tmp_path / "build"
+    for src in re.findall(r"^COPY (.+) \./\S*$", dockerfile, re.MULTILINE):
+        for path in src.split():
+            source = ROOT / path
+            if source.is_dir():
+                shutil.copytree(source, context / path,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                context.mkdir(exist_ok=True)
+                shutil.copy(source, context / path)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(context)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("pgjournal-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "pgjournal = pgjournal.cli:main" in zf.read(entry_points).decode()
+    shipped = {n.removeprefix("pgjournal/") for n in names if n.startswith("pgjournal/sql/")}
+    in_repo = {str(f.relative_to(ROOT)) for f in (ROOT / "sql").rglob("*.sql")}
+    assert shipped == in_repo  # migrations (views included), queries, roles.sql
 
 
 # -- the entry point, outside Docker -----------------------------------------------------
