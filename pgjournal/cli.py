@@ -483,15 +483,16 @@ def cmd_queues(args: argparse.Namespace) -> int:
     colour = use_colour(sys.stdout)
     cells, styles = [], []
     for r in rows:
-        cells.append([r["queue"], str(r["queued"]), str(r["due"]), str(r["running"]),
-                      str(r["lease_expired"]), str(r["suspended"]),
-                      human_seconds(r["lag_seconds"]) if r["lag_seconds"] is not None
-                      else "-",
+        age = r["oldest_due_age"]
+        cells.append([r["queue"], str(r["queued_due"]), str(r["delayed"]), str(r["running"]),
+                      str(r["expired_leases"]), str(r["suspended"]),
+                      human_seconds(age.total_seconds()) if age is not None else "-",
                       str(r["concurrency_limit"] or "-"), "yes" if r["paused"] else "no"])
-        row_styles: list[str | None] = [None] * 8
+        row_styles: list[str | None] = [None] * 4
+        row_styles += ["red" if r["expired_leases"] else None, None, None, None]
         row_styles.append("yellow" if r["paused"] else None)
         styles.append(row_styles)
-    print(table(cells, ["QUEUE", "QUEUED", "DUE", "RUNNING", "LEASE-EXPIRED", "SUSPENDED",
+    print(table(cells, ["QUEUE", "DUE", "DELAYED", "RUNNING", "EXPIRED-LEASES", "SUSPENDED",
                         "OLDEST-DUE", "LIMIT", "PAUSED"], colour=colour, styles=styles,
                 right=(1, 2, 3, 4, 5, 6, 7)))
     return 0
@@ -523,17 +524,12 @@ def cmd_workers(args: argparse.Namespace) -> int:
         return 0
     colour = use_colour(sys.stdout)
     cells, styles = [], []
+    state_style = {"alive": "green", "stale": "red", "stopped": "dim"}
     for w in rows:
-        if w["stopped_at"]:
-            state, style = "stopped", "dim"
-        elif w["heartbeat_age"] > 60:
-            state, style = "silent", "red"
-        else:
-            state, style = "alive", "green"
-        cells.append([str(w["id"]), w["host"], str(w["pid"]), state,
-                      human_seconds(w["heartbeat_age"]), str(w["runs_held"]),
+        cells.append([str(w["id"]), w["host"], str(w["pid"]), w["state"],
+                      human_seconds(w["heartbeat_age"].total_seconds()), str(w["runs_held"]),
                       str(w["concurrency"]), ",".join(w["queues"])])
-        styles.append([None, None, None, style, None, None, None, None])
+        styles.append([None, None, None, state_style.get(w["state"]), None, None, None, None])
     print(table(cells, ["WORKER", "HOST", "PID", "STATE", "HEARTBEAT", "HELD", "CONC",
                         "QUEUES"], colour=colour, styles=styles, right=(2, 4, 5, 6)))
     return 0

@@ -5,50 +5,19 @@
 -- demo's own bookkeeping.
 
 -- name: queues
--- Per queue: depth, what is due now, running (and with an expired lease),
--- suspended, how long the oldest due run has waited, and its settings.
--- Reads only unfinished runs (the runs_unfinished_status index).
-WITH live AS (
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'queued') AS queued,
-           count(*) FILTER (WHERE status = 'queued' AND due_at <= now()) AS due,
-           count(*) FILTER (WHERE status = 'running') AS running,
-           count(*) FILTER (WHERE status = 'running' AND due_at <= now()) AS lease_expired,
-           count(*) FILTER (WHERE status = 'suspended') AS suspended,
-           min(due_at) FILTER (WHERE status = 'queued' AND due_at <= now()) AS oldest_due
-    FROM {schema}.runs
-    WHERE status IN ('queued', 'running', 'suspended')
-    GROUP BY queue
-)
-SELECT coalesce(l.queue, q.name) AS queue,
-       coalesce(l.queued, 0) AS queued,
-       coalesce(l.due, 0) AS due,
-       coalesce(l.running, 0) AS running,
-       coalesce(l.lease_expired, 0) AS lease_expired,
-       coalesce(l.suspended, 0) AS suspended,
-       l.oldest_due,
-       extract(epoch FROM now() - l.oldest_due)::float8 AS lag_seconds,
-       q.concurrency_limit,
-       coalesce(q.paused, false) AS paused
-FROM live l
-FULL JOIN {schema}.queues q ON q.name = l.queue
-ORDER BY 1;
+-- The queue_depth view (docs/dba.md), one row per queue with settings or
+-- unfinished runs.
+SELECT * FROM {schema}.queue_depth ORDER BY queue;
 
 -- name: queue_settings
 SELECT name, concurrency_limit, paused FROM {schema}.queues WHERE name = %(name)s;
 
 -- name: workers
--- Registered workers with their heartbeat age and the runs they hold now.
--- Without `all`: live ones, i.e. not stopped and heard from in the last hour.
-SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.heartbeat_at,
-       w.stopped_at,
-       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age,
-       coalesce(h.held, 0) AS runs_held
-FROM {schema}.workers w
-LEFT JOIN (SELECT worker_id, count(*) AS held FROM {schema}.runs
-           WHERE status = 'running' GROUP BY worker_id) h ON h.worker_id = w.id
-WHERE %(all)s OR (w.stopped_at IS NULL AND w.heartbeat_at > now() - interval '1 hour')
-ORDER BY w.started_at DESC, w.id;
+-- The worker_health view (docs/dba.md). Without `all`: live ones, i.e. not
+-- stopped and heard from in the last hour.
+SELECT * FROM {schema}.worker_health
+WHERE %(all)s OR (stopped_at IS NULL AND heartbeat_at > now() - interval '1 hour')
+ORDER BY started_at DESC, id;
 
 -- name: prune_count
 SELECT count(*) AS n FROM {schema}.runs

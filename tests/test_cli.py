@@ -258,7 +258,8 @@ def test_worker_runs_a_workflow_signal_show_and_sigterm(
         assert workers[0]["queues"] == ["agents"] and workers[0]["runs_held"] == 0
         assert str(worker.pid) in cli("workers").stdout
         queues = {q["queue"]: q for q in json.loads(cli("queues", "--json").stdout)}
-        assert queues["agents"]["suspended"] == 1 and queues["agents"]["queued"] == 0
+        assert queues["agents"]["suspended"] == 1 and queues["agents"]["queued_due"] == 0
+        assert workers[0]["state"] == "alive"
 
         cli("signal", run_id, "approval", '{"approved": true, "by": "tester"}')
         wait_db(db, runs, (run_id, "completed"))
@@ -309,8 +310,8 @@ def test_queues_depth_pause_resume_limit(cli: Cli, db: psycopg.Connection[Any],
         return rows["mail"]
 
     q = queue()
-    assert (q["queued"], q["due"], q["running"], q["paused"]) == (3, 2, 0, False)
-    assert q["lag_seconds"] >= 0 and q["concurrency_limit"] is None
+    assert (q["queued_due"], q["delayed"], q["running"], q["paused"]) == (2, 1, 0, False)
+    assert q["oldest_due_age"] >= 0 and q["concurrency_limit"] is None
 
     assert "paused" in cli("queues", "pause", "mail").stdout
     assert db.execute(settings).fetchone() == {"concurrency_limit": None, "paused": True}
@@ -322,7 +323,7 @@ def test_queues_depth_pause_resume_limit(cli: Cli, db: psycopg.Connection[Any],
     cli("queues", "limit", "mail", "none")
     assert db.execute(settings).fetchone() == {"concurrency_limit": None, "paused": False}
     human = cli("queues").stdout.splitlines()
-    assert human[0].split()[0] == "QUEUE" and human[1].split()[:3] == ["mail", "3", "2"]
+    assert human[0].split()[0] == "QUEUE" and human[1].split()[:3] == ["mail", "2", "1"]
     res = cli("queues", "pause", expect=2)
     assert "needs a QUEUE" in res.stderr
 
