@@ -435,6 +435,13 @@ class Demo:
             self.say(f"STEPS EXECUTED MORE THAN ONCE OR NOT AT ALL: {steps} journaled steps, "
                      f"{execs} executions, {check['repeated']} repeated, "
                      f"{check['unexecuted']} without an execution", "red+bold")
+            for r in await cli_fetch(app, "demo_repeated", runs=self.run_ids):
+                self.say(f"  step {r['step']!r} of run {r['run_id']} ran {r['n']} times "
+                         f"(pids {', '.join(map(str, r['pids']))})", "red")
+            if check["repeated"] and self.s.workers == 0:
+                self.say("  a worker killed after a step's side effect but before its journal "
+                         "commit makes that step run again: pgjournal's promise covers steps "
+                         "whose result was committed (see `pgjournal show RUN_ID`)", "dim")
         kinds = {r["kind"]: int(r["n"]) for r in
                  await cli_fetch(app, "demo_journal_kinds", runs=self.run_ids)}
         self.say(f"journal: {sum(kinds.values())} entries: "

@@ -121,6 +121,15 @@ SELECT (SELECT count(*) FROM journal) AS steps,
        (SELECT count(*) FROM journal j
         LEFT JOIN executions e USING (run_id, name) WHERE e.n IS NULL) AS unexecuted;
 
+-- name: demo_repeated
+-- Steps whose side effect was recorded more than once, and by which processes.
+SELECT run_id, step, count(*) AS n, array_agg(pid ORDER BY id) AS pids
+FROM {schema}.demo_effects
+WHERE run_id = ANY (%(runs)s::uuid[])
+GROUP BY run_id, step
+HAVING count(*) > 1
+ORDER BY run_id, step;
+
 -- name: demo_summary
 SELECT count(*) AS runs,
        count(*) FILTER (WHERE status = 'completed') AS completed,

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgjournal.cli import cli_query
 from pgjournal.embedded import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,3 +173,41 @@ def test_demo_stopped_midway_takes_its_workers_with_it(pgjournal_dsn: str, demo_
         if demo.poll() is None:
             demo.kill()
     assert all(gone(pid) for pid in pids), out.read_text()
+
+
+def test_demo_check_catches_a_step_that_ran_twice(pgjournal_dsn: str, pgjournal_schema: str,
+                                                  tmp_path: Path) -> None:
+    """The verdict is computed, not printed: a duplicated side effect fails the demo."""
+    env = {**os.environ, "PGJOURNAL_DSN": pgjournal_dsn, "PGJOURNAL_SCHEMA": pgjournal_schema}
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        conn.execute(cli_query("demo_setup", pgjournal_schema))
+    with (tmp_path / "w.log").open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pgjournal", "worker", "pgjournal._demo_app:app"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out = tmp_path / "demo.out"
+    try:
+        with out.open("w") as fh:
+            demo = subprocess.Popen(
+                [sys.executable, "-m", "pgjournal", "demo", "--short", "--workers", "0",
+                 "--runs", "2", "--dsn", pgjournal_dsn, "--schema", pgjournal_schema],
+                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        effects = sql.Identifier(pgjournal_schema, "demo_effects")
+        with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 60
+            while True:
+                dup = conn.execute(sql.SQL(
+                    "INSERT INTO {} (run_id, step, pid) SELECT run_id, step, 0 FROM {} "
+                    "WHERE step = 'plan' LIMIT 1 RETURNING run_id").format(effects, effects))
+                row = dup.fetchone()
+                if row:
+                    break
+                assert time.monotonic() < deadline and demo.poll() is None, out.read_text()
+                time.sleep(0.05)
+        assert demo.wait(60) == 1, out.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    text = out.read_text()
+    assert "no step executed twice" not in text
+    assert f"step 'plan' of run {row[0]} ran 2 times" in text, text
