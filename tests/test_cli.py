@@ -177,6 +177,7 @@ def test_bad_input_gets_one_clear_line(cli: Cli) -> None:
     one_line_error(cli("queues", "pause", "bad-name", expect=1), "invalid queue name")
     run_id = cli("start", "wf").stdout.strip()
     one_line_error(cli("signal", run_id, "go", "{nope", expect=1), "payload is not valid JSON")
+    one_line_error(cli("start", "wf", "--wait", "0.2", expect=1), "did not end within 0.2s")
     # argparse's own usage errors exit with 2 and say what is wrong
     res = cli("runs", "--status", "sleepy", expect=2)
     assert "invalid choice: 'sleepy'" in res.stderr
@@ -275,6 +276,16 @@ def test_worker_runs_a_workflow_signal_show_and_sigterm(
         for fragment in ("[completed]", "steps", "draft", "chunks", "signals", "tester",
                          "events"):
             assert fragment in human, fragment
+
+        # A signal sent before the run waits is kept; --wait prints the output.
+        second = cli("start", "agent", "--app", DEMO_APP, "--idempotency-key", "second",
+                     "--args", '["again"]', "--kwargs", '{"latency": 0.01, "cool_down": 0}'
+                     ).stdout.strip()
+        cli("signal", second, "approval", '{"by": "early"}')
+        res = cli("start", "agent", "--app", DEMO_APP, "--idempotency-key", "second",
+                  "--wait", "60", "--json")
+        assert json.loads(res.stdout)["run_id"] == second
+        assert json.loads(res.stdout)["output"]["approved_by"] == "early"
 
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
