@@ -258,12 +258,13 @@ class Demo:
             await run_query(conn, "demo_setup", self.schema)
 
     def spawn_workers(self) -> None:
+        # The DSN goes by environment, not argv, so no password shows in `ps`.
         env = {**os.environ, "PGJOURNAL_DSN": self.dsn, "PGJOURNAL_SCHEMA": self.schema,
                "PYTHONUNBUFFERED": "1"}
         for n in range(1, self.s.workers + 1):
             log = self.logdir / f"worker-{n}.log"
             cmd = [sys.executable, "-m", "pgjournal", "worker", "pgjournal._demo_app:app",
-                   "--dsn", self.dsn, "--schema", self.schema, "--queue", "agents",
+                   "--schema", self.schema, "--queue", "agents",
                    "--concurrency", str(self.s.concurrency), "--lease", str(LEASE),
                    "--grace", "3"]
             with log.open("wb") as fh:
