@@ -20,7 +20,7 @@ import traceback
 import uuid as uuidlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import DatabaseUnavailable, NonDeterminismError, StepError, TerminalError
@@ -186,7 +186,7 @@ class Run:
                 return self._ser.loads(entry["output"])
             if self._replays_failure(position, entry):
                 raise rebuild_exception(entry["error"])
-        started = datetime.now(UTC)
+        started = self.db_now()
         tries = 0
         while True:
             tries += 1
@@ -220,7 +220,7 @@ class Run:
                 return
             if self._replays_failure(position, entry):
                 raise rebuild_exception(entry["error"])
-        started = datetime.now(UTC)
+        started = self.db_now()
         pending: list[str] = []
         flushed = 0
         last_flush = time.monotonic()
@@ -294,7 +294,7 @@ class Run:
         position, occurrence, entry = self._next("pgjournal.now", "now")
         if entry is not None:
             return datetime.fromisoformat(entry["output"])
-        value = datetime.now(UTC)
+        value = self.db_now()
         await self._journal_write(position, "pgjournal.now", occurrence, "now", "completed",
                                   json.dumps(value.isoformat()), None)
         return value

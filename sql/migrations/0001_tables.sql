@@ -164,7 +164,7 @@ BEGIN
             NEW.status, NEW.attempt, NEW.lease_epoch, NEW.worker_id,
             CASE WHEN NEW.status IN ('failed', 'dead') OR
                       (TG_OP = 'UPDATE' AND OLD.status = 'running' AND NEW.status = 'queued'
-                       AND NEW.error IS DISTINCT FROM OLD.error)
+                       AND NEW.attempt <> OLD.attempt)
                  THEN NEW.error END);
     RETURN NULL;
 END $$;
