@@ -305,6 +305,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
                        None, "red"])
     print(table(cells, ["RUN", "WORKFLOW", "QUEUE", "STATUS", "ATT", "REC", "CREATED",
                         "TOOK", "ERROR"], colour=colour, styles=styles, right=(4, 5)))
+    if len(rows) == args.limit:
+        print(f"(the newest {args.limit}; --limit N for more)", file=sys.stderr)
     return 0
 
 
