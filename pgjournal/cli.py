@@ -724,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are released (default 30)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
-                   help="log level on stderr (default info; debug also logs every claim)")
+                   help="log level on stderr (default info)")
 
     p = add("start", "start a run of a workflow and print its id",
             """
