@@ -53,7 +53,7 @@ from .errors import (
     UnknownWorkflow,
 )
 from .migrations import migrate, migration_script
-from .store import _translate
+from .store import translate_error
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -98,7 +98,7 @@ async def run_query(conn: psycopg.AsyncConnection[Row], name: str, schema: str, 
         cur = await conn.execute(cli_query(name, schema), params)
         return await cur.fetchall() if cur.description else []
     except psycopg.Error as exc:
-        raise _translate(exc, schema) from exc
+        raise translate_error(exc, schema) from exc
 
 
 async def cli_fetch(app: App, name: str, /, **params: Any) -> list[Row]:
@@ -579,12 +579,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_roles(args: argparse.Namespace) -> int:
-    schema = schema_of(args)
-    try:
-        roles = importlib.import_module("pgjournal.roles")
-    except ImportError:
-        raise fail("this pgjournal has no roles script (pgjournal.roles is missing)") from None
-    sys.stdout.write(roles.roles_sql(schema))
+    from .roles import roles_sql
+
+    sys.stdout.write(roles_sql(schema_of(args), worker_role=args.worker_role,
+                               reader_role=args.reader_role))
     return 0
 
 
@@ -820,11 +818,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs deleted per transaction (default 1000)")
     p.add_argument("--dry-run", action="store_true", help="only count what would go")
 
-    add("roles", "print SQL creating a worker role and a read-only DBA role",
-        """
-        pgjournal roles > roles.sql && psql -f roles.sql
-        pgjournal roles --schema jobs
-        """, [db], cmd_roles)
+    p = add("roles", "print SQL creating a worker role and a read-only DBA role",
+            """
+            pgjournal roles > roles.sql && psql -f roles.sql
+            pgjournal roles --schema jobs --worker-role jobs_worker --reader-role jobs_dba
+            """, [db], cmd_roles)
+    from .roles import DEFAULT_READER_ROLE, DEFAULT_WORKER_ROLE
+
+    p.add_argument("--worker-role", default=DEFAULT_WORKER_ROLE,
+                   help=f"name of the worker role (default {DEFAULT_WORKER_ROLE})")
+    p.add_argument("--reader-role", default=DEFAULT_READER_ROLE,
+                   help=f"name of the read-only DBA role (default {DEFAULT_READER_ROLE})")
 
     p = add("dev", "start, stop or inspect the embedded development PostgreSQL",
             """

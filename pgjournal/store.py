@@ -52,7 +52,7 @@ _RETRYABLE = frozenset({
 })
 
 
-def _translate(exc: psycopg.Error, schema: str) -> Exception:
+def translate_error(exc: psycopg.Error, schema: str) -> Exception:
     state = getattr(exc, "sqlstate", None)
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if state == "PJ404":
@@ -124,9 +124,9 @@ class Store:
             except psycopg.OperationalError as exc:
                 if attempt + 1 < tries:
                     continue
-                raise _translate(exc, self.schema) from exc
+                raise translate_error(exc, self.schema) from exc
             except psycopg.Error as exc:
-                raise _translate(exc, self.schema) from exc
+                raise translate_error(exc, self.schema) from exc
         raise AssertionError("unreachable")
 
     async def fetchone(self, query: str, /, **params: Any) -> Row | None:

@@ -191,8 +191,8 @@ class Worker:
                      "replaying %d journaled steps", claim.run_id, claim.workflow,
                      claim.recoveries, len(claim.journal))
         else:
-            log.debug("claimed run %s (%s) attempt %d", claim.run_id, claim.workflow,
-                      claim.attempt)
+            log.info("claimed run %s (%s) attempt %d", claim.run_id, claim.workflow,
+                     claim.attempt)
         task = asyncio.create_task(self._execute(claim), name=f"run:{claim.run_id}")
         self._inflight[claim.run_id] = (task, claim.epoch)
 

@@ -26,7 +26,7 @@ from ..connect import connect_sync, mask_dsn, open_pool, resolve_dsn
 from ..errors import InvalidState, PgJournalError
 from ..migrations import migrate, migration_script
 from ..serializer import Serializer
-from ..store import _translate
+from ..store import translate_error
 
 Row = dict[str, Any]
 AsyncPool = AsyncConnectionPool[Any]
@@ -127,7 +127,7 @@ class Adapter:
         if getattr(exc, "sqlstate", None) == "PJ412":
             msg = str(exc).splitlines()[0] if str(exc) else "duplicate entry"
             return DuplicateEntry(msg)
-        return _translate(exc, self.schema)
+        return translate_error(exc, self.schema)
 
 
 # -- running statements ----------------------------------------------------------
