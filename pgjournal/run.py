@@ -90,6 +90,17 @@ def rebuild_exception(error: dict[str, Any]) -> BaseException:
     return StepError(type_name, message)
 
 
+async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Call a step function: awaited if async, in a thread if sync (so it cannot
+    block the event loop and the other runs of the worker)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
 class Run:
     """The handle a workflow receives: journaled steps, signals, timers, and facts.
 
@@ -140,14 +151,6 @@ class Run:
         elapsed = time.monotonic() - self._claimed_monotonic
         return self._claim.db_now + timedelta(seconds=elapsed)
 
-    async def _call(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            return await fn(*args, **kwargs)
-        result = await asyncio.to_thread(fn, *args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
     async def _db(self, coro: Any) -> Any:
         try:
             return await coro
@@ -191,7 +194,7 @@ class Run:
         while True:
             tries += 1
             try:
-                result = await self._call(fn, args, kwargs)
+                result = await call_step_fn(fn, args, kwargs)
                 break
             except Exception as exc:
                 if tries <= retries and not isinstance(exc, TerminalError):

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
 from ..listener import Listener
-from ..run import describe_exception
+from ..run import call_step_fn, describe_exception
 from ..serializer import Serializer
 from ._core import AsyncDB, AsyncPool
 from .journal_store import InMemoryJournalStore, JournalStore, PostgresJournalStore
@@ -118,15 +118,6 @@ class Session:
                 event.set()
 
 
-async def _call(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args, **kwargs)
-    result = await asyncio.to_thread(fn, *args, **kwargs)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
 class _Runtime:
     """Sessions, steps, streams and signals over a journal (None: no journal)."""
 
@@ -189,13 +180,13 @@ class _Runtime:
         """The journaled result of ``fn(*args, **kwargs)`` under ``idempotency_key``
         (default ``name``) in the current session; ``fn`` runs only if there is none."""
         if self._journal is None:
-            return await _call(fn, args, kwargs)
+            return await call_step_fn(fn, args, kwargs)
         s = self._session("step")
         key = idempotency_key or name
         entry = await self._journal.get_step(s.id, key)
         if entry is not None:
             return entry.value
-        result = self._as_journaled(await _call(fn, args, kwargs), f"result of step {key!r}")
+        result = self._as_journaled(await call_step_fn(fn, args, kwargs), f"result of step {key!r}")
         await self._journal.put_step(s.id, key, result)
         return result
 
