@@ -230,11 +230,19 @@ class Bench:
                     continue
 
                 async def go(a: Adapter = a, name: str = name, procs: int = procs) -> None:
+                    # An untimed probe drain warms the system up and sizes the
+                    # timed drains: 10,000 jobs, fewer for a system that would
+                    # need more than drain_cap seconds for them.
+                    n = s.jobs
+                    if s.repeat > 1:
+                        probe = await sc.drain(a, s, n=min(1_000, s.jobs), procs=procs,
+                                               mode=sc.MODE_NOOP, reset=reset)
+                        n = int(max(min(s.jobs, 2_000), min(s.jobs, probe * s.drain_cap)))
                     vals = await repeat(s.repeat, lambda: sc.drain(
-                        a, s, n=s.jobs, procs=procs, mode=sc.MODE_NOOP, reset=reset))
+                        a, s, n=n, procs=procs, mode=sc.MODE_NOOP, reset=reset))
                     self.report.add(Result(scenario, f"drain, {procs} process"
                                            f"{'es' if procs > 1 else ''}", name, "drain",
-                                           "jobs/s", True, vals))
+                                           "jobs/s", True, vals, {"jobs": n}))
                 await self.guarded(f"{scenario} {name} {procs} procs", go)
 
     async def s3(self, *, scenario: str = "S3", reset: bool = True,
@@ -323,7 +331,7 @@ def settings_for(args: argparse.Namespace) -> sc.Settings:
     s = sc.Settings(log_dir=Path(args.log_dir))
     if args.quick:
         s = sc.Settings(jobs=1_000, wakeups=40, workflows=200, history=20_000, repeat=1,
-                        batch=500, log_dir=Path(args.log_dir))
+                        batch=500, time_cap=2.0, drain_cap=5.0, log_dir=Path(args.log_dir))
     if args.jobs:
         s.jobs = args.jobs
     if args.history:
@@ -346,6 +354,7 @@ def ratio_text(pg: Result | None, other: Result) -> str:
 def tables(report: Report) -> str:
     """Markdown tables, one per scenario: median (min-max) and pgjournal / system."""
     out: list[str] = []
+    s_jobs = report.meta.get("settings", {}).get("jobs", 10_000)
     by_scenario: dict[str, list[Result]] = {}
     for r in report.results:
         by_scenario.setdefault(r.scenario, []).append(r)
@@ -361,6 +370,8 @@ def tables(report: Report) -> str:
             extra = ""
             if "step1_executions" in r.extra:
                 extra = f" (step 1 ran {max(r.extra['step1_executions'])}x)"
+            if r.extra.get("jobs", s_jobs) != s_jobs:
+                extra = f" ({r.extra['jobs']:,} jobs)"
             out.append(f"| {r.case} | {r.system} | {fmt(r.median)} {r.unit} ({better} is "
                        f"better){extra} | {span} | {ratio_text(pg, r)} |")
     if report.notes:

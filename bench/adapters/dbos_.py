@@ -133,7 +133,7 @@ class DbosAdapter(Adapter):
 
 
 def _register(url: str, dsn: str, concurrency: int) -> None:
-    DBOS(config={"name": APP, "system_database_url": url})
+    DBOS(config={"name": APP, "system_database_url": url, "log_level": "WARNING"})
 
     @DBOS.step()
     def step_value(name: str) -> str:
