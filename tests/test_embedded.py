@@ -65,3 +65,41 @@ def test_no_dsn_uses_persistent_dev_server() -> None:
     finally:
         EmbeddedServer(tmp_path / "dev").stop()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _system_python_like_ours() -> str | None:
+    """A Python of our minor version that a non-root user may execute."""
+    candidate = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if not candidate:
+        return None
+    res = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                         capture_output=True, text=True)
+    return candidate if res.stdout.strip() == str(sys.version_info[:2]) else None
+
+
+def test_throwaway_server_as_a_normal_user() -> None:
+    """As root the server runs as a service user; here a plain user starts one."""
+    import pytest
+
+    python = _system_python_like_ours()
+    if os.geteuid() != 0 or python is None or shutil.which("runuser") is None:
+        pytest.skip("needs root (to switch user), runuser and a system python3 of our version")
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    for path in (Path(site), ROOT):
+        if any(not d.stat().st_mode & 0o001 for d in [path, *path.parents]):
+            pytest.skip(f"{path} is not reachable by other users")
+    code = (
+        "import os, psycopg, pgjournal\n"
+        "from pgjournal.embedded import throwaway_server\n"
+        "s = throwaway_server()\n"
+        "pgjournal.migrate(s.dsn, schema='u')\n"
+        "with psycopg.connect(s.dsn) as c:\n"
+        "    print(c.execute('SELECT count(*) FROM u.migrations').fetchone()[0] > 0)\n"
+        "s.cleanup()\n"
+        "print(os.geteuid(), s.data_dir.exists())\n"
+    )
+    res = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={site}:{ROOT}", python, "-c",
+         code], cwd="/tmp", capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "65534", "False"]
