@@ -6,7 +6,11 @@ before the workflow sees it.
 
 - JSON types are stored as they are, so a DBA can query them with ``->>``.
 - A pydantic model is stored as ``{"$pgjournal": "pydantic", "type": "mod:Name",
-  "data": {...}}`` and comes back as that model (its class must be importable).
+  "data": {...}}`` and comes back as that model. Its module must already be
+  imported by the reading process: a database row never makes us import code.
+- A user's own dict that happens to have a ``"$pgjournal"`` key is wrapped as
+  ``{"$pgjournal": "dict", "data": {...}}``, so stored data can never pose as
+  one of our envelopes.
 - Anything else is refused with a clear error, unless pickle was switched on
   explicitly (``Serializer(allow_pickle=True)``): unpickling what a database
   row holds runs code, so it is never the default.
@@ -15,9 +19,9 @@ before the workflow sees it.
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import pickle
+import sys
 from typing import Any
 
 from pydantic import BaseModel
@@ -32,12 +36,27 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve(path: str) -> Any:
-    module, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module)
+def _model_class(path: str) -> type[BaseModel]:
+    module_name, _, qualname = path.partition(":")
+    obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None) if obj is not None else None
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise SerializationError(
+            f"cannot load a stored {path} model: import {module_name!r} first "
+            "(pgjournal never imports modules named by database rows)"
+        )
     return obj
+
+
+def _escape(value: Any) -> Any:
+    """Wrap user dicts that carry our tag key, at any depth."""
+    if isinstance(value, dict):
+        inner = {k: _escape(v) for k, v in value.items()}
+        return {TAG: "dict", "data": inner} if TAG in value else inner
+    if isinstance(value, list | tuple):
+        return [_escape(v) for v in value]
+    return value
 
 
 class Serializer:
@@ -58,7 +77,7 @@ class Serializer:
             return {
                 TAG: "pydantic",
                 "type": _class_path(type(value)),
-                "data": value.model_dump(mode="json"),
+                "data": _escape(value.model_dump(mode="json")),
             }
         if self.allow_pickle:
             return {TAG: "pickle", "data": base64.b64encode(pickle.dumps(value)).decode()}
@@ -69,6 +88,10 @@ class Serializer:
         try:
             text = json.dumps(value, default=self._default, allow_nan=False,
                               separators=(",", ":"))
+            if f'"{TAG}"' in text:
+                # Rare: the data itself may carry our tag key; encode it escaped.
+                text = json.dumps(_escape(value), default=self._default, allow_nan=False,
+                                  separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             hint = "" if self.allow_pickle else (
                 "; return JSON data or a pydantic model, or opt in to pickle "
@@ -88,8 +111,10 @@ class Serializer:
         if isinstance(value, dict):
             tag = value.get(TAG)
             if tag == "pydantic":
-                cls = _resolve(value["type"])
-                return cls.model_validate(value["data"])
+                cls = _model_class(value["type"])
+                return cls.model_validate(self.loads(value["data"]))
+            if tag == "dict":
+                return {k: self.loads(v) for k, v in value["data"].items()}
             if tag == "pickle":
                 if not self.allow_pickle:
                     raise SerializationError(
