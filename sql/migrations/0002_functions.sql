@@ -87,12 +87,22 @@ RETURNS SETOF claimed_run
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     RETURN QUERY
+    -- One index scan per queue, each in index order and stopped by its LIMIT:
+    -- "queue = ANY (p_queues)" made the planner read and sort every claimable
+    -- run (6 ms per claim at a depth of 20,000; 0.07 ms per queue this way).
+    -- Rows a queue's scan locked beyond the final LIMIT stay queued and are
+    -- released at commit.
     WITH picked AS (
-        SELECT r.id FROM runs r
-        WHERE r.queue = ANY (p_queues) AND r.due_at IS NOT NULL AND r.due_at <= now()
+        SELECT r.id FROM (SELECT DISTINCT qn FROM unnest(p_queues) AS qn) AS q
+        CROSS JOIN LATERAL (
+            SELECT r.id, r.priority, r.due_at FROM runs r
+            WHERE r.queue = q.qn AND r.due_at IS NOT NULL AND r.due_at <= now()
+            ORDER BY r.priority DESC, r.due_at
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+        ) AS r
         ORDER BY r.priority DESC, r.due_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE runs r SET
             status = 'running',
