@@ -115,7 +115,7 @@ async def drain(adapter: Adapter, s: Settings, *, n: int, procs: int, mode: str,
         t = time.perf_counter()
 
         async def done() -> bool:
-            return await adapter.unfinished() == 0
+            return not await adapter.any_unfinished()
 
         await wait_until(done, timeout=max(120.0, n / 20), what=f"{adapter.name} drain")
         elapsed = time.perf_counter() - t

@@ -100,6 +100,12 @@ class Adapter(ABC):
     async def unfinished(self) -> int:
         """How many enqueued jobs have not finished yet (committed as done)."""
 
+    async def any_unfinished(self) -> bool:
+        """Whether any job is unfinished: the drain's stop condition, polled every
+        20 ms, so adapters answer it from an index (a count over the queue cost
+        pgjournal's server 5 ms per poll at 20,000 jobs, a quarter of a core)."""
+        return await self.unfinished() > 0
+
     async def failed(self) -> int:
         """How many jobs failed (a benchmark with failures is void)."""
         return 0

@@ -117,6 +117,10 @@ class DbosAdapter(Adapter):
         return await scalar(self.dsn, "SELECT count(*) FROM dbos.workflow_status "
                                       f"WHERE status IN {UNFINISHED}")
 
+    async def any_unfinished(self) -> bool:
+        return bool(await scalar(self.dsn, "SELECT EXISTS (SELECT 1 FROM dbos.workflow_status "
+                                           f"WHERE status IN {UNFINISHED})::int"))
+
     async def failed(self) -> int:
         return await scalar(self.dsn, "SELECT count(*) FROM dbos.workflow_status "
                                       "WHERE status NOT IN ('SUCCESS', 'ENQUEUED', 'PENDING', "

@@ -122,6 +122,15 @@ class PgjournalAdapter(Adapter):
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def any_unfinished(self) -> bool:
+        # Unfinished runs are exactly those with a due_at (queued or running
+        # here): the claim index answers this without reading the queue.
+        cur = await (await self._c()).execute(
+            f'SELECT EXISTS (SELECT 1 FROM "{SCHEMA}".runs WHERE queue = %s '
+            "AND due_at IS NOT NULL)", (QUEUE_NAME,))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
     async def failed(self) -> int:
         cur = await (await self._c()).execute(
             f"SELECT count(*) FROM \"{SCHEMA}\".runs WHERE status IN ('failed', 'dead')")

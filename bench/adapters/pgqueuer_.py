@@ -68,6 +68,9 @@ class PgqueuerAdapter(Adapter):
     async def unfinished(self) -> int:
         return await scalar(self.dsn, "SELECT count(*) FROM pgqueuer")
 
+    async def any_unfinished(self) -> bool:
+        return bool(await scalar(self.dsn, "SELECT EXISTS (SELECT 1 FROM pgqueuer)::int"))
+
     async def failed(self) -> int:
         return await scalar(self.dsn,
                             "SELECT count(*) FROM pgqueuer_log WHERE status = 'exception'")

@@ -67,6 +67,12 @@ class ProcrastinateAdapter(Adapter):
         return await scalar(self.dsn, "SELECT count(*) FROM procrastinate_jobs "
                                       "WHERE status IN ('todo', 'doing')")
 
+    async def any_unfinished(self) -> bool:
+        # The predicate of Procrastinate's own partial index on open jobs.
+        return bool(await scalar(self.dsn, "SELECT EXISTS (SELECT 1 FROM procrastinate_jobs "
+                                           "WHERE status = ANY (ARRAY['todo', 'doing']::"
+                                           "procrastinate_job_status[]))::int"))
+
     async def failed(self) -> int:
         return await scalar(self.dsn, "SELECT count(*) FROM procrastinate_jobs "
                                       "WHERE status = 'failed'")

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (id) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (id) WHERE status = 'running';
 CREATE TABLE IF NOT EXISTS journal (
     job_id   bigint NOT NULL,
     position integer NOT NULL,
@@ -98,6 +99,13 @@ class RawAdapter(Adapter):
         cur = await (await self._c()).execute("SELECT count(*) FROM jobs WHERE status <> 'done'")
         row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def any_unfinished(self) -> bool:
+        cur = await (await self._c()).execute(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued') "
+            "OR EXISTS (SELECT 1 FROM jobs WHERE status = 'running')")
+        row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def fill_history(self, runs: int, steps_per_run: int) -> None:
         conn = await self._c()
