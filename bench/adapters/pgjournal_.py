@@ -148,11 +148,12 @@ class PgjournalAdapter(Adapter):
         for start in range(0, runs, chunk):
             n = min(chunk, runs - start)
             async with conn.transaction():
+                # Triggers off for the bulk load (the event log rows are written
+                # below, as the trigger would have): 3x faster to fill.
+                await conn.execute("SET LOCAL session_replication_role = replica")
                 await conn.execute(
                     "CREATE TEMP TABLE fill ON COMMIT DROP AS "
                     "SELECT gen_random_uuid() AS id FROM generate_series(1, %s)", (n,))
-                # The insert trigger logs one event per run; the transition to
-                # 'completed' a real run also logs is added by hand below.
                 await conn.execute(
                     f"INSERT INTO {s}.runs (id, workflow, queue, status, input, output, "
                     f"lease_epoch, started_at, finished_at) "
@@ -167,7 +168,8 @@ class PgjournalAdapter(Adapter):
                     (steps_per_run,))
                 await conn.execute(
                     f"INSERT INTO {s}.run_events (run_id, from_status, to_status, attempt, "
-                    f"lease_epoch) SELECT id, 'queued', 'running', 1, 1 FROM fill "
+                    f"lease_epoch) SELECT id, NULL, 'queued', 1, 0 FROM fill "
+                    f"UNION ALL SELECT id, 'queued', 'running', 1, 1 FROM fill "
                     f"UNION ALL SELECT id, 'running', 'completed', 1, 1 FROM fill")
         for table in ("runs", "steps", "run_events"):
             await conn.execute(f"VACUUM ANALYZE {s}.{table}")
