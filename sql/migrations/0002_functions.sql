@@ -85,24 +85,40 @@ CREATE FUNCTION claim_from(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision)
 RETURNS SETOF claimed_run
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_ids uuid[];
 BEGIN
-    RETURN QUERY
-    -- One index scan per queue, each in index order and stopped by its LIMIT:
-    -- "queue = ANY (p_queues)" made the planner read and sort every claimable
-    -- run (6 ms per claim at a depth of 20,000; 0.07 ms per queue this way).
-    -- Rows a queue's scan locked beyond the final LIMIT stay queued and are
-    -- released at commit.
-    WITH picked AS (
-        SELECT r.id FROM (SELECT DISTINCT qn FROM unnest(p_queues) AS qn) AS q
-        CROSS JOIN LATERAL (
-            SELECT r.id, r.priority, r.due_at FROM runs r
-            WHERE r.queue = q.qn AND r.due_at IS NOT NULL AND r.due_at <= now()
+    -- Pick in index order, stopped by the LIMIT: "queue = ANY (p_queues)" made
+    -- the planner read and sort every claimable run (6 ms per claim at a depth
+    -- of 20,000 vs 0.07 ms). One queue (the usual case) is one index scan; for
+    -- several, one scan per queue; rows a scan locked beyond the final LIMIT
+    -- stay queued and are released at commit.
+    IF cardinality(p_queues) = 1 THEN
+        SELECT array_agg(x.id) INTO v_ids FROM (
+            SELECT r.id FROM runs r
+            WHERE r.queue = p_queues[1] AND r.due_at IS NOT NULL AND r.due_at <= now()
             ORDER BY r.priority DESC, r.due_at
             LIMIT p_limit
-            FOR UPDATE SKIP LOCKED
-        ) AS r
-        ORDER BY r.priority DESC, r.due_at
-        LIMIT p_limit
+            FOR UPDATE SKIP LOCKED) AS x;
+    ELSE
+        SELECT array_agg(x.id) INTO v_ids FROM (
+            SELECT r.id FROM (SELECT DISTINCT qn FROM unnest(p_queues) AS qn) AS q
+            CROSS JOIN LATERAL (
+                SELECT r.id, r.priority, r.due_at FROM runs r
+                WHERE r.queue = q.qn AND r.due_at IS NOT NULL AND r.due_at <= now()
+                ORDER BY r.priority DESC, r.due_at
+                LIMIT p_limit
+                FOR UPDATE SKIP LOCKED
+            ) AS r
+            ORDER BY r.priority DESC, r.due_at
+            LIMIT p_limit) AS x;
+    END IF;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH picked AS (
+        SELECT unnest(v_ids) AS id
     ), claimed AS (
         UPDATE runs r SET
             status = 'running',
