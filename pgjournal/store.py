@@ -223,10 +223,11 @@ class Store:
         return int(row["released"]) if row else 0
 
     async def heartbeat(self, worker: UUID, items: Sequence[tuple[UUID, int]],
-                        lease: float) -> list[tuple[UUID, str]]:
+                        lease: float) -> list[tuple[UUID, str, int | None]]:
+        """Extend leases; return (run, status, epoch now) of runs no longer running here."""
         rows = await self.fetch("heartbeat", worker=worker, ids=[i[0] for i in items],
                                 epochs=[i[1] for i in items], lease=lease)
-        return [(r["lost_run_id"], r["status"]) for r in rows]
+        return [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in rows]
 
     async def register_worker(self, worker: UUID, host: str, pid: int,
                               queues: Sequence[str], concurrency: int) -> None:

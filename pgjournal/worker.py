@@ -303,15 +303,18 @@ class Worker:
             except DatabaseUnavailable as exc:
                 log.warning("heartbeat failed (%s)", exc)
                 continue
-            for run_id, status in lost:
+            for run_id, status, epoch in lost:
                 entry = self._inflight.get(run_id)
-                if entry is not None:
-                    self._log_abandoned_id(run_id, status)
-                    entry[0].cancel()
+                if entry is None or epoch == entry[1]:
+                    continue  # finished meanwhile, or our own last write raced this beat
+                self._log_abandoned_id(run_id, status)
+                entry[0].cancel()
 
     def _log_abandoned_id(self, run_id: uuid.UUID, status: str) -> None:
         if status == "cancelled":
             log.info("run %s was cancelled; stopping it", run_id)
+        elif status == "deleted":
+            log.info("run %s no longer exists (deleted); stopping it", run_id)
         else:
             log.warning("worker %s lost the lease of run %s (now %s); stopping it", self.id,
                         run_id, status)

@@ -46,7 +46,7 @@ SELECT {schema}.fail_run(%(run)s, %(epoch)s, %(error)s::jsonb, %(delay)s, %(term
 SELECT {schema}.release_runs(%(ids)s, %(epochs)s) AS released;
 
 -- name: heartbeat
-SELECT lost_run_id, status FROM {schema}.heartbeat(%(worker)s, %(ids)s, %(epochs)s, %(lease)s);
+SELECT lost_run_id, status, lease_epoch FROM {schema}.heartbeat(%(worker)s, %(ids)s, %(epochs)s, %(lease)s);
 
 -- name: register_worker
 SELECT {schema}.register_worker(%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s);

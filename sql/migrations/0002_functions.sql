@@ -489,10 +489,12 @@ BEGIN
 END $$;
 
 -- Extend the leases of all runs a worker holds, in one statement, and report
--- the ones it no longer owns (lease taken over, or cancelled).
+-- the ones it no longer runs, with their status and epoch now: a changed epoch
+-- means the lease was taken over or the run cancelled; the same epoch means
+-- the worker's own last write (complete, fail, suspend) beat the heartbeat.
 CREATE FUNCTION heartbeat(
     p_worker uuid, p_ids uuid[], p_epochs bigint[], p_lease_seconds double precision)
-RETURNS TABLE (lost_run_id uuid, status text)
+RETURNS TABLE (lost_run_id uuid, status text, lease_epoch bigint)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE workers SET heartbeat_at = now() WHERE id = p_worker;
@@ -501,7 +503,7 @@ BEGIN
     FROM unnest(p_ids, p_epochs) AS v(id, epoch)
     WHERE r.id = v.id AND r.lease_epoch = v.epoch AND r.status = 'running';
     RETURN QUERY
-    SELECT v.id, coalesce(r.status, 'deleted')
+    SELECT v.id, coalesce(r.status, 'deleted'), r.lease_epoch
     FROM unnest(p_ids, p_epochs) AS v(id, epoch)
     LEFT JOIN runs r ON r.id = v.id
     WHERE r.id IS NULL OR r.lease_epoch <> v.epoch OR r.status <> 'running';
