@@ -155,19 +155,18 @@ class Worker:
         backoff = 0.1
         while not self._stopping.is_set():
             free = self.concurrency - len(self._inflight)
-            got = 0
             if free > 0:
                 self._wake.clear()
                 try:
-                    claims = await self._store.claim(self.id, self.queues, free, self.lease)
-                    if len(claims) < free and not self._hungry:
+                    got = self._spawn_all(await self._store.claim(
+                        self.id, self.queues, free, self.lease))
+                    if got < free and not self._hungry:
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
-                        claims += await self._store.claim(self.id, self.queues,
-                                                          free - len(claims), self.lease,
-                                                          hungry=True)
-                        self._hungry = len(claims) < free
-                    elif len(claims) == free:
+                        got += self._spawn_all(await self._store.claim(
+                            self.id, self.queues, free - got, self.lease, hungry=True))
+                        self._hungry = got < free
+                    elif got == free:
                         self._hungry = False
                     backoff = 0.1
                 except DatabaseUnavailable as exc:
@@ -176,13 +175,15 @@ class Worker:
                         await asyncio.wait_for(self._stopping.wait(), backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                got = len(claims)
-                for claim in claims:
-                    self._spawn(claim)
                 if got == free:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def _spawn_all(self, claims: list[Claim]) -> int:
+        for claim in claims:
+            self._spawn(claim)
+        return len(claims)
 
     def _spawn(self, claim: Claim) -> None:
         self.claimed += 1
