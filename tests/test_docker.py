@@ -244,8 +244,9 @@ def test_compose_topology_survives_a_killed_worker(
 
     try:
         assert not healthy()  # no schema yet: the workers would have to wait
-        # Short and few runs: the topology is what is under test, not the demo.
-        start("starter", command("starter", "--short", "--runs", "6"))
+        # Few runs at the demo's normal pace: slow enough that worker-2 surely
+        # holds runs at a moment when it is safe to kill it.
+        start("starter", command("starter", "--runs", "8"))
         poll("the starter to become healthy", healthy)
         for i in (1, 2, 3):
             start(f"worker-{i}", command(f"worker-{i}"))
