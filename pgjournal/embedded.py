@@ -181,9 +181,6 @@ class EmbeddedServer:
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def dsn_for(self, dbname: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
-
     @property
     def pid(self) -> int | None:
         """The postmaster's pid if it is running."""

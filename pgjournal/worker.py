@@ -99,8 +99,6 @@ class Worker:
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
-        self.claimed = 0
-        self.finished = 0
 
     # -- control -------------------------------------------------------------
 
@@ -186,7 +184,6 @@ class Worker:
         return len(claims)
 
     def _spawn(self, claim: Claim) -> None:
-        self.claimed += 1
         if claim.recoveries and claim.journal:
             log.info("run %s (%s) recovered after its worker vanished (recovery %d); "
                      "replaying %d journaled steps", claim.run_id, claim.workflow,
@@ -200,7 +197,6 @@ class Worker:
         def done(_t: asyncio.Task[None]) -> None:
             if self._inflight.get(claim.run_id, (None,))[0] is task:
                 del self._inflight[claim.run_id]
-            self.finished += 1
             self._wake.set()
 
         task.add_done_callback(done)
