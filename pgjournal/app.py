@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import inspect
 import logging
 import uuid
@@ -13,7 +14,14 @@ from typing import Any, TypeVar
 
 from ._sql import validate_identifier
 from .connect import resolve_dsn
-from .errors import Cancelled, ConfigurationError, DatabaseUnavailable, RunFailed, UnknownRun
+from .errors import (
+    Cancelled,
+    ConfigurationError,
+    DatabaseUnavailable,
+    RunFailed,
+    UnknownRun,
+    UnknownWorkflow,
+)
 from .listener import Listener
 from .migrations import migrate
 from .serializer import DEFAULT_MAX_BYTES, Serializer
@@ -177,9 +185,40 @@ class App:
                 if self._store is None:
                     dsn = await asyncio.to_thread(lambda: self.dsn)
                     self._store = await Store.open(dsn, schema=self.schema,
-                                                   max_size=self.pool_size,
+                                                   max_size=self._pool_target(),
                                                    serializer=self.serializer)
         return self._store
+
+    # Pool sizing follows the workers using this app: each needs a connection
+    # per concurrent run plus a few for claims and completions (heartbeats have
+    # their own connection). Works whether or not the pool is already open.
+
+    def _pool_demand(self) -> dict[uuid.UUID, int]:
+        demand: dict[uuid.UUID, int] | None = self.__dict__.get("_worker_demand")
+        if demand is None:
+            demand = self.__dict__["_worker_demand"] = {}
+        return demand
+
+    def _pool_target(self) -> int:
+        workers = self._pool_demand()
+        need = sum(workers.values()) + 4 * len(workers)
+        return max(self.pool_size, need)
+
+    def _claim_connections(self, worker: uuid.UUID, concurrency: int) -> None:
+        self._pool_demand()[worker] = concurrency
+
+    def _release_connections(self, worker: uuid.UUID) -> None:
+        self._pool_demand().pop(worker, None)
+
+    async def _fit_pool(self) -> None:
+        """Resize the open pool to what the app's workers need now."""
+        store = self._store
+        if store is None or store.pool.closed:
+            return
+        target = self._pool_target()
+        if store.pool.max_size != target:
+            await store.pool.resize(min_size=min(store.pool.min_size, target),
+                                    max_size=target)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations to the app's schema (see ``pgjournal.migrate``)."""
@@ -215,9 +254,11 @@ class App:
     ) -> RunHandle:
         """Enqueue a run of ``workflow`` (a name, or the registered function).
 
-        A name this app does not know is accepted (another service may run
-        it); its run fails with a clear error if no worker knows it either.
-        The same ``idempotency_key`` always yields the same run.
+        An app with workflows registered refuses a name it does not know
+        (``UnknownWorkflow``, naming the closest registered ones): a typo must
+        not sit in a queue forever. A client-only app (no workflows
+        registered) may start any name; only workers that registered it claim
+        the run. The same ``idempotency_key`` always yields the same run.
         """
         if callable(workflow):
             found = [w for w in self.workflows.values() if w.fn is workflow]
@@ -229,6 +270,8 @@ class App:
         else:
             name = workflow
         wf = self.workflows.get(name)
+        if wf is None and self.workflows:
+            raise UnknownWorkflow(self._unknown_workflow_message(name))
         queue = validate_identifier(queue or (wf.queue if wf else "default"), "queue name")
         input_json = self.serializer.dumps({"args": list(args), "kwargs": kwargs},
                                            what=f"input of workflow {name!r}")
@@ -240,6 +283,18 @@ class App:
             max_recoveries=wf.max_recoveries if wf else 5,
         )
         return RunHandle(self, run_id)
+
+    def _unknown_workflow_message(self, name: str) -> str:
+        known = sorted(self.workflows)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if close:
+            hint = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+        else:
+            hint = "registered: " + ", ".join(repr(k) for k in known[:10])
+            if len(known) > 10:
+                hint += f" ... ({len(known)} in all)"
+        return (f"no workflow named {name!r} is registered with this app; {hint} "
+                "(a client-only App, with no workflows registered, may start any name)")
 
     def handle(self, run_id: uuid.UUID | str) -> RunHandle:
         """The handle of an existing run, without a round trip."""

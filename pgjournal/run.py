@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import DatabaseUnavailable, NonDeterminismError, StepError, TerminalError
 
 if TYPE_CHECKING:
+    from .lease import Lease
     from .serializer import Serializer
     from .store import Claim, Store
 
@@ -108,8 +109,10 @@ class Run:
     ``run.workflow`` and ``run.recoveries`` (crash recoveries so far).
     """
 
-    def __init__(self, store: Store, serializer: Serializer, claim: Claim) -> None:
+    def __init__(self, store: Store, serializer: Serializer, claim: Claim, *,
+                 lease: Lease | None = None) -> None:
         self._store = store
+        self._lease = lease
         self._ser = serializer
         self._claim = claim
         self._journal: dict[int, dict[str, Any]] = {e["position"]: e for e in claim.journal}
@@ -189,6 +192,8 @@ class Run:
                 return self._ser.loads(entry["output"])
             if self._replays_failure(position, entry):
                 raise rebuild_exception(entry["error"])
+        if self._lease is not None and not await self._lease.ensure():
+            raise Abandoned(self._lease.lost or "lease not confirmed in time")
         started = self.db_now()
         tries = 0
         while True:

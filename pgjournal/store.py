@@ -129,6 +129,15 @@ class Store:
                 raise translate_error(exc, self.schema) from exc
         raise AssertionError("unreachable")
 
+    async def fetch_on(self, conn: psycopg.AsyncConnection[Row], query: str, /,
+                       **params: Any) -> list[Row]:
+        """Run the named query on ``conn`` (not the pool), translating errors."""
+        try:
+            cur = await conn.execute(self.q[query], params)
+            return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise translate_error(exc, self.schema) from exc
+
     async def fetchone(self, query: str, /, **params: Any) -> Row | None:
         rows = await self.fetch(query, **params)
         return rows[0] if rows else None
@@ -223,10 +232,17 @@ class Store:
         return int(row["released"]) if row else 0
 
     async def heartbeat(self, worker: UUID, items: Sequence[tuple[UUID, int]],
-                        lease: float) -> list[tuple[UUID, str, int | None]]:
-        """Extend leases; return (run, status, epoch now) of runs no longer running here."""
-        rows = await self.fetch("heartbeat", worker=worker, ids=[i[0] for i in items],
-                                epochs=[i[1] for i in items], lease=lease)
+                        lease: float, *, conn: psycopg.AsyncConnection[Row] | None = None,
+                        ) -> list[tuple[UUID, str, int | None]]:
+        """Extend leases; return (run, status, epoch now) of the runs not renewed:
+        no longer running here, or ``'busy'`` (row locked elsewhere, not renewed
+        this time). ``conn``: a dedicated connection instead of the pool."""
+        params = {"worker": worker, "ids": [i[0] for i in items],
+                  "epochs": [i[1] for i in items], "lease": lease}
+        if conn is not None:
+            rows = await self.fetch_on(conn, "heartbeat", **params)
+        else:
+            rows = await self.fetch("heartbeat", **params)
         return [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in rows]
 
     async def register_worker(self, worker: UUID, host: str, pid: int,
