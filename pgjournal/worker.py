@@ -430,7 +430,8 @@ class Worker:
 
     async def _beat(self) -> None:
         assert self._store is not None
-        items = [(rid, epoch) for rid, (_t, epoch) in self._inflight.items()]
+        items = [(rid, epoch) for rid, (_t, epoch) in self._inflight.items()
+                 if not (rid in self._leases and self._leases[rid].lost)]
         sent = time.monotonic()
         async with asyncio.timeout(self.heartbeat_interval):
             conn = await self._heartbeat_conn()
@@ -457,15 +458,20 @@ class Worker:
                 lease.renewed(sent)
 
     def _abandon_expired(self) -> None:
-        """Stop runs whose lease ran out locally: the database may hand them on."""
+        """Give up runs whose lease ran out locally: the database may hand them on.
+
+        They start no further step (``Lease.ensure`` now says no) and are left
+        out of heartbeats. A journal write already in flight is not cancelled:
+        it is fenced by the epoch, and cancelling it could only lose a result
+        whose side effect already happened.
+        """
         now = time.monotonic()
         for run_id, lease in list(self._leases.items()):
             entry = self._inflight.get(run_id)
-            if entry is None or entry[0].done() or not lease.expired(now):
+            if entry is None or entry[0].done() or lease.lost or not lease.expired(now):
                 continue
             lease.mark_lost("lease not renewed in time")
             self._log_abandoned_id(run_id, entry[1], "lease not renewed in time")
-            entry[0].cancel()
 
     def _log_abandoned_id(self, run_id: uuid.UUID, epoch: int, status: str) -> None:
         key = (run_id, epoch)
