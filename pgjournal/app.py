@@ -93,8 +93,9 @@ class RunHandle:
         async with asyncio.timeout(timeout):
             return await self.app._wait_result(self.run_id)
 
-    async def signal(self, name: str, payload: Any = None) -> None:
-        await self.app.signal(self.run_id, name, payload)
+    async def signal(self, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> None:
+        await self.app.signal(self.run_id, name, payload, idempotency_key=idempotency_key)
 
     async def cancel(self) -> str:
         return await self.app.cancel(self.run_id)
@@ -300,9 +301,16 @@ class App:
         """The handle of an existing run, without a round trip."""
         return RunHandle(self, _as_uuid(run_id))
 
-    async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
-        """Send signal ``name`` to a run; durable even if the run is not waiting yet."""
-        await (await self.store()).send_signal(_as_uuid(run_id), name, payload)
+    async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> None:
+        """Send signal ``name`` to a run; durable even if the run is not waiting yet.
+
+        With ``idempotency_key`` the signal is delivered once however often it
+        is sent: retry freely when a connection dropped with the commit's
+        outcome unknown.
+        """
+        await (await self.store()).send_signal(_as_uuid(run_id), name, payload,
+                                               idempotency_key=idempotency_key)
 
     async def cancel(self, run_id: uuid.UUID | str) -> str:
         """Cancel a run; a running one stops at its next step. Returns its status."""

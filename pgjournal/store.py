@@ -176,11 +176,14 @@ class Store:
         return row["run_id"], row["created"]
 
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
-                    lease: float, *, hungry: bool = False) -> list[Claim]:
+                    lease: float, *, hungry: bool = False,
+                    workflows: Sequence[str] | None = None) -> list[Claim]:
         """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
-        sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``)."""
+        sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``).
+        ``workflows``: claim only runs of these (None: any workflow)."""
         rows = await self.fetch("go_hungry" if hungry else "claim_runs", worker=worker,
-                                queues=list(queues), limit=limit, lease=lease)
+                                queues=list(queues), limit=limit, lease=lease,
+                                workflows=None if workflows is None else list(workflows))
         return [
             Claim(r["id"], r["workflow"], r["queue"], r["input"], r["attempt"],
                   r["max_attempts"], r["lease_epoch"], r["recoveries"], r["db_now"],
@@ -246,16 +249,23 @@ class Store:
         return [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in rows]
 
     async def register_worker(self, worker: UUID, host: str, pid: int,
-                              queues: Sequence[str], concurrency: int) -> None:
+                              queues: Sequence[str], concurrency: int, *,
+                              lease: float | None = None,
+                              workflows: Sequence[str] | None = None) -> None:
         await self.fetch("register_worker", id=worker, host=host, pid=pid,
-                         queues=list(queues), concurrency=concurrency)
+                         queues=list(queues), concurrency=concurrency, lease=lease,
+                         workflows=None if workflows is None else list(workflows))
 
     async def stop_worker(self, worker: UUID) -> None:
         await self.fetch("stop_worker", id=worker)
 
-    async def send_signal(self, run: UUID, name: str, payload: Any) -> int:
+    async def send_signal(self, run: UUID, name: str, payload: Any, *,
+                          idempotency_key: str | None = None) -> int:
+        """Send a signal; its id. With ``idempotency_key``, sending again (a retry
+        after a dropped connection) delivers nothing more and returns the same id."""
         text = self.serializer.dumps(payload, what=f"payload of signal {name!r}")
-        row = await self.fetchone("send_signal", run=run, name=name, payload=text)
+        row = await self.fetchone("send_signal", run=run, name=name, payload=text,
+                                  idempotency_key=idempotency_key)
         assert row is not None
         return int(row["signal_id"])
 

@@ -113,6 +113,12 @@ class Worker:
         self._completer: _Completer | None = None
         self._hungry = False
 
+    @property
+    def workflows(self) -> list[str]:
+        """The workflows this worker claims runs of: those registered with its app.
+        During a rolling deploy, old workers leave new workflows' runs queued."""
+        return sorted(self.app.workflows)
+
     # -- control -------------------------------------------------------------
 
     def stop(self) -> None:
@@ -184,7 +190,8 @@ class Worker:
                 store = await self.app.store()
                 await self.app._fit_pool()
                 await store.register_worker(self.id, socket.gethostname(), os.getpid(),
-                                            self.queues, self.concurrency)
+                                            self.queues, self.concurrency, lease=self.lease,
+                                            workflows=self.workflows)
                 if waiting_since is not None:
                     log.info("database reachable after %.1fs; worker %s starting",
                              time.monotonic() - waiting_since, self.id)
@@ -212,13 +219,14 @@ class Worker:
                 try:
                     sent = time.monotonic()
                     got = self._spawn_all(await self._store.claim(
-                        self.id, self.queues, free, self.lease), sent)
+                        self.id, self.queues, free, self.lease, workflows=self.workflows), sent)
                     if got < free and not self._hungry:
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
                         sent = time.monotonic()
                         got += self._spawn_all(await self._store.claim(
-                            self.id, self.queues, free - got, self.lease, hungry=True), sent)
+                            self.id, self.queues, free - got, self.lease, hungry=True,
+                            workflows=self.workflows), sent)
                         self._hungry = got < free
                     elif got == free:
                         self._hungry = False
