@@ -100,6 +100,14 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
             await asyncio.sleep(pause)
         return n
 
+    @app.workflow(max_recoveries=1)
+    async def fragile(run: pgjournal.Run, n: int, pause: float) -> int:
+        """``paced`` that survives one crash recovery only (not server restarts)."""
+        for i in range(n):
+            await run.step(f"p{i}", effect, str(run.id), f"p{i}")
+            await asyncio.sleep(pause)
+        return n
+
     @app.workflow()
     async def noop(run: pgjournal.Run) -> None:
         return None
