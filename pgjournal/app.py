@@ -19,6 +19,7 @@ from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
     RunFailed,
+    SerializationError,
     UnknownRun,
     UnknownWorkflow,
 )
@@ -308,12 +309,18 @@ class App:
                      idempotency_key: str | None = None) -> None:
         """Send signal ``name`` to a run; durable even if the run is not waiting yet.
 
-        With ``idempotency_key`` the signal is delivered once however often it
-        is sent: retry freely when a connection dropped with the commit's
-        outcome unknown.
+        A payload that cannot be stored exactly raises ``SerializationError``
+        (naming the run and the path inside the payload) before any SQL. With
+        ``idempotency_key`` the signal is delivered once however often it is
+        sent: retry freely when a connection dropped with the commit's outcome
+        unknown.
         """
-        await (await self.store()).send_signal(_as_uuid(run_id), name, payload,
-                                               idempotency_key=idempotency_key)
+        rid = _as_uuid(run_id)
+        store = await self.store()
+        try:
+            await store.send_signal(rid, name, payload, idempotency_key=idempotency_key)
+        except SerializationError as exc:
+            raise SerializationError(f"{exc} (signal to run {rid})") from exc
 
     async def cancel(self, run_id: uuid.UUID | str) -> str:
         """Cancel a run; a running one stops at its next step. Returns its status."""

@@ -4,7 +4,6 @@ tests stop and start."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pgjournal
