@@ -255,3 +255,33 @@ async def test_batch_refused_by_the_database_is_retried_one_by_one(
         assert (await handles[3].info())["attempt"] == 1, "failed terminally, not retried"
     finally:
         await app.close()
+
+
+async def test_poison_inputs_payloads_and_chunks_are_refused_with_their_path(
+        pgjournal_app: pgjournal.App) -> None:
+    app = pgjournal_app
+
+    async def tokens() -> AsyncIterator[str]:
+        yield "fine"
+        yield "half an emoji \ud83d"
+
+    @app.workflow(max_attempts=3, retry_backoff=0.01)
+    async def streamer(run: pgjournal.Run, topic: str) -> str:
+        return "".join([t async for t in run.stream_step("draft", tokens)])
+
+    with pytest.raises(pgjournal.SerializationError,
+                       match=r"input of workflow 'streamer': \$\.args\[0\] contains a NUL"):
+        await app.start(streamer, "a\x00b")
+    async with serving(app):
+        handle = await app.start(streamer, "ok")
+        with pytest.raises(pgjournal.RunFailed) as info:
+            await handle.result(timeout=20)
+        with pytest.raises(pgjournal.SerializationError) as refused:
+            await app.signal(handle.run_id, "review", {"notes": ["x", "\x00"]})
+    msg = info.value.error["message"]
+    assert "chunk of stream step 'draft'" in msg and "$ contains a lone surrogate" in msg
+    assert (await handle.info())["attempt"] == 1
+    assert "$.notes[1] contains a NUL" in str(refused.value)
+    assert str(handle.run_id) in str(refused.value)
+    steps = await (await app.store()).get_steps(handle.run_id)
+    assert [(s["name"], s["status"]) for s in steps] == [("draft", "failed")]
