@@ -183,13 +183,14 @@ class Serializer:
         """
         try:
             text = self._encode(value)
-            if f'"{TAG}"' in text:
+            # A one-character memchr scan first: most texts hold no "$" at all.
+            if "$" in text and f'"{TAG}"' in text:
                 # Rare: the data itself may carry our tag key; encode it escaped.
                 text = self._encode(_escape(value))
         except (TypeError, ValueError, RecursionError, AttributeError,
                 pickle.PicklingError) as exc:
             raise self._refuse(value, what, str(exc)) from exc
-        if "\\u0000" in text:
+        if "\\" in text and "\\u0000" in text:
             # json.dumps escapes NUL as \u0000 (the check may also hit an escaped
             # backslash followed by "u0000", which is fine: then nothing is found).
             found = find_problem(value, allow_pickle=self.allow_pickle)
