@@ -279,7 +279,7 @@ async def test_poison_inputs_payloads_and_chunks_are_refused_with_their_path(
         with pytest.raises(pgjournal.SerializationError) as refused:
             await app.signal(handle.run_id, "review", {"notes": ["x", "\x00"]})
     msg = info.value.error["message"]
-    assert "chunk of stream step 'draft'" in msg and "$ contains a lone surrogate" in msg
+    assert "chunk of stream 'draft'" in msg and "$ contains a lone surrogate" in msg
     assert (await handle.info())["attempt"] == 1
     assert "$.notes[1] contains a NUL" in str(refused.value)
     assert str(handle.run_id) in str(refused.value)
