@@ -287,11 +287,6 @@ async def test_poison_inputs_payloads_and_chunks_are_refused_with_their_path(
     assert [(s["name"], s["status"]) for s in steps] == [("draft", "failed")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "run.now() returns the claim's datetime (tzinfo ZoneInfo of the session TimeZone) the "
-    "first time and datetime.fromisoformat (a fixed-offset timezone) on replay: equal, but "
-    "DST arithmetic differs. The fix belongs in run.py (return the round-tripped value), "
-    "which another branch is rewriting."))
 async def test_now_replays_with_the_same_tzinfo(pgjournal_app: pgjournal.App) -> None:
     app = pgjournal_app
     seen: list[datetime] = []
