@@ -119,6 +119,7 @@ class App:
         self._open_lock: asyncio.Lock | None = None
         self._done_listener: Listener | None = None
         self._waiters: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+        self._loop_guard: asyncio.Task[None] | None = None
 
     # -- registry ------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class App:
                     self._store = await Store.open(dsn, schema=self.schema,
                                                    max_size=self.pool_size,
                                                    serializer=self.serializer)
+                    self._guard_loop_end()
         return self._store
 
     async def migrate(self) -> list[int]:
@@ -186,7 +188,39 @@ class App:
         dsn = await asyncio.to_thread(lambda: self.dsn)
         return await asyncio.to_thread(migrate, dsn, schema=self.schema)
 
+    def _guard_loop_end(self) -> None:
+        """Close the connections when the event loop ends, if nobody closed the app.
+
+        ``asyncio.run()`` cancels every task at the end; a pool task cancelled in
+        the middle of a connect could swallow that and keep ``asyncio.run()``
+        from ever returning. A guard task, cancelled with them, closes the pool
+        (which stops its tasks) so an App that is never closed cannot hang exit.
+        """
+        async def guard() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self._loop_guard is asyncio.current_task():  # not cancelled by close()
+                    self._loop_guard = None
+                    # The pool's own tasks were cancelled with this one, so its
+                    # close() may end before closing the idle connections: those
+                    # are closed here (the pool keeps them in ``_pool``).
+                    idle = list(getattr(self._store.pool, "_pool", ())) if self._store else []
+                    with contextlib.suppress(BaseException):
+                        await asyncio.wait_for(self.close(), 5)
+                    self._store = self._done_listener = None
+                    for conn in idle:
+                        with contextlib.suppress(BaseException):
+                            await conn.close()
+                raise
+
+        self._loop_guard = asyncio.get_running_loop().create_task(
+            guard(), name="pgjournal-app-loop-guard")
+
     async def close(self) -> None:
+        guard, self._loop_guard = self._loop_guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
         if self._done_listener is not None:
             await self._done_listener.stop()
             self._done_listener = None

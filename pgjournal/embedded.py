@@ -323,6 +323,10 @@ class EmbeddedServer:
         self.stop(mode="immediate" if self.ephemeral else "fast")
         if self.ephemeral:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+            # ``throwaway_server`` made the parent too; rmdir only ever removes it
+            # if it is empty, so a data directory someone else owns is safe.
+            with contextlib.suppress(OSError):
+                self.data_dir.parent.rmdir()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
