@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ._output import human_seconds, paint, shorten, table, use_colour
+from ._queries import cli_fetch, cli_query, run_query
 from ._sql import validate_identifier
 from .app import App
-from .cli import cli_fetch, cli_query, run_query
 from .connect import connect_async, mask_dsn, resolve_dsn
 from .embedded import EmbeddedServer, dev_data_dir
 from .errors import ConfigurationError, InvalidState, PgJournalError

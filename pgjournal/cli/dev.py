@@ -1,0 +1,84 @@
+"""``dev``, ``demo``: the embedded development server and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import (
+    Add,
+    print_json,
+)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from ..embedded import EmbeddedServer, dev_data_dir, dev_server
+
+    data = dev_data_dir()
+    if args.action == "start":
+        server = dev_server()
+        info = {"running": True, "dsn": server.dsn, "data_dir": str(server.data_dir),
+                "pid": server.pid}
+        if args.json:
+            print_json(info)
+        else:
+            print(server.dsn)
+            print(f"embedded PostgreSQL running (pid {server.pid}, data in {server.data_dir});"
+                  f" pgjournal uses it when PGJOURNAL_DSN is unset", file=sys.stderr)
+        return 0
+    server = EmbeddedServer(data)
+    initialised = (data / "pgjournal.conf").exists()
+    if args.action == "stop":
+        was = server.is_running()
+        server.stop()
+        msg = "embedded PostgreSQL stopped" if was else "embedded PostgreSQL was not running"
+        if args.json:
+            print_json({"running": False, "was_running": was, "data_dir": str(data)})
+        else:
+            print(msg)
+        return 0
+    running = initialised and server.is_running()
+    info = {"running": running, "dsn": server.dsn if initialised else None,
+            "data_dir": str(data), "pid": server.pid if initialised else None}
+    if args.json:
+        print_json(info)
+    elif running:
+        print(f"running: {server.dsn} (pid {server.pid}, data in {data})")
+    elif initialised:
+        print(f"stopped (data in {data}); `pgjournal dev start` starts it")
+    else:
+        print(f"not created yet (would live in {data}); `pgjournal dev start` creates it")
+    return 0 if running else 3
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args)
+
+
+def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:
+    """Add this group's commands to the parser (see ``build_parser``)."""
+    p = add("dev", "start, stop or inspect the embedded development PostgreSQL",
+            """
+            pgjournal dev start      # prints the DSN
+            pgjournal dev status     # exit status 3 when it is not running
+            pgjournal dev stop
+            """, [js], cmd_dev)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p = add("demo", "watch pgjournal survive a killed worker (embedded Postgres by default)",
+            """
+            pgjournal demo
+            pgjournal demo --short                 # fewer, faster runs (CI)
+            pgjournal demo --dsn postgresql://postgres@localhost/postgres
+            """, [db], cmd_demo)
+    p.add_argument("--short", action="store_true", help="fewer runs, shorter latencies (~10s)")
+    p.add_argument("--runs", type=int, help="number of agent runs (default 24; 12 if --short)")
+    p.add_argument("--workers", type=int, default=3,
+                   help="worker processes to start (default 3). 0: use workers already "
+                        "running elsewhere (e.g. docker compose); nothing is killed")
+    p.add_argument("--no-kill", action="store_true", help="do not kill a worker")
+    p.add_argument("--keep-server", action="store_true",
+                   help="leave the embedded PostgreSQL running if the demo started it")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (default 90; 45 if --short)")
