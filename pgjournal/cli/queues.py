@@ -17,6 +17,7 @@ from ._common import (
     Add,
     Row,
     fail,
+    plural,
     print_json,
     with_app,
 )
@@ -28,6 +29,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
     async def go(app: App) -> list[Row]:
         if action:
             name = validate_identifier(args.name, "queue name")
+            known = (await cli_fetch(app, "queue_known", name=name))[0]["known"]
+            if not known and not args.create:
+                raise fail(
+                    f"queue {name!r} has never been seen in schema {app.schema!r} (no "
+                    "runs, settings or workers); check the name, or pass --create to "
+                    "configure it ahead of its first run")
             current = await cli_fetch(app, "queue_settings", name=name)
             limit = current[0]["concurrency_limit"] if current else None
             paused = bool(current[0]["paused"]) if current else False
@@ -45,10 +52,11 @@ def cmd_queues(args: argparse.Namespace) -> int:
         _parse_limit(args.limit)
     rows = with_app(args, go)
     if action and not args.json:
+        limit = _parse_limit(args.limit) if action == "limit" else None
         print({"pause": f"queue {args.name} paused: workers claim nothing from it",
                "resume": f"queue {args.name} resumed",
-               "limit": f"queue {args.name}: at most {args.limit} runs at once across all "
-                        "workers" if args.limit != "none" else
+               "limit": f"queue {args.name}: at most {plural(limit, 'run')} at "
+                        "once across all workers" if limit else
                         f"queue {args.name}: no concurrency limit"}[action])
         return 0
     if args.json:
@@ -97,7 +105,10 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal queues resume agents
             pgjournal queues limit agents 5      # at most 5 running across all workers
             pgjournal queues limit agents none
+            pgjournal queues pause newqueue --create   # a queue with no runs yet
             """, [db, js], cmd_queues)
     p.add_argument("action", nargs="?", choices=["pause", "resume", "limit"])
     p.add_argument("name", nargs="?", metavar="QUEUE")
     p.add_argument("limit", nargs="?", metavar="N")
+    p.add_argument("--create", action="store_true",
+                   help="configure a queue that has no runs, settings or workers yet")

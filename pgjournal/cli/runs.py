@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from .._output import (
     to_json,
     use_colour,
 )
+from .._queries import cli_fetch
 from .._sql import validate_identifier
 from ..app import App
 from ..errors import InvalidState, UnknownRun, UnknownWorkflow
@@ -125,9 +127,33 @@ def _step_detail(step: Row, chunks: dict[int, int]) -> str:
     return compact(step["output"], 70)
 
 
+def offset(t0: datetime, moment: datetime | None) -> str:
+    """``+1.2s`` after the run's creation; never negative (an adapter run's
+    ``created_at`` comes from its record and may be later than its events)."""
+    if moment is None:
+        return "-"
+    return "+" + between(t0, max(moment, t0))
+
+
+async def resolve_run_id(app: App, text: str) -> uuid.UUID:
+    """A run id, or an adapter's own id (``order-42``) kept in ``meta.original_id``."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        pass
+    rows = await cli_fetch(app, "run_by_original_id", original=text)
+    if len(rows) == 1:
+        return uuid.UUID(str(rows[0]["id"]))
+    if not rows:
+        raise UnknownRun(f"{text!r} is not a run id (a UUID), nor the id of an adapter's "
+                         f"run in schema {app.schema!r}")
+    found = ", ".join(f"{r['id']} ({r['source']})" for r in rows)
+    raise UnknownRun(f"{text!r} names several adapter runs: {found}; give the run id")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     async def go(app: App) -> dict[str, Any]:
-        run_id = app.handle(args.run_id).run_id
+        run_id = await resolve_run_id(app, args.run_id)
         store = await app.store()
         run = await store.get_run(run_id)
         if run is None:
@@ -152,8 +178,8 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"lease epoch {run['lease_epoch']}")
     end = run["finished_at"] or now
     print(f"  created {local(t0)} · started "
-          f"{'+' + between(t0, run['started_at']) if run['started_at'] else '-'} · "
-          f"{'took' if run['finished_at'] else 'running for'} {between(t0, end)}")
+          f"{offset(t0, run['started_at']) if run['started_at'] else '-'} · "
+          f"{'took' if run['finished_at'] else 'running for'} {between(t0, max(end, t0))}")
     if run["idempotency_key"]:
         print(f"  idempotency key {run['idempotency_key']}")
     if run["status"] == "suspended":
@@ -174,7 +200,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(paint("steps", "bold", colour) + " (at = offset from the run's creation)")
         cells, styles = [], []
         for s in data["steps"]:
-            cells.append([str(s["position"]), "+" + between(t0, s["started_at"]),
+            cells.append([str(s["position"]), offset(t0, s["started_at"]),
                           between(s["started_at"], s["finished_at"]), s["kind"], s["name"],
                           s["status"], str(s["attempt"]), str(s["tries"]),
                           _step_detail(s, chunks)])
@@ -188,8 +214,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if data["signals"]:
         print()
         print(paint("signals", "bold", colour))
-        cells = [[str(g["id"]), g["name"], "+" + between(t0, g["created_at"]),
-                  ("+" + between(t0, g["consumed_at"])) if g["consumed_at"] else "pending",
+        cells = [[str(g["id"]), g["name"], offset(t0, g["created_at"]),
+                  (offset(t0, g["consumed_at"])) if g["consumed_at"] else "pending",
                   compact(g["payload"], 60)] for g in data["signals"]]
         print(textwrap.indent(table(cells, ["ID", "NAME", "SENT", "CONSUMED", "PAYLOAD"],
                                     colour=colour), "  "))
@@ -201,7 +227,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             detail = error_text(e["detail"], 50)
             if e["from_status"] == e["to_status"] == "running":
                 detail = detail or "lease expired: taken over by another worker"
-            cells.append(["+" + between(t0, e["at"]), e["from_status"] or "-", e["to_status"],
+            cells.append([offset(t0, e["at"]), e["from_status"] or "-", e["to_status"],
                           str(e["attempt"]), str(e["lease_epoch"]),
                           str(e["worker_id"] or "-"), detail])
             styles.append([None, None, STATUS_STYLE.get(e["to_status"]), None, None, None,
@@ -281,6 +307,7 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             """
             pgjournal show 0b6c4e1e-7d6c-4a55-9a4f-2f1f0c8d2b9e
             pgjournal show 0b6c4e1e-7d6c-4a55-9a4f-2f1f0c8d2b9e --json | jq .steps
+            pgjournal show order-42        # an adapter run, by the adapter's own id
             """, [db, js], cmd_show)
     p.add_argument("run_id", metavar="RUN_ID")
     p = add("signal", "send a signal (durable, even if the run is not waiting yet)",
