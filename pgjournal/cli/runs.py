@@ -62,9 +62,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         if args.wait is not None:
             try:
                 out["output"] = await handle.result(timeout=args.wait)
-            except TimeoutError:
-                raise fail(f"run {handle.run_id} did not end within {args.wait:g}s "
-                           "(it goes on; see `pgjournal show`)") from None
+            except TimeoutError as exc:
+                # result()'s message says the run's status and whether a worker serves it.
+                raise fail(f"{exc} (the run goes on; see `pgjournal show "
+                           f"{handle.run_id}`)") from None
         return out
 
     out = with_app(args, go, app=app)
