@@ -141,8 +141,9 @@ class App:
     ) -> None:
         # Like the CLI: argument, else PGJOURNAL_SCHEMA, else "pgjournal" (so a
         # worker started with PGJOURNAL_SCHEMA=other serves that schema).
-        self.schema = validate_identifier(schema or os.environ.get("PGJOURNAL_SCHEMA")
-                                          or "pgjournal")
+        if schema is None:
+            schema = os.environ.get("PGJOURNAL_SCHEMA") or "pgjournal"
+        self.schema = validate_identifier(schema)
         self._dsn = dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
         self.pool_size = pool_size
