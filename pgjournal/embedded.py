@@ -296,6 +296,11 @@ class EmbeddedServer:
         pid = self.pid
         if pid is None:
             return
+        # Freeze the postmaster first: a backend it forked after the children were
+        # listed would outlive the kill, and a restart then finds its shared memory
+        # still attached ("Terminate any old server processes").
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
         children = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
