@@ -534,11 +534,29 @@ def test_dev_data_and_psql_are_documented() -> None:
     assert "PGJOURNAL_DEV_DATA" in run_cli("dev", "--help").stdout
 
 
-def test_roles_output_is_ready_for_psql(pgjournal_dsn: str, pgjournal_schema: str) -> None:
-    res = run_cli("roles", "--schema", pgjournal_schema)
+def test_roles_output_is_ready_for_psql(pgjournal_dsn: str, pgjournal_schema: str,
+                                       db: psycopg.Connection[Any]) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    worker, reader = f"pjw_{suffix}", f"pjr_{suffix}"
+    res = run_cli("roles", "--schema", pgjournal_schema, "--worker-role", worker,
+                  "--reader-role", reader)
     assert res.returncode == 0, res.stderr
     assert "--!" not in res.stdout and "Do not feed" not in res.stdout
-    assert "| psql" in res.stdout
+    try:
+        # `pgjournal roles | pgjournal psql`, as the output says
+        piped = subprocess.run(
+            [sys.executable, "-m", "pgjournal", "--dsn", pgjournal_dsn, "--schema",
+             pgjournal_schema, "psql", "--", "-v", "ON_ERROR_STOP=1", "-q"],
+            input=res.stdout, capture_output=True, text=True, cwd=ROOT, env=clean_env(),
+            timeout=60, check=False)
+        assert piped.returncode == 0, piped.stderr
+        assert db.execute("SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
+                          (worker, reader)).fetchone() == {"n": 2}
+    finally:
+        for role in (worker, reader):
+            if db.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                db.execute(f'DROP OWNED BY "{role}"')
+                db.execute(f'DROP ROLE "{role}"')
 
 
 def test_show_an_adapter_run_by_its_own_id(cli: Cli, pgjournal_dsn: str,
