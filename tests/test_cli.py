@@ -457,3 +457,143 @@ def test_prune_while_a_worker_works_never_touches_unfinished_runs(
         "SELECT run_id::text, count(*) FILTER (WHERE step = 'publish') AS published "
         "FROM {schema}.demo_effects GROUP BY run_id", pgjournal_schema)).fetchall()
     assert {r["run_id"]: r["published"] for r in effects} == dict.fromkeys(ids, 1)
+
+
+# -- issue 10: a newcomer's first hour ----------------------------------------------
+
+
+def test_help_examples_are_dedented() -> None:
+    for command in [*COMMANDS, "psql"]:
+        res = run_cli(command, "--help")
+        assert res.returncode == 0, res.stderr
+        examples = res.stdout.split("examples:\n", 1)[1].splitlines()
+        assert examples, command
+        for line in examples:
+            if line.strip():
+                assert line.startswith("  ") and not line.startswith("   "), (command, line)
+
+
+def test_prune_age_needs_a_unit(cli: Cli) -> None:
+    one_line_error(cli("prune", "--older-than", "30", "--dry-run", expect=1),
+                   "'30' has no unit", "30d")
+    res = cli("prune", "--older-than", "30d", "--dry-run")
+    assert "ended more than 30d ago would be deleted" in res.stdout
+
+
+def test_queues_refuses_an_unseen_queue_unless_create(cli: Cli, pgjournal_dsn: str,
+                                                      pgjournal_schema: str) -> None:
+    one_line_error(cli("queues", "pause", "nosuchqueue", expect=1),
+                   "'nosuchqueue' has never been seen", "--create")
+    listing = cli("queues", "--json")
+    assert "nosuchqueue" not in listing.stdout, "a refused pause created the queue"
+    assert "paused" in cli("queues", "pause", "nosuchqueue", "--create").stdout
+    assert "at most 1 run at once" in cli("queues", "limit", "nosuchqueue", "1").stdout
+    # a queue that has runs is known without --create
+    cli("start", "wf", "--queue", "mail")
+    assert "resumed" in cli("queues", "resume", "mail").stdout
+
+
+def test_connection_errors_keep_the_first_line_and_hide_the_password() -> None:
+    res = run_cli("--dsn", "postgresql://bob:s3cret@127.0.0.1:1/db", "runs")
+    one_line_error(res, "Connection refused", "port 1", "nothing listens there")
+    assert "\t" not in res.stderr and "s3cret" not in res.stderr
+    res = run_cli("--dsn", "postgresql://bob:s3cret@no-such-host.invalid/db", "runs")
+    one_line_error(res, "no-such-host.invalid", "check the host name")
+    assert "syntax" not in res.stderr and "s3cret" not in res.stderr
+
+
+def test_bad_json_message_reads_cleanly(cli: Cli) -> None:
+    res = cli("start", "wf", "--args", '["x', expect=1)
+    one_line_error(res, "Unterminated string starting at column 2")
+    assert "at at" not in res.stderr
+
+
+def test_app_reads_pgjournal_schema_and_psql_opens_on_it(pgjournal_dsn: str,
+                                                        pgjournal_schema: str) -> None:
+    env = clean_env(PGJOURNAL_SCHEMA=pgjournal_schema, PGJOURNAL_DSN=pgjournal_dsn)
+    res = subprocess.run([sys.executable, "-c", "import pgjournal; print(pgjournal.App().schema)"],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert res.stdout.strip() == pgjournal_schema, res.stderr
+    res = run_cli("psql", "--", "-Atc", "SHOW search_path", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{pgjournal_schema},public"
+    res = run_cli("psql", "--", "-Atc", "SELECT count(*) FROM run_overview", env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "0", res.stderr
+
+
+def test_require_dsn_refuses_the_dev_server_fallback() -> None:
+    res = run_cli("runs", env=clean_env(PGJOURNAL_REQUIRE_DSN="1"))
+    one_line_error(res, "PGJOURNAL_REQUIRE_DSN", "PGJOURNAL_DSN")
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "PGJOURNAL_REQUIRE_DSN=1" in dockerfile
+
+
+def test_dev_data_and_psql_are_documented() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "PGJOURNAL_DEV_DATA" in readme and "pgjournal psql" in readme
+    assert "PGJOURNAL_DEV_DATA" in run_cli("dev", "--help").stdout
+
+
+def test_roles_output_is_ready_for_psql(pgjournal_dsn: str, pgjournal_schema: str,
+                                       db: psycopg.Connection[Any]) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    worker, reader = f"pjw_{suffix}", f"pjr_{suffix}"
+    res = run_cli("roles", "--schema", pgjournal_schema, "--worker-role", worker,
+                  "--reader-role", reader)
+    assert res.returncode == 0, res.stderr
+    assert "--!" not in res.stdout and "Do not feed" not in res.stdout
+    try:
+        # `pgjournal roles | pgjournal psql`, as the output says
+        piped = subprocess.run(
+            [sys.executable, "-m", "pgjournal", "--dsn", pgjournal_dsn, "--schema",
+             pgjournal_schema, "psql", "--", "-v", "ON_ERROR_STOP=1", "-q"],
+            input=res.stdout, capture_output=True, text=True, cwd=ROOT, env=clean_env(),
+            timeout=60, check=False)
+        assert piped.returncode == 0, piped.stderr
+        assert db.execute("SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
+                          (worker, reader)).fetchone() == {"n": 2}
+    finally:
+        for role in (worker, reader):
+            if db.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                db.execute(f'DROP OWNED BY "{role}"')
+                db.execute(f'DROP ROLE "{role}"')
+
+
+def test_show_an_adapter_run_by_its_own_id(cli: Cli, pgjournal_dsn: str,
+                                           pgjournal_schema: str) -> None:
+    from pgjournal.adapters.run_store import PostgresRunStore, RunRecord, StepRecord
+
+    original = f"order-{uuid.uuid4().hex[:6]}"
+    store = PostgresRunStore(pgjournal_dsn, schema=pgjournal_schema)
+    try:
+        # The record's own created_at is later than the rows' database times.
+        later = "2999-01-01T00:00:00+00:00"
+        store.save_run(RunRecord(run_id=original, blueprint_name="checkout",
+                                 created_at=later, updated_at=later))
+        store.save_step(StepRecord(run_id=original, step_index=0, component="pay"))
+    finally:
+        store.close()
+    res = cli("show", original)
+    assert "checkout" in res.stdout and "pay" in res.stdout
+    assert "+-" not in res.stdout, res.stdout
+    one_line_error(cli("show", "order-none", expect=1), "not a run id", "adapter")
+
+
+def test_result_timeout_names_the_run_its_status_and_the_workers(cli: Cli) -> None:
+    res = cli("start", "wf", "--queue", "lonely", "--wait", "0.3", expect=1)
+    one_line_error(res, "did not end within 0.3s", "'wf' is queued in queue 'lonely'",
+                   "no live worker serves that queue")
+
+
+def test_demo_refuses_politely_while_another_demo_runs(pgjournal_dsn: str,
+                                                       db: psycopg.Connection[Any]) -> None:
+    schema = f"demo_{uuid.uuid4().hex[:8]}"
+    got = db.execute(cli_query("demo_lock", schema), {"schema": schema}).fetchone()
+    assert got is not None and got["got"]
+    try:
+        res = run_cli("demo", "--short", "--dsn", pgjournal_dsn, "--schema", schema)
+        one_line_error(res, "another pgjournal demo is running", schema)
+        assert db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                          (schema,)).fetchone() is None, "the refused demo touched the schema"
+    finally:
+        db.execute("SELECT pg_advisory_unlock_all()")
