@@ -214,3 +214,21 @@ SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.runs WHERE queue = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.workers
                WHERE %(name)s = ANY (queues) AND stopped_at IS NULL) AS known;
+
+-- name: workflow_queues
+-- Where live workers take runs of a workflow: the queue each live worker
+-- registered it on (`pgjournal start` without --app or --queue).
+SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
+
+-- name: live_workflows
+-- Every workflow some live worker serves (for "did you mean").
+SELECT DISTINCT jsonb_object_keys(w.workflow_queues) AS workflow
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues IS NOT NULL;
+
+-- name: unserved
+-- Queued runs that no live worker can take (unknown workflow, or no worker on
+-- the queue): the unserved_runs view (docs/dba.md).
+SELECT * FROM {schema}.unserved_runs ORDER BY queue, workflow;

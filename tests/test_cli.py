@@ -175,9 +175,10 @@ def test_bad_input_gets_one_clear_line(cli: Cli) -> None:
     one_line_error(cli("queues", "limit", "q", "lots", expect=1), "not a number")
     one_line_error(cli("queues", "limit", "q", "0", expect=1), "queues pause")
     one_line_error(cli("queues", "pause", "bad-name", expect=1), "invalid queue name")
-    run_id = cli("start", "wf").stdout.strip()
+    run_id = cli("start", "wf", "--queue", "default").stdout.strip()
     one_line_error(cli("signal", run_id, "go", "{nope", expect=1), "payload is not valid JSON")
-    one_line_error(cli("start", "wf", "--wait", "0.2", expect=1), "did not end within 0.2s")
+    one_line_error(cli("start", "wf", "--queue", "default", "--wait", "0.2", expect=1),
+                   "did not end within 0.2s")
     # argparse's own usage errors exit with 2 and say what is wrong
     res = cli("runs", "--status", "sleepy", expect=2)
     assert "invalid choice: 'sleepy'" in res.stderr
@@ -190,9 +191,10 @@ def test_start_then_list_and_filter(cli: Cli, db: psycopg.Connection[Any],
                                     pgjournal_schema: str) -> None:
     a = cli("start", "research", "--args", '["durable agents"]', "--kwargs",
             '{"depth": 2}', "--queue", "agents", "--priority", "5").stdout.strip()
-    b = cli("start", "mail", "--idempotency-key", "k-1", "--json").stdout
+    b = cli("start", "mail", "--queue", "default", "--idempotency-key", "k-1", "--json").stdout
     b_id = json.loads(b)["run_id"]
-    assert cli("start", "mail", "--idempotency-key", "k-1").stdout.strip() == b_id
+    again = cli("start", "mail", "--queue", "default", "--idempotency-key", "k-1")
+    assert again.stdout.strip() == b_id
     row = db.execute(cli_query_text("SELECT * FROM {schema}.runs WHERE id = %s",
                                     pgjournal_schema), (a,)).fetchone()
     assert row["workflow"] == "research" and row["queue"] == "agents"
@@ -222,12 +224,12 @@ def test_start_then_list_and_filter(cli: Cli, db: psycopg.Connection[Any],
 
 
 def test_cancel_and_retry(cli: Cli, db: psycopg.Connection[Any], pgjournal_schema: str) -> None:
-    run_id = cli("start", "never_served").stdout.strip()
+    run_id = cli("start", "never_served", "--queue", "default").stdout.strip()
     status = cli_query_text("SELECT status FROM {schema}.runs WHERE id = %s", pgjournal_schema)
     assert "cancelled" in cli("cancel", run_id).stdout
     assert db.execute(status, (run_id,)).fetchone()["status"] == "cancelled"
     assert "cancelled" in cli("cancel", run_id).stdout  # idempotent
-    done = cli("start", "never_served").stdout.strip()
+    done = cli("start", "never_served", "--queue", "default").stdout.strip()
     db.execute(cli_query_text("UPDATE {schema}.runs SET status = 'completed', due_at = NULL, "
                               "finished_at = now() WHERE id = %s", pgjournal_schema), (done,))
     one_line_error(cli("cancel", done, expect=1), "already ended (completed)")
@@ -344,7 +346,7 @@ def test_prune_deletes_only_old_ended_runs_in_batches(cli: Cli, db: psycopg.Conn
     def q(text: str) -> Any:
         return cli_query_text(text, pgjournal_schema)
 
-    ids = {name: cli("start", "wf").stdout.strip() for name in
+    ids = {name: cli("start", "wf", "--queue", "default").stdout.strip() for name in
            ("old_done1", "old_done2", "old_failed", "old_cancelled", "new_done", "old_queued",
             "old_suspended")}
     for name in ("old_done1", "old_done2", "new_done"):
@@ -410,7 +412,7 @@ def test_dev_server_start_status_stop() -> None:
 
 
 def test_options_after_the_command_and_from_env(pgjournal_dsn: str, pgjournal_schema: str) -> None:
-    run_id = run_cli("start", "wf", "--dsn", pgjournal_dsn, "--schema",
+    run_id = run_cli("start", "wf", "--queue", "default", "--dsn", pgjournal_dsn, "--schema",
                      pgjournal_schema).stdout.strip()
     uuid.UUID(run_id)
     env = clean_env(PGJOURNAL_DSN=pgjournal_dsn, PGJOURNAL_SCHEMA=pgjournal_schema)
@@ -597,3 +599,49 @@ def test_demo_refuses_politely_while_another_demo_runs(pgjournal_dsn: str,
                           (schema,)).fetchone() is None, "the refused demo touched the schema"
     finally:
         db.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_start_without_app_uses_the_queue_a_live_worker_serves_or_refuses(
+        cli: Cli, db: psycopg.Connection[Any], pgjournal_dsn: str, pgjournal_schema: str,
+        tmp_path: Path) -> None:
+    # No live worker: a typo (or a worker not deployed yet) is refused with a hint.
+    refused = cli("start", "agent", expect=1)
+    one_line_error(refused, "no live worker knows workflow 'agent'", "--queue")
+    db.execute(cli_query("demo_setup", pgjournal_schema))
+    log = tmp_path / "worker.log"
+    with log.open("w") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pgjournal", "worker", DEMO_APP, "--dsn", pgjournal_dsn,
+             "--schema", pgjournal_schema, "--queue", "agents", "--lease", "5"],
+            cwd=ROOT, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        alive = cli_query_text("SELECT 1 FROM {schema}.worker_health WHERE state = 'alive' "
+                               "AND workflow_queues ? 'agent'", pgjournal_schema)
+        wait_db(db, alive)
+        one_line_error(cli("start", "agnet", expect=1), "did you mean 'agent'")
+        run_id = cli("start", "agent", "--args", '["cli"]', "--kwargs",
+                     '{"latency": 0.01, "cool_down": 0.1}').stdout.strip()
+        row = db.execute(cli_query_text("SELECT queue FROM {schema}.runs WHERE id = %s",
+                                        pgjournal_schema), (run_id,)).fetchone()
+        assert row["queue"] == "agents"     # the worker's queue, not 'default'
+        workers = cli("workers").stdout
+        assert "WORKFLOWS" in workers and "agent" in workers
+        # A run no live worker can take shows up under `queues`.
+        cli("start", "agent_v2", "--queue", "agents")
+        assert "workflow 'agent_v2' on queue agents, which no live worker knows" in \
+            cli("queues").stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+
+
+def test_signal_with_an_idempotency_key_is_sent_once(cli: Cli, db: psycopg.Connection[Any],
+                                                      pgjournal_schema: str) -> None:
+    run_id = cli("start", "waits", "--queue", "default").stdout.strip()
+    for _ in range(3):   # a client retrying after a lost connection
+        cli("signal", run_id, "approval", '{"ok": true}', "--idempotency-key", "review-7")
+    cli("signal", run_id, "approval", '{"ok": false}')
+    sent = db.execute(cli_query_text("SELECT payload::text AS p FROM {schema}.signals "
+                                     "WHERE run_id = %s ORDER BY id", pgjournal_schema),
+                      (run_id,)).fetchall()
+    assert [s["p"] for s in sent] == ['{"ok":true}', '{"ok":false}']  # the text as sent

@@ -7,6 +7,7 @@ import sys
 
 from .._output import (
     human_seconds,
+    paint,
     table,
     use_colour,
 )
@@ -46,8 +47,10 @@ def cmd_queues(args: argparse.Namespace) -> int:
                 limit = _parse_limit(args.limit)
             # set_queue replaces both settings, so the untouched one is passed back.
             await app.set_queue(name, concurrency_limit=limit, paused=paused)
+        unserved.extend(await cli_fetch(app, "unserved"))
         return await cli_fetch(app, "queues")
 
+    unserved: list[Row] = []
     if action == "limit":
         _parse_limit(args.limit)
     rows = with_app(args, go)
@@ -80,6 +83,10 @@ def cmd_queues(args: argparse.Namespace) -> int:
     print(table(cells, ["QUEUE", "DUE", "DELAYED", "RUNNING", "EXPIRED-LEASES", "SUSPENDED",
                         "OLDEST-DUE", "LIMIT", "PAUSED"], colour=colour, styles=styles,
                 right=(1, 2, 3, 4, 5, 6, 7)))
+    for u in unserved:
+        print(paint(f"{plural(u['runs'], 'queued run')} of workflow {u['workflow']!r} on "
+                    f"queue {u['queue']}, which no live worker knows (a typo, or a worker "
+                    "not deployed yet)", "yellow", colour))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import textwrap
 import uuid
@@ -50,12 +51,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     app = load_app(args.app, args) if args.app else None
     if app is not None and args.workflow not in app.workflows:
         known = ", ".join(sorted(app.workflows)) or "none"
-        raise UnknownWorkflow(f"{args.app} has no workflow {args.workflow!r} (known: {known})")
+        close = difflib.get_close_matches(args.workflow, list(app.workflows), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise UnknownWorkflow(
+            f"{args.app} has no workflow {args.workflow!r} (known: {known}){hint}")
     if args.queue:
         validate_identifier(args.queue, "queue name")
 
     async def go(app: App) -> dict[str, Any]:
-        handle = await app.start(args.workflow, *positional, queue=args.queue,
+        queue = args.queue
+        if queue is None and not app.workflows:
+            queue = await _served_queue(app, args.workflow)
+        handle = await app.start(args.workflow, *positional, queue=queue,
                                  priority=args.priority, delay=args.delay,
                                  idempotency_key=args.idempotency_key, **keywords)
         out: dict[str, Any] = {"run_id": str(handle.run_id)}
@@ -76,6 +83,26 @@ def cmd_start(args: argparse.Namespace) -> int:
         if "output" in out:
             print(to_json(out["output"]))
     return 0
+
+
+async def _served_queue(app: App, workflow: str) -> str:
+    """The queue on which live workers take runs of ``workflow``, or a clear refusal:
+    a run nobody can take (a typo, a worker not deployed yet) would sit forever."""
+    rows = await cli_fetch(app, "workflow_queues", workflow=workflow)
+    queues = sorted(r["queue"] for r in rows)
+    if len(queues) == 1:
+        return str(queues[0])
+    if queues:
+        raise fail(f"live workers serve workflow {workflow!r} on several queues "
+                   f"({', '.join(queues)}); choose one with --queue")
+    known = [r["workflow"] for r in await cli_fetch(app, "live_workflows")]
+    close = difflib.get_close_matches(workflow, known, n=3)
+    hint = (f"did you mean {' or '.join(map(repr, close))}? " if close else
+            f"live workers serve: {', '.join(sorted(known))}. " if known else
+            "no live worker is running. ")
+    raise fail(f"no live worker knows workflow {workflow!r}; {hint}To enqueue it anyway "
+               "(for a worker you will start later), pass --queue Q, or --app MODULE:APP "
+               "to check the name against your App")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -243,7 +270,8 @@ def cmd_signal(args: argparse.Namespace) -> int:
     payload = parse_json(args.payload, "the signal payload")
 
     async def go(app: App) -> None:
-        await app.signal(args.run_id, args.name, payload)
+        await app.signal(args.run_id, args.name, payload,
+                         idempotency_key=args.idempotency_key)
 
     with_app(args, go)
     print(f"signal {args.name!r} sent to run {args.run_id}")
@@ -283,7 +311,8 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
                    help="positional arguments as a JSON array (default [])")
     p.add_argument("--kwargs", default="{}", metavar="JSON",
                    help="keyword arguments as a JSON object (default {})")
-    p.add_argument("--queue", help="queue (default: the workflow's, else 'default')")
+    p.add_argument("--queue", help="queue (default: with --app, the workflow's; without, the "
+                                   "queue live workers serve it on, else refused)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--delay", type=float, default=None, metavar="SECONDS",
                    help="start no earlier than this many seconds from now")
@@ -315,11 +344,15 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             """
             pgjournal signal 0b6c4e1e-... approval '{"ok": true}'
             pgjournal signal 0b6c4e1e-... go
+            pgjournal signal 0b6c4e1e-... approval '{"ok": true}' --idempotency-key review-7
             """, [db], cmd_signal)
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("name", metavar="NAME")
     p.add_argument("payload", metavar="JSON", nargs="?", default="null",
                    help="payload as JSON (default null)")
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="send at most once per run and key, however often the command is "
+                        "repeated (safe to retry after a lost connection)")
     p = add("cancel", "cancel a run (a running one stops at its next step)",
             "pgjournal cancel 0b6c4e1e-...", [db], cmd_cancel)
     p.add_argument("run_id", metavar="RUN_ID")

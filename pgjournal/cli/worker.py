@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .._output import (
+    compact,
     human_seconds,
     table,
     use_colour,
@@ -59,14 +60,21 @@ def cmd_workers(args: argparse.Namespace) -> int:
         return 0
     colour = use_colour(sys.stdout)
     cells, styles = [], []
-    state_style = {"alive": "green", "stale": "red", "stopped": "dim"}
+    state_style = {"alive": "green", "stale": "red", "gone": "red", "stopped": "dim"}
     for w in rows:
+        flows = w.get("workflows")
         cells.append([str(w["id"]), w["host"], str(w["pid"]), w["state"],
                       human_seconds(w["heartbeat_age"].total_seconds()), str(w["runs_held"]),
-                      str(w["concurrency"]), ",".join(w["queues"])])
-        styles.append([None, None, None, state_style.get(w["state"]), None, None, None, None])
+                      str(w["concurrency"]), ",".join(w["queues"]),
+                      "any" if flows is None else compact(",".join(flows), 40)])
+        styles.append([None, None, None, state_style.get(w["state"]), None, None, None, None,
+                       None])
     print(table(cells, ["WORKER", "HOST", "PID", "STATE", "HEARTBEAT", "HELD", "CONC",
-                        "QUEUES"], colour=colour, styles=styles, right=(2, 4, 5, 6)))
+                        "QUEUES", "WORKFLOWS"], colour=colour, styles=styles,
+                right=(2, 4, 5, 6)))
+    if any(w["state"] == "gone" for w in rows):
+        print("(gone: silent for longer than its lease, e.g. killed; its runs are claimable "
+              "by other workers)", file=sys.stderr)
     return 0
 
 
