@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from ._exceptions import MAX_MESSAGE_CHARS, sanitize
 from ._sql import validate_identifier
 from .app import App, Workflow
 from .connect import connect_async
@@ -351,7 +352,8 @@ class Worker:
                 msg = (f"no workflow named {claim.workflow!r} is registered in this worker "
                        f"(known: {known})")
                 await self._fail(claim, LookupError(msg), terminal=True, error={
-                    "type": "UnknownWorkflow", "module": "pgjournal.errors", "message": msg})
+                    "type": "UnknownWorkflow", "module": "pgjournal.errors",
+                    "message": sanitize(msg, MAX_MESSAGE_CHARS)})
                 return
             try:
                 data = self.app.serializer.loads(claim.input)
@@ -362,7 +364,8 @@ class Worker:
             except Exception as exc:
                 await self._fail(claim, exc, terminal=True, error={
                     "type": "BadInput", "module": "pgjournal.errors",
-                    "message": f"cannot call workflow {wf.name!r} with this input: {exc}"})
+                    "message": sanitize(f"cannot call workflow {wf.name!r} with this input: "
+                                        f"{exc}", MAX_MESSAGE_CHARS)})
                 return
             try:
                 try:
