@@ -30,6 +30,15 @@ _lock = threading.Lock()
 _target: tuple[str, str] = ("", "")
 
 
+def wait_gate(name: str) -> None:
+    """With ``PGJ_GATE=<name>:<path>``, wait until the file ``path`` exists."""
+    gate = os.environ.get("PGJ_GATE", "")
+    if gate.startswith(name + ":"):
+        path = gate.split(":", 1)[1]
+        while not os.path.exists(path):
+            time.sleep(0.02)
+
+
 def effect(run_id: str, step: str) -> str:
     """A side effect: one committed row per execution."""
     global _conn
@@ -53,11 +62,7 @@ def effect(run_id: str, step: str) -> str:
                 time.sleep(0.2)
     if os.environ.get("PGJ_BLOCK") == step:
         time.sleep(3600)
-    gate = os.environ.get("PGJ_GATE", "")
-    if gate.startswith(step + ":"):
-        path = gate.split(":", 1)[1]
-        while not os.path.exists(path):
-            time.sleep(0.02)
+    wait_gate(step)
     slow = os.environ.get("PGJ_SLOW", "")
     if slow.startswith(step + ":"):
         time.sleep(float(slow.split(":")[1]))
@@ -112,6 +117,14 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
         got = [c async for c in run.stream_step("llm", tokens, str(run.id), n)]
         await run.step("after", effect, str(run.id), "after")
         return got
+
+    @app.workflow()
+    async def gap(run: pgjournal.Run) -> str:
+        """Two steps with workflow code between them (``PGJ_GATE=gap:<path>`` holds it)."""
+        await run.step("s1", effect, str(run.id), "s1")
+        await asyncio.to_thread(wait_gate, "gap")
+        await run.step("s2", effect, str(run.id), "s2")
+        return "ok"
 
     @app.workflow()
     async def noop(run: pgjournal.Run) -> None:

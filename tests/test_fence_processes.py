@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 import pgjournal
 
@@ -124,3 +125,38 @@ async def test_kill9_mid_stream_after_a_chunk_flush(
     assert effects.count(handle.run_id, "tok0") == 2  # the stream re-ran from the start
     assert effects.count(handle.run_id, "tok9") == 1
     assert effects.count(handle.run_id, "after") == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "item 16 not implemented: run.py starts a step after its locally known lease "
+    "deadline without confirming the lease, so a worker that wakes up past its lease "
+    "runs the next step's side effect under a superseded epoch (the fence only stops "
+    "its journal write); the chaos harness finds the same with SIGSTOP"))
+async def test_worker_past_its_lease_starts_no_step(
+        pgjournal_app: pgjournal.App, effects: Effects, spawn_worker: Any,
+        tmp_path: Path) -> None:
+    """Invariant 1's second half: a worker starts no step after its locally known
+    lease deadline without confirming the lease. Here the worker is held between
+    two steps (its heartbeat off) until another worker has finished the run."""
+    app = pgjournal_app
+    store = await app.store()
+    handle = await app.start("gap")
+    go = tmp_path / "go"
+    stale = spawn_worker(env={"PGJ_GATE": f"gap:{go}"}, lease=1, heartbeat=3600,
+                         concurrency=1)
+
+    async def s1_journaled() -> bool:
+        return len(await store.get_steps(handle.run_id)) == 1
+
+    await wait_for(s1_journaled, 30, what="s1 to be journaled")
+    await wait_for(lambda: lease_expired(store, handle.run_id), 30, what="lease expiry")
+    fresh = spawn_worker(lease=30, concurrency=1)
+    assert await handle.result(timeout=60) == "ok"
+    go.touch()  # the stale worker goes on to s2, its lease long gone
+
+    async def gave_up() -> bool:
+        return "lost the lease" in stale.output()
+
+    await wait_for(gave_up, 30, what="the stale worker to give the run up")
+    s2 = [pid for _r, step, pid in effects.rows(handle.run_id) if step == "s2"]
+    assert s2 == [fresh.pid], "the stale worker started s2 after its lease had expired"
