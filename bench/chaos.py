@@ -381,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
                     server_kill_at.pop(0)
                     h.kill_server()
                 elif now >= next_fault:
-                    (h.kill_worker if rng.random() < 0.5 else h.pause_worker)()
+                    pause = args.pauses and rng.random() < 0.5
+                    (h.pause_worker if pause else h.kill_worker)()
                     next_fault = now + rng.uniform(0.5, 1.5) * args.fault_interval
             time.sleep(0.1)
         h.resume_due(force=True)
@@ -461,6 +462,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="seconds each step function takes after its side effect")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="include the parallel steps (asyncio.gather)")
+    p.add_argument("--pauses", action=argparse.BooleanOptionalAction, default=True,
+                   help="pause workers past their lease (half the worker faults)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures to this file")
     args = p.parse_args(argv)
