@@ -334,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     logdir = Path(tempfile.mkdtemp(prefix="pgjournal-chaos-"))
     server = throwaway_server(settings={"fsync": "off", "track_commit_timestamp": "on"})
+    h: Harness | None = None
     try:
         dsn = server.dsn
         pgjournal.migrate(dsn, schema=SCHEMA)
@@ -439,6 +440,11 @@ def run(args: argparse.Namespace) -> int:
                                for label, _w, n, bad in results}}, indent=2))
         return 1 if bad_total else 0
     finally:
+        for w in h.workers if h is not None else []:
+            if w.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.proc.pid, signal.SIGKILL)
+                w.proc.wait(10)
         with contextlib.suppress(Exception):
             server.kill()
         server.cleanup()
