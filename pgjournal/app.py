@@ -16,6 +16,7 @@ from .connect import resolve_dsn
 from .errors import Cancelled, ConfigurationError, DatabaseUnavailable, RunFailed, UnknownRun
 from .listener import Listener
 from .migrations import migrate
+from .run import DEFAULT_MAX_JOURNAL_BYTES
 from .serializer import DEFAULT_MAX_BYTES, Serializer
 from .store import Store
 
@@ -108,11 +109,13 @@ class App:
         max_value_bytes: int = DEFAULT_MAX_BYTES,
         pool_size: int = 10,
         poll_interval: float = 1.0,
+        max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
     ) -> None:
         self.schema = validate_identifier(schema)
         self._dsn = dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
         self.pool_size = pool_size
+        self.max_journal_bytes = max_journal_bytes
         self.poll_interval = poll_interval
         self.workflows: dict[str, Workflow] = {}
         self._store: Store | None = None

@@ -48,6 +48,10 @@ class NonDeterminismError(TerminalError):
     """A replayed run asked for a different step than its journal holds at that position."""
 
 
+class JournalTooLarge(TerminalError):
+    """A run's journal grew past its budget (``App(max_journal_bytes=...)``)."""
+
+
 class StepError(PgJournalError):
     """A journaled step failure replayed when the original exception type cannot be rebuilt."""
 

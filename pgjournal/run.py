@@ -1,36 +1,66 @@
 """``Run``: what a workflow body sees, and how its steps are journaled and replayed.
 
-Every call on ``Run`` takes the next *position* in the run's call order. If
-the journal (loaded with the claim) holds an entry at that position, the call
-is a replay: it returns the journaled value at no database cost, after
-checking that the entry is for the same step (else ``NonDeterminismError``).
-Otherwise the call executes and journals its result in one round trip, fenced
-by the lease epoch: if this worker no longer owns the run, nothing is written
-and the workflow is unwound.
+Identity. Every call on ``Run`` (step, stream, signal wait, sleep, now, uuid)
+takes the next *position* when it is made, synchronously, before any await.
+If the journal holds an entry at that position the call is a replay: it gets
+the journaled value (after checking the entry is for the same call, else
+``NonDeterminismError``); otherwise it executes and journals its result,
+fenced by the lease epoch.
+
+Order. With parallel steps (``asyncio.gather``, ``TaskGroup``, ``create_task``)
+the position a call gets depends on how the branches interleaved, which
+depends on the order in which results reached them. So every result handed
+to the workflow (a *delivery*) is numbered (its ``turn``) and journaled with
+how many calls the workflow had made by then (``calls_before``). Live results
+are handed over in turn order; a replay hands each journaled result back only
+when its turn comes and no earlier than the calls that preceded it the first
+time. The branches then interleave exactly as they did, and each call gets
+the position it had. A replay that still asks differently fails loudly.
+
+The journal is loaded in bounded pages as the replay reaches it, so a large
+journal costs the claim nothing and its replay a few round trips.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import inspect
 import json
-import sys
 import time
-import traceback
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import DatabaseUnavailable, NonDeterminismError, StepError, TerminalError
+from ._exceptions import describe_exception, rebuild_exception
+from .errors import (
+    DatabaseUnavailable,
+    JournalTooLarge,
+    NonDeterminismError,
+    SerializationError,
+    TerminalError,
+)
 
 if TYPE_CHECKING:
     from .serializer import Serializer
     from .store import Claim, Store
 
+__all__ = ["Abandoned", "Run", "Suspended", "call_step_fn", "describe_exception",
+           "rebuild_exception"]
+
 #: How often a running stream step writes its chunks so far (for watchers).
 STREAM_FLUSH_SECONDS = 0.5
+#: Journal entries (and stream chunks) loaded per round trip, and their byte budget.
+PAGE_ENTRIES = 500
+PAGE_BYTES = 8 * 1024 * 1024
+#: A replay that waits this long for a journaled result whose turn never comes
+#: (the workflow stopped asking in the recorded order) fails as non-deterministic.
+REPLAY_STALL_SECONDS = 30.0
+#: Default journal budget of one run (``App(max_journal_bytes=...)``).
+DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
 
 
 class Suspended(BaseException):
@@ -52,42 +82,10 @@ class Abandoned(BaseException):
         self.status = status
 
 
-def describe_exception(exc: BaseException) -> dict[str, Any]:
-    """The journaled form of an exception: type, module, message, args, traceback."""
-    args: list[Any] | None
-    try:
-        json.dumps(exc.args)
-        args = list(exc.args)
-    except (TypeError, ValueError):
-        args = None
-    return {
-        "type": type(exc).__qualname__,
-        "module": type(exc).__module__,
-        "message": str(exc),
-        "args": args,
-        "traceback": "".join(traceback.format_exception(exc))[-8000:],
-    }
+class LeaseGuard(Protocol):
+    """What ``Run`` needs of the worker's local lease (see ``pgjournal.lease``)."""
 
-
-def rebuild_exception(error: dict[str, Any]) -> BaseException:
-    """The exception a replay raises for a journaled failure.
-
-    The original class is used when its module is already imported (nothing is
-    imported because a row says so); otherwise a ``StepError`` names it.
-    """
-    type_name = str(error.get("type", "Exception"))
-    message = str(error.get("message", ""))
-    module = sys.modules.get(str(error.get("module", "")))
-    cls: Any = module
-    for part in type_name.split("."):
-        cls = getattr(cls, part, None) if cls is not None else None
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        args = error.get("args")
-        try:
-            return cls(*args) if isinstance(args, list) else cls(message)
-        except Exception:
-            pass
-    return StepError(type_name, message)
+    async def ensure(self) -> bool: ...
 
 
 async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -101,55 +99,294 @@ async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     return result
 
 
+def fingerprint(fn: Callable[..., Any] | None, args: Any, kwargs: Any) -> str:
+    """A short hash of a call: the function's name and its arguments.
+
+    Values JSON cannot hold count by their type name only (their ``repr`` may
+    hold a memory address, which differs on every execution).
+    """
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"),
+                      default=lambda o: f"<{type(o).__qualname__}>")
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
 class Run:
     """The handle a workflow receives: journaled steps, signals, timers, and facts.
 
     ``run.id``, ``run.attempt`` (1 on the first attempt, +1 per retry),
-    ``run.workflow`` and ``run.recoveries`` (crash recoveries so far).
+    ``run.workflow``, ``run.recoveries`` (crash recoveries so far) and
+    ``run.fencing_token`` (the lease epoch this execution owns the run with:
+    a store of your own can refuse writes carrying an older token).
     """
 
-    def __init__(self, store: Store, serializer: Serializer, claim: Claim) -> None:
+    def __init__(self, store: Store, serializer: Serializer, claim: Claim, *,
+                 lease: LeaseGuard | None = None,
+                 max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES) -> None:
         self._store = store
         self._ser = serializer
         self._claim = claim
-        self._journal: dict[int, dict[str, Any]] = {e["position"]: e for e in claim.journal}
-        self._last_position = max(self._journal, default=-1)
-        self._position = 0
-        self._occurrences: Counter[str] = Counter()
+        self._lease = lease
+        self._max_journal_bytes = max_journal_bytes
         self._claimed_monotonic = time.monotonic()
         self.id: uuidlib.UUID = claim.run_id
         self.attempt: int = claim.attempt
         self.workflow: str = claim.workflow
         self.recoveries: int = claim.recoveries
+        self.fencing_token: int = claim.epoch
         self.db_failed = False
+        # Call identity.
+        self._position = 0
+        self._occurrences: Counter[str] = Counter()
+        self._tasks: set[int] = set()
+        # The journal, loaded lazily in pages.
+        self._outlined = not claim.has_journal
+        self._last_position = -1
+        self._entries: dict[int, dict[str, Any]] = {}
+        self._loaded_upto = -1
+        self._page_lock = asyncio.Lock()
+        self._journal_bytes = 0
+        self._asked: set[int] = set()
+        # Delivery order.
+        self._turns: list[int] = []      # journaled turns, sorted
+        self._turn_idx = 0               # next journaled turn to deliver
+        self._skipped: set[int] = set()  # journaled turns re-executed live instead
+        self._next_turn = 0
+        self._live_turns: set[int] = set()
+        self._changed = asyncio.Event()
+        # Suspension barrier: live work in flight, and a wait that may suspend.
+        self._live = 0
+        self._gate: asyncio.Future[datetime | None] | None = None
+        self._streams: set[_Stream] = set()
+        self._closed: str | None = None
+        self._suspended: tuple[datetime | None] | None = None
+        self._summary: dict[int, tuple[str, int]] = {}  # consumed entries: status, attempt
 
-    # -- bookkeeping -----------------------------------------------------------
-
-    def _next(self, name: str, kind: str) -> tuple[int, int, dict[str, Any] | None]:
-        if not isinstance(name, str) or not name:
-            raise TypeError("a step name must be a non-empty string")
-        position = self._position
-        self._position += 1
-        occurrence = self._occurrences[name]
-        self._occurrences[name] += 1
-        entry = self._journal.get(position)
-        if entry is not None and (entry["name"] != name or entry["kind"] != kind):
-            raise NonDeterminismError(
-                f"run {self.id} asked for {kind} {name!r} at position {position}, but its "
-                f"journal holds {entry['kind']} {entry['name']!r} there: the workflow code "
-                "changed, or depends on something that is not journaled"
-            )
-        return position, occurrence, entry
-
-    def _replays_failure(self, position: int, entry: dict[str, Any]) -> bool:
-        """A journaled failure is replayed, except the one that ended an earlier
-        attempt (the last entry): a retry re-executes that step."""
-        return not (position == self._last_position and entry["attempt"] < self.attempt)
+    # -- facts -----------------------------------------------------------------
 
     def db_now(self) -> datetime:
         """The database clock now, estimated from the claim (no round trip)."""
         elapsed = time.monotonic() - self._claimed_monotonic
         return self._claim.db_now + timedelta(seconds=elapsed)
+
+    # -- identity ----------------------------------------------------------------
+
+    def _call(self, name: str) -> tuple[int, int]:
+        """Allocate the position and occurrence of a call (synchronously)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError("a step name must be a non-empty string")
+        self._raise_if_closed()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(id(task))
+        position = self._position
+        self._position += 1
+        occurrence = self._occurrences[name]
+        self._occurrences[name] += 1
+        self._asked.add(position)
+        self._progress()
+        return position, occurrence
+
+    def _raise_if_closed(self) -> None:
+        if self._suspended is not None:
+            raise Suspended(self._suspended[0])
+        if self._closed is not None:
+            raise Abandoned(self._closed)
+
+    def _check(self, position: int, entry: dict[str, Any], kind: str, name: str,
+               fp: str | None) -> None:
+        if entry["name"] != name or entry["kind"] != kind:
+            raise NonDeterminismError(
+                f"run {self.id} asked for {kind} {name!r} at position {position}, but its "
+                f"journal holds {entry['kind']} {entry['name']!r} there: the workflow code "
+                "changed, or depends on something that is not journaled (with parallel "
+                "branches: the branches must reach their steps in an order that depends "
+                "only on journaled results)"
+            )
+        if (fp is not None and entry.get("fingerprint") is not None and len(self._tasks) > 1
+                and entry["fingerprint"] != fp):
+            raise NonDeterminismError(
+                f"run {self.id}: {kind} {name!r} at position {position} was called with other "
+                "arguments (or another function) than the journaled call there. In parallel "
+                "branches a step's arguments tell whose result it is: give each branch's "
+                "steps their own names (e.g. f'search-{i}'), or make the arguments depend "
+                "only on journaled values"
+            )
+
+    # -- the journal ---------------------------------------------------------------
+
+    async def _outline(self) -> None:
+        if self._outlined:
+            return
+        async with self._page_lock:
+            if self._outlined:
+                return
+            row = await self._db(self._store.journal_outline(self.id))
+            self._turns = list(row["turns"] or [])
+            self._last_position = -1 if row["last_position"] is None else row["last_position"]
+            self._next_turn = (self._turns[-1] + 1) if self._turns else 0
+            if row["bytes"] > self._max_journal_bytes:
+                raise JournalTooLarge(
+                    f"run {self.id} holds a journal of {row['bytes']} bytes, over its budget "
+                    f"of {self._max_journal_bytes} (App(max_journal_bytes=...)); journal "
+                    "references to large data instead of the data"
+                )
+            self._journal_bytes = int(row["bytes"])
+            self._outlined = True
+
+    async def _entry(self, position: int) -> dict[str, Any] | None:
+        """The journal entry at ``position`` (taken: each is handed out once)."""
+        entry = await self._peek(position)
+        if entry is not None:
+            del self._entries[position]
+            self._summary[position] = (entry["status"], entry["attempt"])
+        return entry
+
+    async def _peek(self, position: int) -> dict[str, Any] | None:
+        """The journal entry at ``position``, loading pages as the replay reaches them."""
+        await self._outline()
+        if position > self._last_position:
+            return None
+        while position > self._loaded_upto:
+            async with self._page_lock:
+                if position <= self._loaded_upto:
+                    break
+                rows = await self._db(self._store.journal_page(
+                    self.id, self._loaded_upto, limit=PAGE_ENTRIES, max_bytes=PAGE_BYTES))
+                if not rows:
+                    self._loaded_upto = self._last_position
+                    break
+                for r in rows:
+                    self._entries[r["position"]] = r
+                self._loaded_upto = rows[-1]["position"]
+        return self._entries.get(position)
+
+    async def _replays_failure(self, position: int, entry: dict[str, Any]) -> bool:
+        """A journaled failure is replayed (the workflow may have caught it and gone
+        on), except the failures that ended an earlier attempt, i.e. failures of an
+        earlier attempt with nothing after them but such failures (the last step,
+        or the last steps of parallel branches): a retry executes those again."""
+        if entry["attempt"] >= self.attempt:
+            return True
+        for p in range(position + 1, self._last_position + 1):
+            later = self._summary.get(p)
+            if later is None:
+                e = await self._peek(p)
+                later = (e["status"], e["attempt"]) if e is not None else ("missing", 0)
+            if not (later[0] == "failed" and later[1] < self.attempt):
+                return True
+        return False
+
+    # -- delivery order -------------------------------------------------------------
+
+    def _progress(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _journaled_turn_pending(self) -> int | None:
+        while self._turn_idx < len(self._turns) and self._turns[self._turn_idx] in self._skipped:
+            self._turn_idx += 1
+        return self._turns[self._turn_idx] if self._turn_idx < len(self._turns) else None
+
+    async def _await_replay_turn(self, turn: int | None, calls_before: int | None,
+                                 what: str) -> None:
+        """Hand a journaled result back only when its turn comes (see module doc)."""
+        if turn is None:
+            return  # journaled before turns existed: in call order, as it was
+        stalled_since = time.monotonic()
+        while not (self._journaled_turn_pending() == turn
+                   and self._position >= (calls_before or 0)):
+            self._raise_if_closed()
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=1.0)
+                stalled_since = time.monotonic()
+            except TimeoutError:
+                if self._live == 0 and time.monotonic() - stalled_since > REPLAY_STALL_SECONDS:
+                    raise NonDeterminismError(
+                        f"run {self.id}: the replay of {what} waits for journaled results "
+                        "that the workflow no longer asks for (turn "
+                        f"{self._journaled_turn_pending()} is next, {self._position} calls "
+                        f"made, {calls_before} expected): parallel branches must reach "
+                        "their steps in an order that depends only on journaled results"
+                    ) from None
+        self._turn_idx += 1
+        self._progress()
+
+    def _take_turn(self) -> tuple[int, int]:
+        """Number a live delivery; the caller must ``_deliver`` or ``_drop`` it."""
+        turn = self._next_turn
+        self._next_turn += 1
+        self._live_turns.add(turn)
+        return turn, self._position
+
+    async def _deliver(self, turn: int) -> None:
+        """Wait until every earlier live delivery has been handed over."""
+        while min(self._live_turns) != turn:
+            if self._closed is not None:
+                self._drop(turn)
+                self._raise_if_closed()
+            await self._changed.wait()
+        self._drop(turn)
+
+    def _drop(self, turn: int) -> None:
+        if turn in self._live_turns:
+            self._live_turns.discard(turn)
+            self._progress()
+
+    # -- the suspension barrier ---------------------------------------------------------
+
+    async def _enter_live(self) -> None:
+        """Before live work: wait while a signal wait or sleep may suspend the run,
+        confirm the lease if its local deadline passed, then count the work."""
+        while self._gate is not None:
+            await asyncio.shield(self._gate)
+            self._raise_if_closed()
+        self._raise_if_closed()
+        if self._lease is not None and not await self._lease.ensure():
+            self._closed = "lease lost"
+            raise Abandoned("lease lost before a step started")
+        self._live += 1
+        self._progress()
+
+    def _exit_live(self) -> None:
+        self._live -= 1
+        self._progress()
+
+    async def _close_gate(self) -> asyncio.Future[datetime | None]:
+        """A signal wait or sleep goes to the database only when no live work of the
+        run is in flight, and no new work starts until it knows whether the run is
+        suspended: in-flight steps are journaled, not lost to the suspension."""
+        while self._gate is not None:
+            await asyncio.shield(self._gate)
+            self._raise_if_closed()
+        self._raise_if_closed()
+        gate: asyncio.Future[datetime | None] = asyncio.get_running_loop().create_future()
+        self._gate = gate
+        try:
+            while self._live > 0:
+                await self._changed.wait()
+        except BaseException:
+            self._open_gate(gate)
+            raise
+        return gate
+
+    def _open_gate(self, gate: asyncio.Future[datetime | None]) -> None:
+        if self._gate is gate:
+            self._gate = None
+        if not gate.done():
+            gate.set_result(None)
+        self._progress()
+
+    def _suspend(self, gate: asyncio.Future[datetime | None], until: datetime | None) -> None:
+        """The run is suspended: gated work unwinds too (the gate stays shut)."""
+        self._suspended = (until,)
+        self._closed = "suspended"
+        if not gate.done():
+            gate.set_result(until)
+        self._progress()
+
+    # -- database plumbing ----------------------------------------------------------------
 
     async def _db(self, coro: Any) -> Any:
         try:
@@ -158,21 +395,36 @@ class Run:
             # Whether the write committed is unknown: stop here and let the
             # lease expire; the next owner replays from what was committed.
             self.db_failed = True
+            self._closed = "database unavailable"
             raise Abandoned("database unavailable") from None
+
+    def _budget(self, size: int) -> None:
+        self._journal_bytes += size
+        if self._journal_bytes > self._max_journal_bytes:
+            raise JournalTooLarge(
+                f"run {self.id} would journal {self._journal_bytes} bytes, over its budget "
+                f"of {self._max_journal_bytes} (App(max_journal_bytes=...)); journal "
+                "references to large data instead of the data"
+            )
 
     async def _journal_write(self, position: int, name: str, occurrence: int, kind: str,
                              status: str, output: str | None, error: dict[str, Any] | None,
                              **extra: Any) -> None:
+        error_text = json.dumps(error) if error is not None else None
+        self._budget(len(output or "") + len(error_text or ""))
         lost = await self._db(self._store.journal_step(
             run=self.id, epoch=self._claim.epoch, position=position, name=name,
             occurrence=occurrence, kind=kind, status=status, output=output,
-            error=json.dumps(error) if error is not None else None, attempt=self.attempt,
-            **extra,
+            error=error_text, attempt=self.attempt, **extra,
         ))
         if lost is not None:
+            self._closed = lost
             raise Abandoned(lost)
 
-    # -- the workflow API ------------------------------------------------------
+    def _what(self, kind: str, name: str) -> str:
+        return f"{'result' if kind != 'stream' else 'chunk'} of {kind} {name!r} of run {self.id}"
+
+    # -- the workflow API ------------------------------------------------------------------
 
     async def step(self, name: str, fn: Callable[..., Any], *args: Any, retries: int = 0,
                    backoff: float = 1.0, **kwargs: Any) -> Any:
@@ -183,131 +435,390 @@ class Run:
         A raising ``fn`` is retried in-process ``retries`` times with
         exponential ``backoff`` seconds; then its error is journaled and raised.
         """
-        position, occurrence, entry = self._next(name, "step")
+        position, occurrence = self._call(name)
+        fp = fingerprint(fn, args, kwargs)
+        entry = await self._entry(position)
         if entry is not None:
+            self._check(position, entry, "step", name, fp)
             if entry["status"] == "completed":
-                return self._ser.loads(entry["output"])
-            if self._replays_failure(position, entry):
-                raise rebuild_exception(entry["error"])
-        started = self.db_now()
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                result = await call_step_fn(fn, args, kwargs)
-                break
-            except Exception as exc:
-                if tries <= retries and not isinstance(exc, TerminalError):
-                    await asyncio.sleep(backoff * 2 ** (tries - 1))
-                    continue
-                await self._journal_write(position, name, occurrence, "step", "failed", None,
-                                          describe_exception(exc), tries=tries,
-                                          started_at=started)
-                raise
-        text, value = self._ser.roundtrip(
-            result, what=f"result of step {name!r} of run {self.id}")
-        await self._journal_write(position, name, occurrence, "step", "completed", text, None,
-                                  tries=tries, started_at=started)
-        return value
-
-    async def stream_step(self, name: str, fn: Callable[..., AsyncIterator[Any]], *args: Any,
-                          **kwargs: Any) -> AsyncIterator[Any]:
-        """Yield the chunks of the async iterator ``fn(*args, **kwargs)`` as they come,
-        journaling them; a finished stream replays its journaled chunks. A stream
-        cut by a crash is re-run from the start."""
-        position, occurrence, entry = self._next(name, "stream")
-        if entry is not None:
-            if entry["status"] == "completed":
-                for chunk in entry.get("chunks") or []:
-                    yield self._ser.loads(chunk)
-                return
-            if self._replays_failure(position, entry):
-                raise rebuild_exception(entry["error"])
-        started = self.db_now()
-        pending: list[str] = []
-        flushed = 0
-        last_flush = time.monotonic()
-        what = f"chunk of stream step {name!r} of run {self.id}"
+                value = self._ser.loads(entry["output"])
+                await self._await_replay_turn(entry["turn"], entry["calls_before"],
+                                              f"step {name!r}")
+                return value
+            if await self._replays_failure(position, entry):
+                exc = rebuild_exception(entry["error"])
+                await self._await_replay_turn(entry["turn"], entry["calls_before"],
+                                              f"step {name!r}")
+                raise exc
+            self._skip(entry)
+        await self._enter_live()
         try:
-            async for chunk in fn(*args, **kwargs):
-                text, value = self._ser.roundtrip(chunk, what=what)
-                pending.append(text)
-                yield value
-                if time.monotonic() - last_flush >= STREAM_FLUSH_SECONDS:
-                    lost = await self._db(self._store.append_chunks(
-                        run=self.id, epoch=self._claim.epoch, position=position,
-                        chunk_start=flushed, chunks="[" + ",".join(pending) + "]"))
-                    if lost is not None:
-                        raise Abandoned(lost)
-                    flushed += len(pending)
-                    pending = []
-                    last_flush = time.monotonic()
-        except Exception as exc:
-            await self._journal_write(position, name, occurrence, "stream", "failed", None,
-                                      describe_exception(exc), started_at=started)
-            raise
-        await self._journal_write(
-            position, name, occurrence, "stream", "completed",
-            json.dumps({"chunks": flushed + len(pending)}), None, started_at=started,
-            chunks="[" + ",".join(pending) + "]", chunk_start=flushed)
+            started = self.db_now()
+            tries = 0
+            while True:
+                tries += 1
+                try:
+                    result = await call_step_fn(fn, args, kwargs)
+                    break
+                except Exception as exc:
+                    if tries <= retries and not isinstance(exc, TerminalError):
+                        await asyncio.sleep(backoff * 2 ** (tries - 1))
+                        continue
+                    turn, calls = self._take_turn()
+                    try:
+                        await self._journal_write(
+                            position, name, occurrence, "step", "failed", None,
+                            describe_exception(exc), tries=tries, started_at=started,
+                            turn=turn, calls_before=calls, fingerprint=fp)
+                        await self._deliver(turn)
+                    finally:
+                        self._drop(turn)
+                    raise
+            text, value = self._ser.roundtrip(
+                result, what=f"result of step {name!r} of run {self.id}")
+            turn, calls = self._take_turn()
+            try:
+                await self._journal_write(position, name, occurrence, "step", "completed",
+                                          text, None, tries=tries, started_at=started,
+                                          turn=turn, calls_before=calls, fingerprint=fp)
+                await self._deliver(turn)
+            finally:
+                self._drop(turn)
+            return value
+        finally:
+            self._exit_live()
+
+    def _skip(self, entry: dict[str, Any]) -> None:
+        """A journaled failure is executed again: its turn is not replayed."""
+        if entry.get("turn") is not None:
+            self._skipped.add(entry["turn"])
+            self._progress()
+
+    def stream_step(self, name: str, fn: Callable[..., AsyncIterator[Any]], *args: Any,
+                    **kwargs: Any) -> AsyncIterator[Any]:
+        """Yield the chunks of the async iterator ``fn(*args, **kwargs)`` as they come,
+        journaling them. A stream read to its end replays all its chunks; one cut
+        short (``break``, an exception in the loop, ``aclose()``) journals the chunks
+        that were consumed and replays exactly those, without calling ``fn`` again.
+        A stream interrupted by a crash, or left open across a suspension, runs
+        again from the start."""
+        position, occurrence = self._call(name)
+        stream = _Stream(self, position, occurrence, name, fn, args, kwargs)
+        return stream.iterate()
+
+    async def settle(self) -> None:
+        """Called by the worker when the workflow returned or raised: streams it
+        left open were cut short; journal what they delivered."""
+        for stream in list(self._streams):
+            with contextlib.suppress(Abandoned):
+                await stream.journal_cut()
 
     async def wait_signal(self, name: str, timeout: float | None = None) -> Any:
         """The payload of the next signal ``name`` sent to this run.
 
         If none has arrived, the run is suspended (no worker is held) until one
         does, or until ``timeout`` seconds after the first wait, when
-        ``TimeoutError`` is raised here.
+        ``TimeoutError`` is raised here. A retry of a run that failed on that
+        timeout waits again, with a fresh deadline.
         """
-        position, occurrence, entry = self._next(name, "signal")
+        position, occurrence = self._call(name)
+        entry = await self._entry(position)
         if entry is not None:
+            self._check(position, entry, "signal", name, None)
+            what = f"signal {name!r}"
             if entry["status"] == "completed":
-                return self._ser.loads(entry["output"])
-            raise TimeoutError(entry["error"].get("message", f"no signal {name!r}"))
-        outcome, payload = await self._db(self._store.wait_signal(
-            run=self.id, epoch=self._claim.epoch, position=position, name=name,
-            occurrence=occurrence, timeout=timeout, attempt=self.attempt))
-        if outcome == "received":
-            return self._ser.loads(payload)
-        if outcome == "timeout":
-            raise TimeoutError(f"no signal {name!r} arrived within {timeout} s")
-        if outcome == "suspended":
-            until = None if timeout is None else self.db_now() + timedelta(seconds=timeout)
-            raise Suspended(until)
-        raise Abandoned(str(payload))
+                value = self._ser.loads(entry["output"])
+                await self._await_replay_turn(entry["turn"], entry["calls_before"], what)
+                return value
+            if await self._replays_failure(position, entry):
+                await self._await_replay_turn(entry["turn"], entry["calls_before"], what)
+                raise TimeoutError((entry["error"] or {}).get("message",
+                                                              f"no signal {name!r}"))
+            self._skip(entry)
+        gate = await self._close_gate()
+        turn, calls = self._take_turn()
+        try:
+            outcome, payload = await self._db(self._store.wait_signal(
+                run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                occurrence=occurrence, timeout=timeout, attempt=self.attempt, turn=turn,
+                calls_before=calls))
+            if outcome == "suspended":
+                until = None if timeout is None else self.db_now() + timedelta(seconds=timeout)
+                self._suspend(gate, until)
+                raise Suspended(until)
+            self._open_gate(gate)
+            if outcome == "received":
+                value = self._ser.loads(payload)
+                await self._deliver(turn)
+                return value
+            if outcome == "timeout":
+                await self._deliver(turn)
+                raise TimeoutError(f"no signal {name!r} arrived within {timeout} s")
+            self._closed = str(payload)
+            raise Abandoned(str(payload))
+        finally:
+            self._drop(turn)
+            if not gate.done():
+                self._open_gate(gate)
 
     async def sleep(self, name: str, seconds: float) -> None:
         """A durable timer: the run is suspended (no worker held) until it is due."""
-        position, occurrence, entry = self._next(name, "sleep")
+        position, occurrence = self._call(name)
+        entry = await self._entry(position)
         wake_at: datetime | None = None
         if entry is not None:
+            self._check(position, entry, "sleep", name, None)
             wake_at = datetime.fromisoformat(entry["output"])
             if wake_at <= self.db_now():
+                await self._await_replay_turn(entry["turn"], entry["calls_before"],
+                                              f"sleep {name!r}")
                 return
-        outcome, due = await self._db(self._store.sleep_until(
-            run=self.id, epoch=self._claim.epoch, position=position, name=name,
-            occurrence=occurrence, seconds=seconds, wake_at=wake_at, attempt=self.attempt))
-        if outcome == "due":
-            return
-        if outcome == "suspended":
-            raise Suspended(due)
-        raise Abandoned(outcome)
+        gate = await self._close_gate()
+        turn, calls = self._take_turn()
+        try:
+            outcome, due = await self._db(self._store.sleep_until(
+                run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                occurrence=occurrence, seconds=seconds, wake_at=wake_at,
+                attempt=self.attempt, turn=turn if entry is None else None,
+                calls_before=calls if entry is None else None))
+            if outcome == "suspended":
+                self._suspend(gate, due)
+                raise Suspended(due)
+            self._open_gate(gate)
+            if outcome == "due":
+                if entry is None:
+                    await self._deliver(turn)
+                else:
+                    self._drop(turn)
+                    await self._await_replay_turn(entry["turn"], entry["calls_before"],
+                                                  f"sleep {name!r}")
+                return
+            self._closed = outcome
+            raise Abandoned(outcome)
+        finally:
+            self._drop(turn)
+            if not gate.done():
+                self._open_gate(gate)
+
+    async def _fact(self, kind: str, make: Callable[[], Any], encode: Callable[[Any], str],
+                    decode: Callable[[Any], Any]) -> Any:
+        name = f"pgjournal.{kind}"
+        position, occurrence = self._call(name)
+        entry = await self._entry(position)
+        if entry is not None:
+            self._check(position, entry, kind, name, None)
+            value = decode(entry["output"])
+            await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
+            return value
+        await self._enter_live()
+        try:
+            value = make()
+            turn, calls = self._take_turn()
+            try:
+                await self._journal_write(position, name, occurrence, kind, "completed",
+                                          encode(value), None, turn=turn, calls_before=calls)
+                await self._deliver(turn)
+            finally:
+                self._drop(turn)
+            return value
+        finally:
+            self._exit_live()
 
     async def now(self) -> datetime:
         """The current time, journaled: a replay gets the same value."""
-        position, occurrence, entry = self._next("pgjournal.now", "now")
-        if entry is not None:
-            return datetime.fromisoformat(entry["output"])
-        value = self.db_now()
-        await self._journal_write(position, "pgjournal.now", occurrence, "now", "completed",
-                                  json.dumps(value.isoformat()), None)
+        value: datetime = await self._fact(
+            "now", self.db_now, lambda v: json.dumps(v.isoformat()), datetime.fromisoformat)
         return value
 
     async def uuid(self) -> uuidlib.UUID:
         """A random UUID, journaled: a replay gets the same value."""
-        position, occurrence, entry = self._next("pgjournal.uuid", "uuid")
-        if entry is not None:
-            return uuidlib.UUID(entry["output"])
-        value = uuidlib.uuid4()
-        await self._journal_write(position, "pgjournal.uuid", occurrence, "uuid", "completed",
-                                  json.dumps(str(value)), None)
+        value: uuidlib.UUID = await self._fact(
+            "uuid", uuidlib.uuid4, lambda v: json.dumps(str(v)), uuidlib.UUID)
         return value
+
+    # -- after the workflow -------------------------------------------------------------------
+
+    async def unreplayed(self) -> list[dict[str, Any]]:
+        """Journal entries the workflow never asked for (its code changed under the run)."""
+        if not self._claim.has_journal:
+            return []
+        await self._outline()
+        missing = [p for p in range(self._last_position + 1) if p not in self._asked]
+        if not missing:
+            return []
+        found: list[dict[str, Any]] = []
+        for p in missing[:20]:
+            entry = self._entries.get(p)
+            if entry is None and p > self._loaded_upto:
+                entry = await self._entry(p)
+            if entry is not None:
+                found.append({"position": p, "name": entry["name"], "kind": entry["kind"]})
+        return found
+
+    def close(self, reason: str = "finished") -> None:
+        """Wake and unwind whatever the run's branches still wait for."""
+        if self._closed is None:
+            self._closed = reason
+        if self._gate is not None and not self._gate.done():
+            self._gate.set_result(None)
+        self._progress()
+
+
+class _Stream:
+    """One ``stream_step`` call: its replay, or its live iteration and journaling."""
+
+    def __init__(self, run: Run, position: int, occurrence: int, name: str,
+                 fn: Callable[..., AsyncIterator[Any]], args: Any, kwargs: Any) -> None:
+        self.run = run
+        self.position = position
+        self.occurrence = occurrence
+        self.name = name
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.delivered: list[tuple[str, int, int]] = []   # (text, turn, calls_before)
+        self.flushed = 0
+        self.journaled = False
+        self.started = run.db_now()
+
+    async def iterate(self) -> AsyncGenerator[Any, None]:
+        run = self.run
+        entry = await run._entry(self.position)
+        if entry is not None:
+            run._check(self.position, entry, "stream", self.name,
+                       fingerprint(self.fn, self.args, self.kwargs))
+            if entry["status"] == "completed":
+                async for value in self._replay(entry):
+                    yield value
+                return
+            if await run._replays_failure(self.position, entry):
+                async for value in self._replay(entry):
+                    yield value
+                exc = rebuild_exception(entry["error"])
+                await run._await_replay_turn(entry["turn"], entry["calls_before"],
+                                             f"stream {self.name!r}")
+                raise exc
+            run._skip(entry)
+            after = -1
+            while True:  # the chunks of the failed attempt are not replayed either
+                rows = await run._db(run._store.chunk_page(run.id, self.position, after))
+                if not rows:
+                    break
+                for r in rows:
+                    if r["turn"] is not None:
+                        run._skipped.add(r["turn"])
+                after = rows[-1]["seq"]
+        inner = self._live()
+        try:
+            async for value in inner:
+                yield value
+        finally:
+            # Close the live part now (not when it is garbage collected), so a
+            # stream cut short is journaled before the workflow goes on.
+            await inner.aclose()
+
+    async def _replay(self, entry: dict[str, Any]) -> AsyncIterator[Any]:
+        run = self.run
+        after = -1
+        what = f"stream {self.name!r}"
+        while True:
+            rows = await run._db(run._store.chunk_page(run.id, self.position, after))
+            if not rows:
+                break
+            for r in rows:
+                value = run._ser.loads(r["chunk"])
+                await run._await_replay_turn(r["turn"], r["calls_before"], what)
+                yield value
+            after = rows[-1]["seq"]
+        output = entry.get("output") or {}
+        if entry["status"] == "completed" and isinstance(output, dict) and output.get("cut"):
+            # The first execution stopped reading here; so must the replay.
+            raise NonDeterminismError(
+                f"run {run.id}: stream {self.name!r} was cut short after {after + 1} chunks "
+                "on its first execution, and the replay reads past them")
+        if entry["status"] == "completed":
+            await run._await_replay_turn(entry["turn"], entry["calls_before"], what)
+
+    async def _live(self) -> AsyncGenerator[Any, None]:
+        run = self.run
+        await run._enter_live()
+        run._streams.add(self)
+        what = run._what("stream", self.name)
+        finished = False
+        try:
+            last_flush = time.monotonic()
+            async for chunk in self.fn(*self.args, **self.kwargs):
+                text, value = run._ser.roundtrip(chunk, what=what)
+                turn, calls = run._take_turn()
+                try:
+                    await run._deliver(turn)
+                finally:
+                    run._drop(turn)
+                self.delivered.append((text, turn, calls))
+                run._exit_live()
+                try:
+                    yield value
+                finally:
+                    run._live += 1
+                if time.monotonic() - last_flush >= STREAM_FLUSH_SECONDS:
+                    await self._flush()
+                    last_flush = time.monotonic()
+            finished = True
+        except Exception as exc:
+            if not self.journaled:
+                await self._journal("failed", None, describe_exception(exc))
+            raise
+        except GeneratorExit:
+            # Closed by the consumer (break, aclose, an exception in its loop):
+            # what it consumed is what a replay must give it.
+            await self.journal_cut()
+            raise
+        finally:
+            run._streams.discard(self)
+            run._exit_live()
+        if finished and not self.journaled:
+            turn, calls = run._take_turn()
+            try:
+                await self._journal("completed", {"chunks": len(self.delivered)}, None,
+                                    turn=turn, calls=calls)
+                await run._deliver(turn)
+            finally:
+                run._drop(turn)
+
+    async def _flush(self) -> None:
+        run = self.run
+        pending = self.delivered[self.flushed:]
+        if not pending:
+            return
+        lost = await run._db(run._store.append_chunks(
+            run=run.id, epoch=run._claim.epoch, position=self.position,
+            chunk_start=self.flushed, chunks="[" + ",".join(t for t, _, _ in pending) + "]",
+            chunk_turns=[t for _, t, _ in pending], chunk_calls=[c for _, _, c in pending]))
+        if lost is not None:
+            run._closed = lost
+            raise Abandoned(lost)
+        self.flushed += len(pending)
+
+    async def _journal(self, status: str, output: Any, error: dict[str, Any] | None, *,
+                       turn: int | None = None, calls: int | None = None) -> None:
+        run = self.run
+        pending = self.delivered[self.flushed:]
+        self.journaled = True
+        await run._journal_write(
+            self.position, self.name, self.occurrence, "stream", status,
+            json.dumps(output) if output is not None else None, error,
+            started_at=self.started, chunk_start=self.flushed,
+            chunks="[" + ",".join(t for t, _, _ in pending) + "]",
+            chunk_turns=[t for _, t, _ in pending], chunk_calls=[c for _, _, c in pending],
+            turn=turn, calls_before=calls,
+            fingerprint=fingerprint(self.fn, self.args, self.kwargs))
+
+    async def journal_cut(self) -> None:
+        """Journal the chunks consumed so far as the whole stream (once)."""
+        if self.journaled:
+            return
+        self.run._streams.discard(self)
+        # If the run is gone or ending, the stream runs again on resume.
+        with contextlib.suppress(Abandoned, SerializationError, JournalTooLarge):
+            await self._journal("completed", {"chunks": len(self.delivered), "cut": True}, None)
+

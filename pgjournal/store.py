@@ -31,24 +31,26 @@ Pool = AsyncConnectionPool[psycopg.AsyncConnection[Row]]
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A run a worker just claimed, with its journal (in call order)."""
+    """A run a worker just claimed. Its journal, if it has one, is loaded by the
+    run itself in bounded pages (``journal_page``), never inside the claim."""
 
     run_id: UUID
     workflow: str
     queue: str
-    input: dict[str, Any]
+    input: Any
     attempt: int
     max_attempts: int
     epoch: int
     recoveries: int
     db_now: datetime
-    journal: list[dict[str, Any]]
+    has_journal: bool
+    interruptions: int = 0
 
 
 #: Queries that may run twice without harm (reads, and idempotent flag/lease updates).
 _RETRYABLE = frozenset({
     "schema_version", "request_result", "heartbeat", "get_run", "get_steps", "get_chunks",
-    "get_signals", "get_events", "list_runs",
+    "get_signals", "get_events", "list_runs", "journal_outline", "journal_page", "chunk_page",
 })
 
 
@@ -167,17 +169,42 @@ class Store:
         return row["run_id"], row["created"]
 
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
-                    lease: float, *, hungry: bool = False) -> list[Claim]:
+                    lease: float, *, hungry: bool = False,
+                    workflows: Sequence[str] | None = None) -> list[Claim]:
         """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
-        sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``)."""
+        sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``).
+        ``workflows``: claim only runs of these (None: any)."""
         rows = await self.fetch("go_hungry" if hungry else "claim_runs", worker=worker,
-                                queues=list(queues), limit=limit, lease=lease)
+                                queues=list(queues), limit=limit, lease=lease,
+                                workflows=None if workflows is None else list(workflows))
         return [
             Claim(r["id"], r["workflow"], r["queue"], r["input"], r["attempt"],
                   r["max_attempts"], r["lease_epoch"], r["recoveries"], r["db_now"],
-                  r["journal"])
+                  r["has_journal"], r["interruptions"])
             for r in rows
         ]
+
+    async def journal_outline(self, run: UUID) -> Row:
+        """Delivery turns (sorted), last position, entry count and bytes of a journal."""
+        row = await self.fetchone("journal_outline", run=run)
+        assert row is not None
+        return row
+
+    async def journal_page(self, run: UUID, after: int, *, limit: int = 500,
+                           max_bytes: int = 8 * 1024 * 1024) -> list[Row]:
+        """Journal entries after position ``after``: at most ``limit`` rows and,
+        past the first, about ``max_bytes`` of values."""
+        return await self.fetch("journal_page", run=run, after=after, limit=limit,
+                                max_bytes=max_bytes)
+
+    async def chunk_page(self, run: UUID, position: int, after: int, *, limit: int = 2000,
+                         max_bytes: int = 8 * 1024 * 1024) -> list[Row]:
+        """Chunks of the stream entry at ``position`` after chunk ``after``, bounded."""
+        return await self.fetch("chunk_page", run=run, position=position, after=after,
+                                limit=limit, max_bytes=max_bytes)
+
+    async def note_run_event(self, run: UUID, epoch: int, detail: dict[str, Any]) -> None:
+        await self.fetch("note_run_event", run=run, epoch=epoch, detail=json.dumps(detail))
 
     async def journal_step(self, **params: Any) -> str | None:
         """Write one journal entry (see ``journal_step`` in SQL); None or the lost status."""
@@ -185,19 +212,30 @@ class Store:
         params.setdefault("started_at", None)
         params.setdefault("chunks", None)
         params.setdefault("chunk_start", 0)
+        params.setdefault("turn", None)
+        params.setdefault("fingerprint", None)
+        params.setdefault("chunk_turns", None)
+        params.setdefault("calls_before", None)
+        params.setdefault("chunk_calls", None)
         row = await self.fetchone("journal_step", **params)
         return row["lost"] if row else "deleted"
 
     async def append_chunks(self, **params: Any) -> str | None:
+        params.setdefault("chunk_turns", None)
+        params.setdefault("chunk_calls", None)
         row = await self.fetchone("append_chunks", **params)
         return row["lost"] if row else "deleted"
 
     async def wait_signal(self, **params: Any) -> tuple[str, Any]:
+        params.setdefault("turn", None)
+        params.setdefault("calls_before", None)
         row = await self.fetchone("wait_signal", **params)
         assert row is not None
         return row["outcome"], row["payload"]
 
     async def sleep_until(self, **params: Any) -> tuple[str, datetime | None]:
+        params.setdefault("turn", None)
+        params.setdefault("calls_before", None)
         row = await self.fetchone("sleep_until", **params)
         assert row is not None
         return row["outcome"], row["wake_at"]
@@ -230,16 +268,21 @@ class Store:
         return [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in rows]
 
     async def register_worker(self, worker: UUID, host: str, pid: int,
-                              queues: Sequence[str], concurrency: int) -> None:
+                              queues: Sequence[str], concurrency: int, *,
+                              lease: float | None = None,
+                              workflows: Sequence[str] | None = None) -> None:
         await self.fetch("register_worker", id=worker, host=host, pid=pid,
-                         queues=list(queues), concurrency=concurrency)
+                         queues=list(queues), concurrency=concurrency, lease=lease,
+                         workflows=None if workflows is None else list(workflows))
 
     async def stop_worker(self, worker: UUID) -> None:
         await self.fetch("stop_worker", id=worker)
 
-    async def send_signal(self, run: UUID, name: str, payload: Any) -> int:
+    async def send_signal(self, run: UUID, name: str, payload: Any, *,
+                          idempotency_key: str | None = None) -> int:
         text = self.serializer.dumps(payload, what=f"payload of signal {name!r}")
-        row = await self.fetchone("send_signal", run=run, name=name, payload=text)
+        row = await self.fetchone("send_signal", run=run, name=name, payload=text,
+                                  idempotency_key=idempotency_key)
         assert row is not None
         return int(row["signal_id"])
 

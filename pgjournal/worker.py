@@ -29,6 +29,18 @@ from .store import Claim, Store
 log = logging.getLogger("pgjournal.worker")
 
 
+def _unwinding(group: BaseExceptionGroup[BaseException]) -> Suspended | Abandoned | None:
+    """The suspension or abandonment inside an exception group, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, Suspended | Abandoned):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _unwinding(exc)
+            if inner is not None:
+                return inner
+    return None
+
+
 class _Completer:
     """Group commit for run completions: one statement per batch."""
 
@@ -184,10 +196,10 @@ class Worker:
         return len(claims)
 
     def _spawn(self, claim: Claim) -> None:
-        if claim.recoveries and claim.journal:
+        if claim.recoveries and claim.has_journal:
             log.info("run %s (%s) recovered after its worker vanished (recovery %d); "
-                     "replaying %d journaled steps", claim.run_id, claim.workflow,
-                     claim.recoveries, len(claim.journal))
+                     "replaying its journal", claim.run_id, claim.workflow,
+                     claim.recoveries)
         else:
             log.info("claimed run %s (%s) attempt %d", claim.run_id, claim.workflow,
                      claim.attempt)
@@ -236,7 +248,8 @@ class Worker:
             try:
                 data = self.app.serializer.loads(claim.input)
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
-                run = Run(store, self.app.serializer, claim)
+                run = Run(store, self.app.serializer, claim,
+                          max_journal_bytes=self.app.max_journal_bytes)
                 wf.signature.bind(run, *args, **kwargs)
             except Exception as exc:
                 await self._fail(claim, exc, terminal=True, error={
@@ -244,8 +257,21 @@ class Worker:
                     "message": f"cannot call workflow {wf.name!r} with this input: {exc}"})
                 return
             try:
-                async with asyncio.timeout(wf.timeout):
-                    output = await wf.fn(run, *args, **kwargs)
+                try:
+                    async with asyncio.timeout(wf.timeout):
+                        output = await wf.fn(run, *args, **kwargs)
+                finally:
+                    await run.settle()
+            except BaseExceptionGroup as group:
+                # A TaskGroup in the workflow wraps what unwinds it.
+                found = _unwinding(group)
+                if found is None:
+                    raise
+                if isinstance(found, Suspended):
+                    self._timer_wake(found.until, run)
+                else:
+                    self._log_abandoned(claim, found.status)
+                return
             except Suspended as s:
                 log.debug("run %s suspended until %s", claim.run_id, s.until)
                 self._timer_wake(s.until, run)
@@ -260,6 +286,17 @@ class Worker:
                 terminal = isinstance(exc, TerminalError | SerializationError)
                 await self._fail(claim, exc, terminal=terminal, wf=wf)
                 return
+            finally:
+                run.close()
+            unasked = await run.unreplayed()
+            if unasked:
+                names = ", ".join(f"{e['kind']} {e['name']!r} at {e['position']}"
+                                  for e in unasked)
+                log.warning("run %s (%s) completed, but its journal holds entries the "
+                            "replay never asked for (the workflow code changed under the "
+                            "run?): %s", claim.run_id, claim.workflow, names)
+                await store.note_run_event(claim.run_id, claim.epoch, {
+                    "event": "unreplayed_entries", "entries": unasked})
             try:
                 text = self.app.serializer.dumps(output, what=f"output of workflow {wf.name!r}")
             except SerializationError as exc:

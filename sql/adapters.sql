@@ -5,13 +5,13 @@
 -- name: write
 SELECT {schema}.adapter_write(
     %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(position)s, %(first)s,
-    %(replace)s, %(name)s, %(kind)s, %(status)s, %(output)s::jsonb, %(error)s::jsonb,
-    %(meta)s::jsonb, %(started_at)s, %(finished_at)s, %(chunks)s::jsonb) AS position;
+    %(replace)s, %(name)s, %(kind)s, %(status)s, %(output)s::json, %(error)s::jsonb,
+    %(meta)s::jsonb, %(started_at)s, %(finished_at)s, %(chunks)s::json) AS position;
 
 -- name: put_named
 SELECT {schema}.adapter_put_named(
     %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(name)s, %(kind)s,
-    %(output)s::jsonb, %(chunks)s::jsonb) AS position;
+    %(output)s::json, %(chunks)s::json) AS position;
 
 -- name: set_status
 SELECT {schema}.adapter_set_status(
@@ -19,17 +19,17 @@ SELECT {schema}.adapter_set_status(
 
 -- name: save_run
 SELECT {schema}.adapter_save_run(
-    %(run)s, %(source)s, %(workflow)s, %(status)s, %(input)s::jsonb, %(output)s::jsonb,
+    %(run)s, %(source)s, %(workflow)s, %(status)s, %(input)s::json, %(output)s::json,
     %(error)s::jsonb, %(meta)s::jsonb, %(created_at)s, %(updated_at)s);
 
 -- name: set_output
 SELECT {schema}.adapter_set_output(
-    %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(output)s::jsonb,
+    %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(output)s::json,
     %(meta_patch)s::jsonb);
 
 -- name: send_signal
 SELECT {schema}.adapter_send_signal(
-    %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(name)s, %(payload)s::jsonb)
+    %(run)s, %(source)s, %(workflow)s, %(run_meta)s::jsonb, %(name)s, %(payload)s::json)
     AS signal_id;
 
 -- name: take_signal

@@ -7,36 +7,41 @@ SELECT max(version) AS version FROM {schema}.migrations;
 
 -- name: start_run
 SELECT run_id, created FROM {schema}.start_run(
-    %(id)s, %(workflow)s, %(queue)s, %(input)s::jsonb, %(priority)s, %(delay)s,
+    %(id)s, %(workflow)s, %(queue)s, %(input)s::json, %(priority)s, %(delay)s,
     %(idempotency_key)s, %(max_attempts)s, %(max_recoveries)s, %(source)s, %(meta)s::jsonb);
 
 -- name: claim_runs
-SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s);
+SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s,
+    %(workflows)s);
 
 -- name: go_hungry
-SELECT * FROM {schema}.go_hungry(%(worker)s, %(queues)s, %(limit)s, %(lease)s);
+SELECT * FROM {schema}.go_hungry(%(worker)s, %(queues)s, %(limit)s, %(lease)s,
+    %(workflows)s);
 
 -- name: journal_step
 SELECT {schema}.journal_step(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(kind)s, %(status)s,
-    %(output)s::jsonb, %(error)s::jsonb, %(attempt)s, %(tries)s, %(started_at)s,
-    %(chunks)s::jsonb, %(chunk_start)s) AS lost;
+    %(output)s::json, %(error)s::jsonb, %(attempt)s, %(tries)s, %(started_at)s,
+    %(chunks)s::json, %(chunk_start)s, %(turn)s, %(fingerprint)s, %(chunk_turns)s,
+    %(calls_before)s, %(chunk_calls)s) AS lost;
 
 -- name: append_chunks
 SELECT {schema}.append_chunks(
-    %(run)s, %(epoch)s, %(position)s, %(chunk_start)s, %(chunks)s::jsonb) AS lost;
+    %(run)s, %(epoch)s, %(position)s, %(chunk_start)s, %(chunks)s::json,
+    %(chunk_turns)s, %(chunk_calls)s) AS lost;
 
 -- name: wait_signal
 SELECT outcome, payload FROM {schema}.wait_signal(
-    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(timeout)s, %(attempt)s);
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(timeout)s, %(attempt)s,
+    %(turn)s, %(calls_before)s);
 
 -- name: sleep_until
 SELECT outcome, wake_at FROM {schema}.sleep_until(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(seconds)s,
-    %(wake_at)s, %(attempt)s);
+    %(wake_at)s, %(attempt)s, %(turn)s, %(calls_before)s);
 
 -- name: complete_runs
-SELECT run_id FROM {schema}.complete_runs(%(ids)s, %(epochs)s, %(outputs)s::jsonb[]);
+SELECT run_id FROM {schema}.complete_runs(%(ids)s, %(epochs)s, %(outputs)s::json[]);
 
 -- name: fail_run
 SELECT {schema}.fail_run(%(run)s, %(epoch)s, %(error)s::jsonb, %(delay)s, %(terminal)s)
@@ -49,13 +54,15 @@ SELECT {schema}.release_runs(%(ids)s, %(epochs)s) AS released;
 SELECT lost_run_id, status, lease_epoch FROM {schema}.heartbeat(%(worker)s, %(ids)s, %(epochs)s, %(lease)s);
 
 -- name: register_worker
-SELECT {schema}.register_worker(%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s);
+SELECT {schema}.register_worker(%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s,
+    %(lease)s, %(workflows)s);
 
 -- name: stop_worker
 SELECT {schema}.stop_worker(%(id)s);
 
 -- name: send_signal
-SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::jsonb) AS signal_id;
+SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::json, %(idempotency_key)s)
+    AS signal_id;
 
 -- name: cancel_run
 SELECT {schema}.cancel_run(%(run)s) AS status;
@@ -95,3 +102,15 @@ WHERE (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
 ORDER BY created_at DESC
 LIMIT %(limit)s;
+
+-- name: journal_outline
+SELECT turns, last_position, entries, bytes FROM {schema}.journal_outline(%(run)s);
+
+-- name: journal_page
+SELECT * FROM {schema}.journal_page(%(run)s, %(after)s, %(limit)s, %(max_bytes)s);
+
+-- name: chunk_page
+SELECT * FROM {schema}.chunk_page(%(run)s, %(position)s, %(after)s, %(limit)s, %(max_bytes)s);
+
+-- name: note_run_event
+SELECT {schema}.note_run_event(%(run)s, %(epoch)s, %(detail)s::jsonb);

@@ -99,7 +99,7 @@ async def test_postgres_killed_under_load_loses_nothing(
             late = conn.execute(
                 f'SELECT e.run_id, e.step FROM "{schema}".test_effects e '
                 f'JOIN "{schema}".steps s ON s.run_id::text = e.run_id '
-                "AND s.output = to_jsonb(e.step) WHERE e.at > s.finished_at").fetchall()
+                "AND s.output::jsonb = to_jsonb(e.step) WHERE e.at > s.finished_at").fetchall()
             assert late == [], "a step ran again after its result was journaled"
             counts = conn.execute(
                 f'SELECT count(*), count(DISTINCT (run_id, position)) FROM "{schema}".steps'

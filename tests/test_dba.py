@@ -254,7 +254,7 @@ async def test_stuck_runs(pgjournal_app: pgjournal.App, db: Db) -> None:
         h = await app.start("batch", i, queue="q")
         (c,) = db.rows("SELECT * FROM claim_runs(%s, ARRAY['q'], 1, 600)", me)
         assert c["id"] == h.run_id
-        db.rows("SELECT * FROM complete_runs(%s, %s, ARRAY['1']::jsonb[])",
+        db.rows("SELECT * FROM complete_runs(%s, %s, ARRAY['1']::json[])",
                 [h.run_id], [c["lease_epoch"]])
     slow = await app.start("batch", "slow", queue="q")
     fresh = await app.start("batch", "fresh", queue="q")
@@ -370,7 +370,7 @@ async def test_psql_walkthrough(pgjournal_app: pgjournal.App, serving: Serving,
     start, _reg, claim, journal, complete, _stop = db.doc("psql-worker")
     run_id = start[0]["run_id"]
     assert claim[0]["id"] == run_id and claim[0]["lease_epoch"] == 1
-    assert claim[0]["journal"] == [] and claim[0]["input"] == {"args": [], "kwargs": {
+    assert claim[0]["has_journal"] is False and claim[0]["input"] == {"args": [], "kwargs": {
         "file": "a.csv"}}
     assert journal == [{"journal_step": None}]
     assert complete == [{"run_id": run_id}]

@@ -109,7 +109,7 @@ class PgjournalAdapter(Adapter):
     async def enqueue_batch(self, n: int, mode: str = MODE_NOOP) -> None:
         await (await self._c()).execute(
             f'SELECT "{SCHEMA}".start_run(gen_random_uuid(), %s, %s, '
-            "'{\"args\": [0.0], \"kwargs\": {}}'::jsonb) FROM generate_series(1, %s)",
+            "'{\"args\": [0.0], \"kwargs\": {}}'::json) FROM generate_series(1, %s)",
             (WORKFLOW_OF_MODE[mode], QUEUE_NAME, n))
 
     async def enqueue_recover(self) -> None:
