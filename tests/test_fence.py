@@ -11,6 +11,7 @@ be accepted: a test that passes because its arguments were wrong cannot hide.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -266,3 +267,38 @@ def test_completed_entry_is_never_overwritten(db: Sql) -> None:
     (row,) = db.conn.execute("SELECT status, output FROM steps WHERE run_id = %s "
                              "AND position = 2", (run,)).fetchall()
     assert (row["status"], row["output"]) == ("completed", "retried")
+
+
+def test_heartbeat_is_not_blocked_by_a_dba_lock_on_one_run(
+        db: Sql, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """A DBA transaction holding one run row FOR UPDATE: the heartbeat renews the
+    worker's other runs at once and reports the locked one as not renewed."""
+    worker = db.register()
+    a, b = sorted([db.start(), db.start()])
+    claimed = db.call("claim_runs", worker=worker, queues=["default"], limit=2,
+                      lease_seconds=30.0)
+    epochs = {r["id"]: r["lease_epoch"] for r in claimed}
+    assert set(epochs) == {a, b}
+
+    def due(run: uuid.UUID) -> Any:
+        return db.conn.execute("SELECT due_at FROM runs WHERE id = %s",
+                               (run,)).fetchone()["due_at"]  # type: ignore[index]
+
+    before = {a: due(a), b: due(b)}
+    with psycopg.connect(pgjournal_dsn) as dba:
+        dba.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pgjournal_schema)))
+        dba.execute("SELECT 1 FROM runs WHERE id = %s FOR UPDATE", (a,))  # held open
+        db.conn.execute("SET statement_timeout = '10s'")  # fail, rather than hang
+        t0 = time.monotonic()
+        lost = db.call("heartbeat", worker=worker, ids=[a, b], epochs=[epochs[a], epochs[b]],
+                       lease_seconds=30.0)
+        took = time.monotonic() - t0
+        assert took < 2.0, f"the heartbeat waited {took:.1f}s on the DBA's lock"
+        assert [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in lost] == [
+            (a, "busy", epochs[a])]
+        assert due(b) > before[b], "the unlocked run's lease was not renewed"
+        assert due(a) == before[a]
+        dba.rollback()
+    assert db.call("heartbeat", worker=worker, ids=[a, b], epochs=[epochs[a], epochs[b]],
+                   lease_seconds=30.0) == []
+    assert due(a) > before[a]

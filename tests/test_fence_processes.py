@@ -128,10 +128,10 @@ async def test_kill9_mid_stream_after_a_chunk_flush(
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "item 16 not implemented: run.py starts a step after its locally known lease "
-    "deadline without confirming the lease, so a worker that wakes up past its lease "
-    "runs the next step's side effect under a superseded epoch (the fence only stops "
-    "its journal write); the chaos harness finds the same with SIGSTOP"))
+    "item 16 not done: Run checks a LeaseGuard before live work (_enter_live), but the "
+    "Worker gives it none yet, so a worker that wakes up past its lease runs the next "
+    "step's side effect under a superseded epoch (the fence only stops its journal "
+    "write); the chaos harness finds the same with SIGSTOP"))
 async def test_worker_past_its_lease_starts_no_step(
         pgjournal_app: pgjournal.App, effects: Effects, spawn_worker: Any,
         tmp_path: Path) -> None:
