@@ -144,8 +144,13 @@ class Scene:
             assert self.current == self.stale + 1
             assert db.append_chunks(self.run, self.current, 1) is None
             db.call("send_signal", run=self.run, name="go", payload='"payload"')
-        else:
+        elif how == "cancel":
             assert db.scalar("cancel_run", run=self.run) == "cancelled"
+            self.current = None
+        else:  # parked dead by the next claim: its recoveries are used up
+            db.conn.execute("UPDATE runs SET max_recoveries = 0 WHERE id = %s", (self.run,))
+            assert db.call("claim_runs", worker=db.register(), queues=["default"], limit=1,
+                           lease_seconds=3600.0) == []
             self.current = None
         self.next_position = 2
 
@@ -215,26 +220,29 @@ def test_superseded_epoch_is_refused_and_changes_nothing(db: Sql, fn: str) -> No
     assert db.snapshot() != before or fn == "heartbeat"
 
 
+@pytest.mark.parametrize("how", ["cancel", "dead"])
 @pytest.mark.parametrize("fn", FENCED)
-def test_cancelled_run_refuses_its_owner(db: Sql, fn: str) -> None:
-    """cancel_run moves the epoch on: the owner's next write is refused."""
+def test_ended_run_refuses_its_owner(db: Sql, fn: str, how: str) -> None:
+    """cancel_run, and the parking of a poison run as dead, move the epoch on:
+    the owner's next write is refused and changes nothing."""
+    status = {"cancel": "cancelled", "dead": "dead"}[how]
+    scene = Scene(db, how)
+    (row,) = db.conn.execute("SELECT status, lease_epoch FROM runs WHERE id = %s",
+                             (scene.run,)).fetchall()
+    assert (row["status"], row["lease_epoch"]) == (status, scene.stale + 1)
+    before = db.snapshot()
     if fn == "heartbeat":
-        scene = Scene(db, "cancel")
-        before = db.snapshot()
         lost = db.heartbeat(scene.old_worker, scene.run, scene.stale)
-        assert [(r["status"], r["lease_epoch"]) for r in lost] == [
-            ("cancelled", scene.stale + 1)]
+        assert [(r["status"], r["lease_epoch"]) for r in lost] == [(status, scene.stale + 1)]
         assert db.snapshot() == before
         return
-    scene = Scene(db, "cancel")
-    before = db.snapshot()
     accepted, result = _attempt(scene, fn, scene.stale)
-    assert not accepted, f"{fn} wrote to a cancelled run: {result!r}"
+    assert not accepted, f"{fn} wrote to a {status} run: {result!r}"
     assert db.snapshot() == before
     if fn in ("journal_step", "overwrite_step", "append_chunks"):
-        assert result == "cancelled"
+        assert result == status
     elif fn == "fail_run":
-        assert result == "lost:cancelled"
+        assert result == f"lost:{status}"
 
 
 def test_stale_heartbeat_does_not_extend_the_new_lease(db: Sql) -> None:
