@@ -93,9 +93,12 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
     app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
 
     async def step(run: pgjournal.Run, name: str, occurrence: int, pause: float) -> str:
-        # The epoch is read when the step is called: the one it executes under.
-        return str(await run.step(name, effect, str(run.id), name, occurrence, _epoch(run),
-                                  pause))
+        def call() -> str:
+            # The epoch is read when the step function runs: the one it executes
+            # under. Not an argument: arguments are fingerprinted for replay.
+            return effect(str(run.id), name, occurrence, _epoch(run), pause)
+
+        return str(await run.step(name, call))
 
     @app.workflow(queue=QUEUE, max_attempts=3, retry_backoff=0.1, max_recoveries=1000)
     async def chaos(run: pgjournal.Run, ticks: int, nap: float, parallel: bool,
@@ -242,10 +245,16 @@ class Harness:
         for run_id, waiting in rows:
             if run_id in self.signaled or not (waiting or self.rng.random() < 0.3):
                 continue
-            # Sent at most once even if a server kill hides whether it committed.
-            self.q("SELECT send_signal(r.id, 'go', to_jsonb(%s::text)) FROM runs r "
-                   "WHERE r.id = %s AND NOT EXISTS (SELECT 1 FROM signals g "
-                   "WHERE g.run_id = r.id AND g.name = 'go')", f"sig-{run_id[:8]}", run_id)
+            # Sent at most once even if a server kill hides whether it committed
+            # (q retries it): the idempotency key makes the retry a no-op.
+            try:
+                self.q("SELECT send_signal(%s, 'go', to_json(%s::text), "
+                       "p_idempotency_key => %s)", run_id, f"sig-{run_id[:8]}",
+                       f"chaos-{run_id}")
+            except psycopg.Error as exc:
+                if exc.sqlstate != "PJ409":  # the run ended meanwhile (it failed)
+                    raise
+                continue
             self.signaled.add(run_id)
             self.faults.signals_sent += 1
 
@@ -398,7 +407,8 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         results = check(h)
         (recov,) = h.q("SELECT coalesce(sum(recoveries), 0)::int, count(*) FILTER "
-                       "(WHERE attempt > 1)::int FROM runs")
+                       "(WHERE attempt > 1)::int, coalesce(sum(interruptions), 0)::int "
+                       "FROM runs")
         (journal,) = h.q("SELECT count(*) FILTER (WHERE kind = 'step'), count(*) FILTER "
                          "(WHERE kind = 'sleep'), count(*) FILTER (WHERE kind = 'signal'), "
                          "count(*) FILTER (WHERE name ~ '^p[ab][12]$') FROM steps")
@@ -416,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
             ("signals sent", str(f.signals_sent)),
             ("worker processes started", str(f.workers_started)),
             ("crash recoveries (claims of an expired lease)", str(recov[0])),
+            ("claims after a server restart (interruptions)", str(recov[2])),
             ("runs retried (attempt > 1)", str(recov[1])),
             ("journal entries: steps / sleeps / signals / parallel", "/".join(map(str, journal))),
             ("step re-executions (side effect before a lost journal write)", str(reexec[0])),
@@ -434,7 +445,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "runs": args.runs, "seconds": elapsed, "faults": f.__dict__,
-                "recoveries": recov[0], "retried": recov[1], "fenced_off": refused,
+                "recoveries": recov[0], "retried": recov[1], "interruptions": recov[2],
+                "fenced_off": refused, "parallel": args.parallel, "pauses": args.pauses,
                 "invariants": {label: {"checked": n, "violations": len(bad),
                                        "examples": [list(map(str, r)) for r in bad[:5]]}
                                for label, _w, n, bad in results}}, indent=2))

@@ -26,8 +26,9 @@ def chaos(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, object]]:
 
 
 def test_chaos_small_without_pauses(tmp_path: Path) -> None:
-    """Worker kill -9 and a server kill -9: every invariant must hold."""
-    code, text, figures = chaos(tmp_path, "--no-parallel", "--no-pauses", "--seed", "7")
+    """Worker kill -9 and a server kill -9, parallel steps included: every
+    invariant must hold."""
+    code, text, figures = chaos(tmp_path, "--no-pauses", "--seed", "7")
     faults = figures["faults"]
     assert isinstance(faults, dict)
     assert faults["worker_kills"] >= 2 and faults["server_kills"] == 1, text
@@ -40,7 +41,7 @@ def test_chaos_small_with_pauses(tmp_path: Path) -> None:
     fail whenever a paused worker wakes up between two steps (item 16 is not
     implemented: see test_worker_past_its_lease_starts_no_step), an expected
     failure until it is."""
-    code, text, figures = chaos(tmp_path, "--no-parallel", "--seed", "11")
+    code, text, figures = chaos(tmp_path, "--seed", "11")
     inv = figures["invariants"]
     assert isinstance(inv, dict)
     faults = figures["faults"]
