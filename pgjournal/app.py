@@ -13,7 +13,14 @@ from typing import Any, TypeVar
 
 from ._sql import validate_identifier
 from .connect import resolve_dsn
-from .errors import Cancelled, ConfigurationError, DatabaseUnavailable, RunFailed, UnknownRun
+from .errors import (
+    Cancelled,
+    ConfigurationError,
+    DatabaseUnavailable,
+    RunFailed,
+    SerializationError,
+    UnknownRun,
+)
 from .listener import Listener
 from .migrations import migrate
 from .run import DEFAULT_MAX_JOURNAL_BYTES
@@ -249,8 +256,17 @@ class App:
         return RunHandle(self, _as_uuid(run_id))
 
     async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
-        """Send signal ``name`` to a run; durable even if the run is not waiting yet."""
-        await (await self.store()).send_signal(_as_uuid(run_id), name, payload)
+        """Send signal ``name`` to a run; durable even if the run is not waiting yet.
+
+        A payload that cannot be stored exactly raises ``SerializationError``
+        (naming the run and the path inside the payload) before any SQL.
+        """
+        rid = _as_uuid(run_id)
+        store = await self.store()
+        try:
+            await store.send_signal(rid, name, payload)
+        except SerializationError as exc:
+            raise SerializationError(f"{exc} (signal to run {rid})") from exc
 
     async def cancel(self, run_id: uuid.UUID | str) -> str:
         """Cancel a run; a running one stops at its next step. Returns its status."""

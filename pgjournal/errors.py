@@ -53,12 +53,21 @@ class JournalTooLarge(TerminalError):
 
 
 class StepError(PgJournalError):
-    """A journaled step failure replayed when the original exception type cannot be rebuilt."""
+    """A journaled step failure replayed when the original exception cannot be rebuilt.
 
-    def __init__(self, type_name: str, message: str) -> None:
+    That happens when its class is not importable from an already-imported
+    module, is not an ``Exception``, or its ``args`` were not JSON values.
+    ``type_name``, ``module`` and ``message`` name the original;
+    ``attributes`` holds those of its attributes that were JSON values.
+    """
+
+    def __init__(self, type_name: str, message: str, *, module: str = "",
+                 attributes: dict[str, object] | None = None) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
+        self.module = module
+        self.attributes = dict(attributes or {})
 
 
 class RunFailed(PgJournalError):

@@ -30,6 +30,7 @@ import inspect
 import json
 import time
 import uuid as uuidlib
+import weakref
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -138,7 +139,8 @@ class Run:
         # Call identity.
         self._position = 0
         self._occurrences: Counter[str] = Counter()
-        self._tasks: set[int] = set()
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self._main_task = asyncio.current_task()
         # The journal, loaded lazily in pages.
         self._outlined = not claim.has_journal
         self._last_position = -1
@@ -178,7 +180,7 @@ class Run:
         self._raise_if_closed()
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(id(task))
+            self._tasks.add(task)
         position = self._position
         self._position += 1
         occurrence = self._occurrences[name]
@@ -203,8 +205,16 @@ class Run:
                 "branches: the branches must reach their steps in an order that depends "
                 "only on journaled results)"
             )
-        if (fp is not None and entry.get("fingerprint") is not None and len(self._tasks) > 1
-                and entry["fingerprint"] != fp):
+        if fp is None or entry.get("fingerprint") in (None, fp):
+            return
+        if entry["status"] == "failed" and entry["attempt"] < self.attempt:
+            return  # may be executed again by this retry, with this attempt's arguments
+        # Arguments are checked only while parallel branches of the run are alive:
+        # there they tell whose result an entry is. Sequential code may pass
+        # values that are not journaled (a timestamp in a log line) without harm.
+        current = asyncio.current_task()
+        in_branch = current is not None and current is not self._main_task
+        if in_branch or sum(1 for t in self._tasks if not t.done()) > 1:
             raise NonDeterminismError(
                 f"run {self.id}: {kind} {name!r} at position {position} was called with other "
                 "arguments (or another function) than the journaled call there. In parallel "
@@ -366,6 +376,11 @@ class Run:
         try:
             while self._live > 0:
                 await self._changed.wait()
+            # Streams the workflow holds open are journaled as cut here, in case
+            # the run suspends: a replay then gives back what was read and does
+            # not call the model again. If the run goes on instead, so can they.
+            for stream in list(self._streams):
+                await stream.journal_cut(final=False)
         except BaseException:
             self._open_gate(gate)
             raise
@@ -511,7 +526,7 @@ class Run:
         left open were cut short; journal what they delivered."""
         for stream in list(self._streams):
             with contextlib.suppress(Abandoned):
-                await stream.journal_cut()
+                await stream.journal_cut(final=True)
 
     async def wait_signal(self, name: str, timeout: float | None = None) -> Any:
         """The payload of the next signal ``name`` sent to this run.
@@ -612,15 +627,15 @@ class Run:
             return value
         await self._enter_live()
         try:
-            value = make()
+            text = encode(make())
             turn, calls = self._take_turn()
             try:
                 await self._journal_write(position, name, occurrence, kind, "completed",
-                                          encode(value), None, turn=turn, calls_before=calls)
+                                          text, None, turn=turn, calls_before=calls)
                 await self._deliver(turn)
             finally:
                 self._drop(turn)
-            return value
+            return decode(json.loads(text))  # what a replay will see, tzinfo included
         finally:
             self._exit_live()
 
@@ -721,21 +736,28 @@ class _Stream:
         run = self.run
         after = -1
         what = f"stream {self.name!r}"
-        while True:
+        output = entry.get("output")
+        cut = (entry["status"] == "completed" and isinstance(output, dict)
+               and bool(output.get("cut")))
+        count = output.get("chunks") if cut and isinstance(output, dict) else None
+        while count is None or after + 1 < count:
             rows = await run._db(run._store.chunk_page(run.id, self.position, after))
             if not rows:
                 break
             for r in rows:
+                if count is not None and r["seq"] >= count:
+                    break
                 value = run._ser.loads(r["chunk"])
                 await run._await_replay_turn(r["turn"], r["calls_before"], what)
                 yield value
-            after = rows[-1]["seq"]
-        output = entry.get("output") or {}
-        if entry["status"] == "completed" and isinstance(output, dict) and output.get("cut"):
+                after = r["seq"]
+        if cut:
             # The first execution stopped reading here; so must the replay.
             raise NonDeterminismError(
                 f"run {run.id}: stream {self.name!r} was cut short after {after + 1} chunks "
-                "on its first execution, and the replay reads past them")
+                "on its first execution, and the replay reads past them (a stream left "
+                "open while the run waited for a signal or slept cannot be read on after "
+                "it resumes: read it to the end, or stop reading it, before waiting)")
         if entry["status"] == "completed":
             await run._await_replay_turn(entry["turn"], entry["calls_before"], what)
 
@@ -771,7 +793,7 @@ class _Stream:
         except GeneratorExit:
             # Closed by the consumer (break, aclose, an exception in its loop):
             # what it consumed is what a replay must give it.
-            await self.journal_cut()
+            await self.journal_cut(final=True)
             raise
         finally:
             run._streams.discard(self)
@@ -804,21 +826,27 @@ class _Stream:
         run = self.run
         pending = self.delivered[self.flushed:]
         self.journaled = True
+        start = self.flushed
+        self.flushed = len(self.delivered)
         await run._journal_write(
             self.position, self.name, self.occurrence, "stream", status,
             json.dumps(output) if output is not None else None, error,
-            started_at=self.started, chunk_start=self.flushed,
+            started_at=self.started, chunk_start=start,
             chunks="[" + ",".join(t for t, _, _ in pending) + "]",
             chunk_turns=[t for _, t, _ in pending], chunk_calls=[c for _, _, c in pending],
             turn=turn, calls_before=calls,
             fingerprint=fingerprint(self.fn, self.args, self.kwargs))
 
-    async def journal_cut(self) -> None:
-        """Journal the chunks consumed so far as the whole stream (once)."""
+    async def journal_cut(self, *, final: bool) -> None:
+        """Journal the chunks consumed so far as the whole stream. ``final=False``:
+        the consumer may still read on (the entry is then extended)."""
         if self.journaled:
             return
-        self.run._streams.discard(self)
+        if final:
+            self.run._streams.discard(self)
         # If the run is gone or ending, the stream runs again on resume.
         with contextlib.suppress(Abandoned, SerializationError, JournalTooLarge):
             await self._journal("completed", {"chunks": len(self.delivered), "cut": True}, None)
+        if not final:
+            self.journaled = False
 

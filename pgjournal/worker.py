@@ -42,7 +42,13 @@ def _unwinding(group: BaseExceptionGroup[BaseException]) -> Suspended | Abandone
 
 
 class _Completer:
-    """Group commit for run completions: one statement per batch."""
+    """Group commit for run completions: one statement per batch.
+
+    One bad item must not fail the others: if a batch statement fails with
+    anything but a lost database, its items are retried one by one, so only
+    the item the database refuses gets the error (its run then fails
+    terminally) while the others complete.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -61,14 +67,40 @@ class _Completer:
             batch, self._pending = self._pending, []
             try:
                 done = await self._store.complete_runs([(r, e, o) for r, e, o, _ in batch])
-            except Exception as exc:
+            except DatabaseUnavailable as exc:
                 for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            except Exception as exc:
+                if len(batch) == 1:
+                    if not batch[0][3].done():
+                        batch[0][3].set_exception(exc)
+                    continue
+                log.warning("a batch of %d completions failed (%s: %s); completing them one "
+                            "by one", len(batch), type(exc).__name__, exc)
+                await self._one_by_one(batch)
+                continue
             for run_id, _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(run_id in done)
+
+    async def _one_by_one(self, batch: list[tuple[uuid.UUID, int, str,
+                                                  asyncio.Future[bool]]]) -> None:
+        lost: DatabaseUnavailable | None = None
+        for run_id, epoch, output, fut in batch:
+            try:
+                if lost is not None:
+                    raise lost
+                done = await self._store.complete_runs([(run_id, epoch, output)])
+            except Exception as exc:
+                if isinstance(exc, DatabaseUnavailable):
+                    lost = exc
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            if not fut.done():
+                fut.set_result(run_id in done)
 
 
 class Worker:
@@ -298,11 +330,17 @@ class Worker:
                 await store.note_run_event(claim.run_id, claim.epoch, {
                     "event": "unreplayed_entries", "entries": unasked})
             try:
-                text = self.app.serializer.dumps(output, what=f"output of workflow {wf.name!r}")
-            except SerializationError as exc:
+                text = self.app.serializer.dumps(
+                    output, what=f"output of workflow {wf.name!r} of run {claim.run_id}")
+                completed = await self._completer.complete(claim.run_id, claim.epoch, text)
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:
+                # Refused in Python (SerializationError) or, alone, by the database:
+                # the output will not become storable by trying again.
                 await self._fail(claim, exc, terminal=True, wf=wf)
                 return
-            if await self._completer.complete(claim.run_id, claim.epoch, text):
+            if completed:
                 log.debug("run %s completed", claim.run_id)
             else:
                 self._log_abandoned(claim, "lost before completion")

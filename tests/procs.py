@@ -130,6 +130,17 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
     async def noop(run: pgjournal.Run) -> None:
         return None
 
+    @app.workflow(max_attempts=3, retry_backoff=0.1)
+    async def parallel(run: pgjournal.Run, branches: int) -> list[list[str]]:
+        """Branches of three steps each; the middle one has the same name in all."""
+        async def branch(i: int) -> list[str]:
+            rid = str(run.id)
+            early = await run.step(f"b{i}-early", effect, rid, f"b{i}-early")
+            shared = await run.step("shared", effect, rid, f"b{i}-shared")
+            late = await run.step(f"b{i}-late", effect, rid, f"b{i}-late")
+            return [early, shared, late]
+        return list(await asyncio.gather(*[branch(i) for i in range(branches)]))
+
     @app.workflow(max_attempts=1)
     async def chain(run: pgjournal.Run, n: int) -> int:
         total = 0

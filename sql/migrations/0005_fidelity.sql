@@ -350,7 +350,9 @@ DROP FUNCTION journal_step(uuid, bigint, integer, text, integer, text, text, jso
                            integer, integer, timestamptz, jsonb, integer);
 -- Journal one entry. Returns NULL on success, else the run's status (the caller
 -- lost its lease, or the run was cancelled): nothing was written. A failed
--- entry may be overwritten (a retry re-executes it); a completed one never is.
+-- entry may be overwritten (a retry re-executes it); a completed one never is,
+-- except a stream journaled as cut short by the same owner (same epoch), which
+-- that owner goes on reading (a signal wait that did not suspend the run).
 -- p_chunk_turns gives the delivery turn of each chunk in p_chunks.
 CREATE FUNCTION journal_step(
     p_run uuid, p_epoch bigint, p_position integer, p_name text, p_occurrence integer,
@@ -383,7 +385,9 @@ BEGIN
         lease_epoch = EXCLUDED.lease_epoch, started_at = EXCLUDED.started_at,
         turn = EXCLUDED.turn, fingerprint = EXCLUDED.fingerprint,
         calls_before = EXCLUDED.calls_before, finished_at = now(), updated_at = now()
-    WHERE s.status = 'failed';
+    WHERE s.status = 'failed'
+       OR (s.kind = 'stream' AND s.lease_epoch = EXCLUDED.lease_epoch
+           AND (s.output ->> 'cut') = 'true');
     GET DIAGNOSTICS v_n = ROW_COUNT;
     IF v_n = 0 THEN
         RAISE EXCEPTION 'step % of run % is already journaled as completed', p_position, p_run
