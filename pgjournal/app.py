@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import inspect
 import logging
 import uuid
@@ -20,6 +21,7 @@ from .errors import (
     RunFailed,
     SerializationError,
     UnknownRun,
+    UnknownWorkflow,
 )
 from .listener import Listener
 from .migrations import migrate
@@ -93,8 +95,9 @@ class RunHandle:
         async with asyncio.timeout(timeout):
             return await self.app._wait_result(self.run_id)
 
-    async def signal(self, name: str, payload: Any = None) -> None:
-        await self.app.signal(self.run_id, name, payload)
+    async def signal(self, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> None:
+        await self.app.signal(self.run_id, name, payload, idempotency_key=idempotency_key)
 
     async def cancel(self) -> str:
         return await self.app.cancel(self.run_id)
@@ -187,9 +190,40 @@ class App:
                 if self._store is None:
                     dsn = await asyncio.to_thread(lambda: self.dsn)
                     self._store = await Store.open(dsn, schema=self.schema,
-                                                   max_size=self.pool_size,
+                                                   max_size=self._pool_target(),
                                                    serializer=self.serializer)
         return self._store
+
+    # Pool sizing follows the workers using this app: each needs a connection
+    # per concurrent run plus a few for claims and completions (heartbeats have
+    # their own connection). Works whether or not the pool is already open.
+
+    def _pool_demand(self) -> dict[uuid.UUID, int]:
+        demand: dict[uuid.UUID, int] | None = self.__dict__.get("_worker_demand")
+        if demand is None:
+            demand = self.__dict__["_worker_demand"] = {}
+        return demand
+
+    def _pool_target(self) -> int:
+        workers = self._pool_demand()
+        need = sum(workers.values()) + 4 * len(workers)
+        return max(self.pool_size, need)
+
+    def _claim_connections(self, worker: uuid.UUID, concurrency: int) -> None:
+        self._pool_demand()[worker] = concurrency
+
+    def _release_connections(self, worker: uuid.UUID) -> None:
+        self._pool_demand().pop(worker, None)
+
+    async def _fit_pool(self) -> None:
+        """Resize the open pool to what the app's workers need now."""
+        store = self._store
+        if store is None or store.pool.closed:
+            return
+        target = self._pool_target()
+        if store.pool.max_size != target:
+            await store.pool.resize(min_size=min(store.pool.min_size, target),
+                                    max_size=target)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations to the app's schema (see ``pgjournal.migrate``)."""
@@ -225,9 +259,11 @@ class App:
     ) -> RunHandle:
         """Enqueue a run of ``workflow`` (a name, or the registered function).
 
-        A name this app does not know is accepted (another service may run
-        it); its run fails with a clear error if no worker knows it either.
-        The same ``idempotency_key`` always yields the same run.
+        An app with workflows registered refuses a name it does not know
+        (``UnknownWorkflow``, naming the closest registered ones): a typo must
+        not sit in a queue forever. A client-only app (no workflows
+        registered) may start any name; only workers that registered it claim
+        the run. The same ``idempotency_key`` always yields the same run.
         """
         if callable(workflow):
             found = [w for w in self.workflows.values() if w.fn is workflow]
@@ -239,6 +275,8 @@ class App:
         else:
             name = workflow
         wf = self.workflows.get(name)
+        if wf is None and self.workflows:
+            raise UnknownWorkflow(self._unknown_workflow_message(name))
         queue = validate_identifier(queue or (wf.queue if wf else "default"), "queue name")
         input_json = self.serializer.dumps({"args": list(args), "kwargs": kwargs},
                                            what=f"input of workflow {name!r}")
@@ -251,20 +289,36 @@ class App:
         )
         return RunHandle(self, run_id)
 
+    def _unknown_workflow_message(self, name: str) -> str:
+        known = sorted(self.workflows)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if close:
+            hint = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+        else:
+            hint = "registered: " + ", ".join(repr(k) for k in known[:10])
+            if len(known) > 10:
+                hint += f" ... ({len(known)} in all)"
+        return (f"no workflow named {name!r} is registered with this app; {hint} "
+                "(a client-only App, with no workflows registered, may start any name)")
+
     def handle(self, run_id: uuid.UUID | str) -> RunHandle:
         """The handle of an existing run, without a round trip."""
         return RunHandle(self, _as_uuid(run_id))
 
-    async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
+    async def signal(self, run_id: uuid.UUID | str, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> None:
         """Send signal ``name`` to a run; durable even if the run is not waiting yet.
 
         A payload that cannot be stored exactly raises ``SerializationError``
-        (naming the run and the path inside the payload) before any SQL.
+        (naming the run and the path inside the payload) before any SQL. With
+        ``idempotency_key`` the signal is delivered once however often it is
+        sent: retry freely when a connection dropped with the commit's outcome
+        unknown.
         """
         rid = _as_uuid(run_id)
         store = await self.store()
         try:
-            await store.send_signal(rid, name, payload)
+            await store.send_signal(rid, name, payload, idempotency_key=idempotency_key)
         except SerializationError as exc:
             raise SerializationError(f"{exc} (signal to run {rid})") from exc
 

@@ -78,6 +78,32 @@ async def connect_async(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[dict
         raise DatabaseUnavailable(describe_connect_error(dsn, exc)) from None
 
 
+class _OncePerOutage(logging.Filter):
+    """Lets through the first of the pool's reconnect warnings of an outage;
+    the rest of that outage is silenced until a connection succeeds again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_outage = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
+            return True
+        if self.in_outage:
+            return False
+        self.in_outage = True
+        return True
+
+
+_pool_noise = _OncePerOutage()
+logging.getLogger("psycopg.pool").addFilter(_pool_noise)
+
+
+async def _connected(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Pool ``configure`` hook: a new connection means any outage is over."""
+    _pool_noise.in_outage = False
+
+
 async def open_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, name: str = "pgjournal"
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]:
@@ -92,6 +118,10 @@ async def open_pool(
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": True},
         reconnect_timeout=300,
+        # After a server restart the pool holds dead connections: check each
+        # one before handing it out, so no first use fails.
+        check=AsyncConnectionPool.check_connection,
+        configure=_connected,
     )
     await pool.open(wait=True, timeout=30)
     return pool

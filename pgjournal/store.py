@@ -131,6 +131,15 @@ class Store:
                 raise translate_error(exc, self.schema) from exc
         raise AssertionError("unreachable")
 
+    async def fetch_on(self, conn: psycopg.AsyncConnection[Row], query: str, /,
+                       **params: Any) -> list[Row]:
+        """Run the named query on ``conn`` (not the pool), translating errors."""
+        try:
+            cur = await conn.execute(self.q[query], params)
+            return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise translate_error(exc, self.schema) from exc
+
     async def fetchone(self, query: str, /, **params: Any) -> Row | None:
         rows = await self.fetch(query, **params)
         return rows[0] if rows else None
@@ -173,7 +182,7 @@ class Store:
                     workflows: Sequence[str] | None = None) -> list[Claim]:
         """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
         sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``).
-        ``workflows``: claim only runs of these (None: any)."""
+        ``workflows``: claim only runs of these (None: any workflow)."""
         rows = await self.fetch("go_hungry" if hungry else "claim_runs", worker=worker,
                                 queues=list(queues), limit=limit, lease=lease,
                                 workflows=None if workflows is None else list(workflows))
@@ -261,10 +270,17 @@ class Store:
         return int(row["released"]) if row else 0
 
     async def heartbeat(self, worker: UUID, items: Sequence[tuple[UUID, int]],
-                        lease: float) -> list[tuple[UUID, str, int | None]]:
-        """Extend leases; return (run, status, epoch now) of runs no longer running here."""
-        rows = await self.fetch("heartbeat", worker=worker, ids=[i[0] for i in items],
-                                epochs=[i[1] for i in items], lease=lease)
+                        lease: float, *, conn: psycopg.AsyncConnection[Row] | None = None,
+                        ) -> list[tuple[UUID, str, int | None]]:
+        """Extend leases; return (run, status, epoch now) of the runs not renewed:
+        no longer running here, or ``'busy'`` (row locked elsewhere, not renewed
+        this time). ``conn``: a dedicated connection instead of the pool."""
+        params = {"worker": worker, "ids": [i[0] for i in items],
+                  "epochs": [i[1] for i in items], "lease": lease}
+        if conn is not None:
+            rows = await self.fetch_on(conn, "heartbeat", **params)
+        else:
+            rows = await self.fetch("heartbeat", **params)
         return [(r["lost_run_id"], r["status"], r["lease_epoch"]) for r in rows]
 
     async def register_worker(self, worker: UUID, host: str, pid: int,
@@ -280,6 +296,8 @@ class Store:
 
     async def send_signal(self, run: UUID, name: str, payload: Any, *,
                           idempotency_key: str | None = None) -> int:
+        """Send a signal; its id. With ``idempotency_key``, sending again (a retry
+        after a dropped connection) delivers nothing more and returns the same id."""
         text = self.serializer.dumps(payload, what=f"payload of signal {name!r}")
         row = await self.fetchone("send_signal", run=run, name=name, payload=text,
                                   idempotency_key=idempotency_key)

@@ -15,13 +15,22 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+
 from ._sql import validate_identifier
 from .app import App, Workflow
-from .errors import DatabaseUnavailable, SerializationError, TerminalError
+from .connect import connect_async
+from .errors import (
+    DatabaseUnavailable,
+    SerializationError,
+    TerminalError,
+)
+from .lease import Lease
 from .listener import Listener
 from .run import Abandoned, Run, Suspended, describe_exception
 from .store import Claim, Store
@@ -138,11 +147,21 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval or self.lease / 3
         self.id = uuid.uuid4()
         self._inflight: dict[uuid.UUID, tuple[asyncio.Task[None], int]] = {}
+        self._leases: dict[uuid.UUID, Lease] = {}
+        self._lost_logged: set[tuple[uuid.UUID, int]] = set()
+        self._hb_conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
+        self._hb_failing = False
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
+
+    @property
+    def workflows(self) -> list[str]:
+        """The workflows this worker claims runs of: those registered with its app.
+        During a rolling deploy, old workers leave new workflows' runs queued."""
+        return sorted(self.app.workflows)
 
     # -- control -------------------------------------------------------------
 
@@ -158,12 +177,17 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Serve until ``stop()`` or SIGTERM/SIGINT, then stop gracefully."""
-        if self.app._store is None:
-            self.app.pool_size = max(self.app.pool_size, self.concurrency + 4)
-        store = self._store = await self.app.store()
+        self.app._claim_connections(self.id, self.concurrency)
+        try:
+            store = await self._start_up()
+        except BaseException:
+            self.app._release_connections(self.id)
+            raise
+        if store is None:  # stopped while waiting for the database
+            self.app._release_connections(self.id)
+            return
+        self._store = store
         self._completer = _Completer(store)
-        await store.register_worker(self.id, socket.gethostname(), os.getpid(), self.queues,
-                                    self.concurrency)
         log.info("worker %s serving queues %s (concurrency %d, lease %.0fs)", self.id,
                  ",".join(self.queues), self.concurrency, self.lease)
         loop = asyncio.get_running_loop()
@@ -186,9 +210,46 @@ class Worker:
             await listener.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            if self._hb_conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._hb_conn.close()
+                self._hb_conn = None
             with contextlib.suppress(Exception):
                 await store.stop_worker(self.id)
+            self.app._release_connections(self.id)
+            with contextlib.suppress(Exception):
+                await self.app._fit_pool()
             log.info("worker %s stopped", self.id)
+
+    async def _start_up(self) -> Store | None:
+        """Open the app's store (sized for this worker) and register the worker.
+
+        While the database is unreachable, wait and retry with back-off, saying
+        so once; None if ``stop()`` was called meanwhile.
+        """
+        delay = 0.2
+        waiting_since: float | None = None
+        while True:
+            try:
+                store = await self.app.store()
+                await self.app._fit_pool()
+                await store.register_worker(self.id, socket.gethostname(), os.getpid(),
+                                            self.queues, self.concurrency, lease=self.lease,
+                                            workflows=self.workflows)
+                if waiting_since is not None:
+                    log.info("database reachable after %.1fs; worker %s starting",
+                             time.monotonic() - waiting_since, self.id)
+                return store
+            except DatabaseUnavailable as exc:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning("database unavailable (%s); worker %s waits for it, retrying "
+                                "with back-off", exc, self.id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return None
+            delay = min(delay * 2, 5.0)
 
     # -- claiming ------------------------------------------------------------
 
@@ -200,13 +261,16 @@ class Worker:
             if free > 0:
                 self._wake.clear()
                 try:
+                    sent = time.monotonic()
                     got = self._spawn_all(await self._store.claim(
-                        self.id, self.queues, free, self.lease))
+                        self.id, self.queues, free, self.lease, workflows=self.workflows), sent)
                     if got < free and not self._hungry:
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
+                        sent = time.monotonic()
                         got += self._spawn_all(await self._store.claim(
-                            self.id, self.queues, free - got, self.lease, hungry=True))
+                            self.id, self.queues, free - got, self.lease, hungry=True,
+                            workflows=self.workflows), sent)
                         self._hungry = got < free
                     elif got == free:
                         self._hungry = False
@@ -222,12 +286,12 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
-    def _spawn_all(self, claims: list[Claim]) -> int:
+    def _spawn_all(self, claims: list[Claim], sent_at: float) -> int:
         for claim in claims:
-            self._spawn(claim)
+            self._spawn(claim, sent_at)
         return len(claims)
 
-    def _spawn(self, claim: Claim) -> None:
+    def _spawn(self, claim: Claim, sent_at: float) -> None:
         if claim.recoveries and claim.has_journal:
             log.info("run %s (%s) recovered after its worker vanished (recovery %d); "
                      "replaying its journal", claim.run_id, claim.workflow,
@@ -235,12 +299,19 @@ class Worker:
         else:
             log.info("claimed run %s (%s) attempt %d", claim.run_id, claim.workflow,
                      claim.attempt)
-        task = asyncio.create_task(self._execute(claim), name=f"run:{claim.run_id}")
+        # The lease counts from when the claim was *sent*: a claim answered
+        # after a pause of this process may already be past its lease.
+        lease = Lease(claim.run_id, claim.epoch, self.lease, sent_at=sent_at,
+                      confirm=self._confirm, margin=self._margin())
+        task = asyncio.create_task(self._execute(claim, lease), name=f"run:{claim.run_id}")
         self._inflight[claim.run_id] = (task, claim.epoch)
+        self._leases[claim.run_id] = lease
 
         def done(_t: asyncio.Task[None]) -> None:
             if self._inflight.get(claim.run_id, (None,))[0] is task:
                 del self._inflight[claim.run_id]
+                self._leases.pop(claim.run_id, None)
+            self._lost_logged.discard((claim.run_id, claim.epoch))
             self._wake.set()
 
         task.add_done_callback(done)
@@ -259,13 +330,12 @@ class Worker:
                         claim.run_id, claim.workflow, claim.attempt, type(exc).__name__,
                         exc, delay)
         elif status.startswith("lost:"):
-            log.warning("run %s: lost the lease before recording its failure (%s)",
-                        claim.run_id, status[5:])
+            self._log_abandoned(claim, f"now {status[5:]}, before its failure was recorded")
         else:
             log.error("run %s (%s) failed: %s: %s", claim.run_id, claim.workflow,
                       type(exc).__name__, exc)
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, claim: Claim, lease: Lease) -> None:
         store = self._store
         assert store is not None and self._completer is not None
         wf = self.app.workflows.get(claim.workflow)
@@ -280,7 +350,7 @@ class Worker:
             try:
                 data = self.app.serializer.loads(claim.input)
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
-                run = Run(store, self.app.serializer, claim,
+                run = Run(store, self.app.serializer, claim, lease=lease,
                           max_journal_bytes=self.app.max_journal_bytes)
                 wf.signature.bind(run, *args, **kwargs)
             except Exception as exc:
@@ -349,11 +419,17 @@ class Worker:
                         "run will be replayed", claim.run_id, exc)
 
     def _log_abandoned(self, claim: Claim, status: str) -> None:
+        key = (claim.run_id, claim.epoch)
+        if key in self._lost_logged:
+            return  # one line per run and lease
+        self._lost_logged.add(key)
         if status == "cancelled":
             log.info("run %s was cancelled; stopped at a step boundary", claim.run_id)
+        elif status == "deleted":
+            log.info("run %s no longer exists (deleted); stopped it", claim.run_id)
         else:
-            log.warning("worker %s lost the lease of run %s (%s); it writes nothing more "
-                        "for it", self.id, claim.run_id, status)
+            log.warning("worker %s lost the lease of run %s (%s); it executes and writes "
+                        "nothing more for it", self.id, claim.run_id, status)
 
     def _timer_wake(self, until: Any, run: Run) -> None:
         """Claim again right when a short timer of a run we just suspended is due."""
@@ -365,30 +441,132 @@ class Worker:
 
     # -- leases --------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
+    def _margin(self) -> float:
+        """How long before a lease's local deadline a step must confirm it first."""
+        return min(self.heartbeat_interval, self.lease / 2)
+
+    async def _confirm(self, lease: Lease) -> bool:
+        """One round trip: extend this run's lease alone, if it is still ours."""
         assert self._store is not None
+        for attempt in range(3):
+            sent = time.monotonic()
+            rows = await self._store.heartbeat(self.id, [(lease.run_id, lease.epoch)],
+                                               self.lease)
+            if not rows:
+                lease.renewed(sent)
+                return True
+            _run_id, status, _epoch = rows[0]
+            if status != "busy":
+                lease.mark_lost(f"now {status}")
+                return False
+            # The row is locked (our own parallel write, or a DBA): not renewed.
+            if attempt < 2:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        lease.mark_lost("lease not renewed in time: its row stayed locked")
+        return False
+
+    async def _heartbeat_conn(self) -> psycopg.AsyncConnection[dict[str, Any]]:
+        """The worker's own connection for heartbeats: they never queue behind
+        journal writes for a pool connection. Statements on it time out below
+        the heartbeat interval."""
+        if self._hb_conn is None or self._hb_conn.closed:
+            self._hb_conn = None
+            conn = await connect_async(self.app.dsn, autocommit=True,
+                                       connect_timeout=max(2, int(self.heartbeat_interval)))
+            timeout_ms = max(100, int(self.heartbeat_interval * 800))
+            await conn.execute(f"SET statement_timeout = {timeout_ms}")
+            self._hb_conn = conn
+        return self._hb_conn
+
+    async def _drop_heartbeat_conn(self) -> None:
+        conn, self._hb_conn = self._hb_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _heartbeat_loop(self) -> None:
+        """Renew the leases of all in-flight runs every ``heartbeat_interval``.
+
+        Never stops on an error: every failure is logged (a database outage
+        once) and the next beat tries again. A run whose lease could not be
+        renewed before its local deadline is abandoned before the database
+        can hand it to another worker.
+        """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            items = [(rid, epoch) for rid, (_t, epoch) in self._inflight.items()]
             try:
-                lost = await self._store.heartbeat(self.id, items, self.lease)
-            except DatabaseUnavailable as exc:
-                log.warning("heartbeat failed (%s)", exc)
-                continue
-            for run_id, status, epoch in lost:
-                entry = self._inflight.get(run_id)
-                if entry is None or epoch == entry[1]:
-                    continue  # finished meanwhile, or our own last write raced this beat
-                self._log_abandoned_id(run_id, status)
-                entry[0].cancel()
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._drop_heartbeat_conn()
+                if isinstance(exc, DatabaseUnavailable | psycopg.OperationalError | TimeoutError):
+                    if not self._hb_failing:
+                        log.warning("heartbeat failed (%s); retrying every %.1fs",
+                                    str(exc).splitlines()[0] if str(exc) else
+                                    type(exc).__name__, self.heartbeat_interval)
+                else:
+                    log.exception("heartbeat failed; retrying in %.1fs",
+                                  self.heartbeat_interval)
+                self._hb_failing = True
+            self._abandon_expired()
 
-    def _log_abandoned_id(self, run_id: uuid.UUID, status: str) -> None:
+    async def _beat(self) -> None:
+        assert self._store is not None
+        items = [(rid, epoch) for rid, (_t, epoch) in self._inflight.items()
+                 if not (rid in self._leases and self._leases[rid].lost)]
+        sent = time.monotonic()
+        async with asyncio.timeout(self.heartbeat_interval):
+            conn = await self._heartbeat_conn()
+            lost = await self._store.heartbeat(self.id, items, self.lease, conn=conn)
+        if self._hb_failing:
+            self._hb_failing = False
+            log.info("heartbeats resumed")
+        not_renewed = set()
+        for run_id, status, epoch in lost:
+            not_renewed.add(run_id)
+            if status == "busy":
+                continue  # row locked elsewhere: not renewed this time, not lost
+            entry = self._inflight.get(run_id)
+            if entry is None or epoch == entry[1]:
+                continue  # finished meanwhile, or our own last write raced this beat
+            lease = self._leases.get(run_id)
+            if lease is not None:
+                lease.mark_lost(f"now {status}")
+            self._log_abandoned_id(run_id, entry[1], status)
+            entry[0].cancel()
+        for run_id, epoch in items:
+            lease = self._leases.get(run_id)
+            if run_id not in not_renewed and lease is not None and lease.epoch == epoch:
+                lease.renewed(sent)
+
+    def _abandon_expired(self) -> None:
+        """Give up runs whose lease ran out locally: the database may hand them on.
+
+        They start no further step (``Lease.ensure`` now says no) and are left
+        out of heartbeats. A journal write already in flight is not cancelled:
+        it is fenced by the epoch, and cancelling it could only lose a result
+        whose side effect already happened.
+        """
+        now = time.monotonic()
+        for run_id, lease in list(self._leases.items()):
+            entry = self._inflight.get(run_id)
+            if entry is None or entry[0].done() or lease.lost or not lease.expired(now):
+                continue
+            lease.mark_lost("lease not renewed in time")
+            self._log_abandoned_id(run_id, entry[1], "lease not renewed in time")
+
+    def _log_abandoned_id(self, run_id: uuid.UUID, epoch: int, status: str) -> None:
+        key = (run_id, epoch)
+        if key in self._lost_logged:
+            return
+        self._lost_logged.add(key)
         if status == "cancelled":
             log.info("run %s was cancelled; stopping it", run_id)
         elif status == "deleted":
             log.info("run %s no longer exists (deleted); stopping it", run_id)
         else:
-            log.warning("worker %s lost the lease of run %s (now %s); stopping it", self.id,
+            log.warning("worker %s lost the lease of run %s (%s); stopping it", self.id,
                         run_id, status)
 
     async def _shutdown(self) -> None:

@@ -126,6 +126,21 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
         await run.step("s2", effect, str(run.id), "s2")
         return "ok"
 
+    @app.workflow(max_recoveries=50)
+    async def paced(run: pgjournal.Run, n: int, pause: float) -> int:
+        for i in range(n):
+            await run.step(f"p{i}", effect, str(run.id), f"p{i}")
+            await asyncio.sleep(pause)
+        return n
+
+    @app.workflow(max_recoveries=1)
+    async def fragile(run: pgjournal.Run, n: int, pause: float) -> int:
+        """``paced`` that survives one crash recovery only (not server restarts)."""
+        for i in range(n):
+            await run.step(f"p{i}", effect, str(run.id), f"p{i}")
+            await asyncio.sleep(pause)
+        return n
+
     @app.workflow()
     async def noop(run: pgjournal.Run) -> None:
         return None
@@ -167,9 +182,11 @@ def main() -> None:
                               concurrency=args.concurrency, lease=args.lease,
                               grace_period=5.0, heartbeat_interval=args.heartbeat)
 
-    async def serve() -> None:
-        async with app:
+    async def serve() -> None:  # as `pgjournal worker` does: the worker opens the app
+        try:
             await worker.run()
+        finally:
+            await app.close()
 
     asyncio.run(serve())
 

@@ -194,6 +194,8 @@ async def test_worker_role_claims_journals_and_completes(
             yield f"t{i}"
             await asyncio.sleep(0.05)
 
+    # The client registers workflows too (below), so it must know every name it starts.
+    @pgjournal_app.workflow(max_attempts=1)
     @worker_app.workflow(max_attempts=1)
     async def agent(run: pgjournal.Run, topic: str) -> str:
         plan = await run.step("plan", lambda t: f"plan for {t}", topic)

@@ -119,7 +119,8 @@ async def test_cancel_queued_suspended_and_running(pgjournal_app: pgjournal.App)
             await run.step("tick", asyncio.sleep, 0.02)
             ticks.append(i)
 
-    queued = await app.start("nobody_serves_this", queue="idle")
+    async with pgjournal.App(app.dsn, schema=app.schema) as client:  # client-only: any name
+        queued = await client.start("nobody_serves_this", queue="idle")
     assert await app.cancel(queued.run_id) == "cancelled"
     with pytest.raises(pgjournal.Cancelled):
         await queued.result(timeout=5)

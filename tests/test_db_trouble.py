@@ -1,0 +1,122 @@
+"""Issue 9, rows 11 and 18: the database down at worker start, and restarted
+under a running worker and an open pool. Throwaway embedded servers that the
+tests stop and start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pgjournal
+from pgjournal.embedded import EmbeddedServer
+
+from .conftest import Effects, wait_for
+
+
+def _lines(output: str, needle: str) -> list[str]:
+    return [line for line in output.splitlines() if needle in line]
+
+
+async def test_worker_started_while_the_database_is_down_waits_and_serves(
+        pgjournal_server_factory: Any, spawn_worker: Any) -> None:
+    server: EmbeddedServer = pgjournal_server_factory()
+    schema = "down_at_start"
+    pgjournal.migrate(server.dsn, schema=schema)
+    Effects(server.dsn, schema)
+    dsn = server.dsn
+    server.stop()
+    worker = spawn_worker(dsn=dsn, schema=schema, lease=2)
+
+    async def waiting() -> bool:
+        return bool(_lines(worker.output(), "waits for it"))
+
+    await wait_for(waiting, 30, what="the worker to say it waits for the database")
+    assert worker.proc.poll() is None, worker.output()
+    server.start()
+    app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
+    try:
+        handle = await app.start("five_steps", 2)
+        assert await handle.result(timeout=60) == "s1,s2"
+    finally:
+        await app.close()
+    out = worker.output()
+    assert worker.proc.poll() is None, out
+    assert len(_lines(out, "waits for it")) == 1, out  # said once, not once per retry
+    assert "Traceback" not in out, out
+
+
+async def test_pool_checks_connections_after_a_server_restart(
+        pgjournal_server_factory: Any) -> None:
+    """Connections pooled before a restart are dead; the first statement after it
+    (one that is not retried: an enqueue) must not fail."""
+    server: EmbeddedServer = pgjournal_server_factory()
+    schema = "restarted"
+    pgjournal.migrate(server.dsn, schema=schema)
+    app = pgjournal.App(server.dsn, schema=schema, pool_size=4)
+    try:
+        store = await app.store()
+        # Fill the pool with several open connections.
+        held = [await store.pool.getconn() for _ in range(4)]
+        for conn in held:
+            await store.pool.putconn(conn)
+        server.stop()
+        server.start()
+        for i in range(6):  # more uses than pooled connections: none may fail
+            await app.start("anything", i)
+        assert len(await store.list_runs()) == 6
+    finally:
+        await app.close()
+
+
+async def test_worker_rides_out_database_restarts_quietly(
+        pgjournal_server_factory: Any, spawn_worker: Any) -> None:
+    """The server stops three times during a run, each time for longer than the
+    lease, so the worker gives the run up and reclaims it after the restart. The
+    run survives only one crash recovery (max_recoveries=1), yet completes: a
+    lease that ran out while the server was down is an interruption, not "the
+    worker vanished". The pool logs at most one reconnect line per outage and
+    the worker one heartbeat line."""
+    server: EmbeddedServer = pgjournal_server_factory(settings={})
+    schema = "restarts"
+    pgjournal.migrate(server.dsn, schema=schema)
+    Effects(server.dsn, schema)
+    dsn = server.dsn
+    app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
+    outages = 3
+    try:
+        handle = await app.start("fragile", 40, 0.3)
+        worker = spawn_worker(dsn=dsn, schema=schema, lease=2)
+        store = await app.store()
+        epoch = 0
+        for k in range(outages):
+            async def reclaimed(k: int = k, epoch: int = epoch) -> int:
+                row = await store.get_run(handle.run_id)
+                ok = row is not None and row["status"] == "running" and row["lease_epoch"] > epoch
+                return int(row["lease_epoch"]) if row and ok else 0
+
+            epoch = await wait_for(reclaimed, 60, what=f"the run running before outage {k + 1}")
+            server.stop()
+
+            async def gave_up(k: int = k) -> bool:
+                out = worker.output()
+                return (len(_lines(out, "heartbeat failed")) > k
+                        and len(_lines(out, "lost the lease")) > k)
+
+            await wait_for(gave_up, 30, what=f"the worker to give the run up in outage {k + 1}")
+            server.start()
+
+            async def resumed(k: int = k) -> bool:
+                return len(_lines(worker.output(), "heartbeats resumed")) > k
+
+            await wait_for(resumed, 30, what=f"heartbeats to resume after outage {k + 1}")
+        assert await handle.result(timeout=120) == 40
+        row = await store.get_run(handle.run_id)
+        assert row is not None and row["status"] == "completed", row
+        assert (row["recoveries"], row["interruptions"]) == (0, outages), row
+        out = worker.output()
+        assert worker.proc.poll() is None, out
+        pool_lines = _lines(out, "psycopg.pool")
+        assert len(pool_lines) <= outages, "\n".join(pool_lines)
+        assert len(_lines(out, "heartbeat failed")) == outages, out
+        assert len(_lines(out, "lost the lease")) == outages, out
+    finally:
+        await app.close()
