@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 import pgjournal
 
@@ -127,11 +126,6 @@ async def test_kill9_mid_stream_after_a_chunk_flush(
     assert effects.count(handle.run_id, "after") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "item 16 not done: Run checks a LeaseGuard before live work (_enter_live), but the "
-    "Worker gives it none yet, so a worker that wakes up past its lease runs the next "
-    "step's side effect under a superseded epoch (the fence only stops its journal "
-    "write); the chaos harness finds the same with SIGSTOP"))
 async def test_worker_past_its_lease_starts_no_step(
         pgjournal_app: pgjournal.App, effects: Effects, spawn_worker: Any,
         tmp_path: Path) -> None:
