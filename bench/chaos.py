@@ -14,7 +14,10 @@ pauses workers with SIGSTOP past their lease (then SIGCONT), and ``kill -9``s
 the server and restarts it.
 
 Every step's side effect commits a row (run, step, occurrence, pid, the lease
-epoch it ran under, the database clock) to ``chaos.effects``. Checked afterwards:
+epoch it ran under, when the step function was entered, when the effect
+happened) to ``chaos.effects``. Checked afterwards (1 and 16 by the entry time:
+a step started before a takeover may land its effect after it, which the
+user's store refuses with ``run.fencing_token``; the table counts those):
 
 1. no step ran again after its journal entry committed;
 2. every journal entry carries the epoch of a claim of its run, one entry per
@@ -44,6 +47,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,13 @@ _target: tuple[str, str] = ("", "")
 
 
 def effect(run_id: str, step: str, occurrence: int, epoch: int, pause: float) -> str:
-    """A step's side effect: one committed row per execution, written first."""
+    """A step's side effect: one committed row per execution, written first.
+
+    ``started`` is the wall clock when the step function was entered (the server
+    runs on this host: the same clock as its commit timestamps); ``at``, set by
+    the server, is when the side effect happened (after connecting, maybe later).
+    """
+    started = datetime.now(UTC)
     dsn, schema = _target
     deadline = time.monotonic() + 120
     while True:  # the server may be down for a moment (server kills)
@@ -70,8 +80,9 @@ def effect(run_id: str, step: str, occurrence: int, epoch: int, pause: float) ->
             if conn is None or conn.closed:
                 conn = _local.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
             conn.execute(
-                f'INSERT INTO "{schema}".effects (run_id, step, occurrence, pid, epoch) '
-                "VALUES (%s, %s, %s, %s, %s)", (run_id, step, occurrence, os.getpid(), epoch))
+                f'INSERT INTO "{schema}".effects (run_id, step, occurrence, pid, epoch, '
+                "started) VALUES (%s, %s, %s, %s, %s, %s)",
+                (run_id, step, occurrence, os.getpid(), epoch, started))
             break
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
@@ -276,10 +287,10 @@ INVARIANTS: list[tuple[str, str, str, str]] = [
     # (label, what is checked, query counting the items checked, query listing violations)
     ("1", "no step ran again after its journal entry committed",
      "SELECT count(*) FROM effects",
-     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.at
+     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.started
         FROM effects e JOIN steps s ON s.run_id = e.run_id AND s.name = e.step
              AND s.occurrence = e.occurrence AND s.status = 'completed'
-        WHERE e.at > pg_xact_commit_timestamp(s.xmin)"""),
+        WHERE e.started > pg_xact_commit_timestamp(s.xmin)"""),
     ("2a", "every journal entry's epoch is a claim epoch of its run",
      "SELECT count(*) FROM steps",
      """SELECT s.run_id, s.position, s.name, s.lease_epoch FROM steps s
@@ -314,11 +325,12 @@ INVARIANTS: list[tuple[str, str, str, str]] = [
               WHERE g.run_id = s.run_id AND g.consumed_position = s.position) <> 1"""),
     ("16", "no step started under an epoch a later claim or cancel had superseded",
      "SELECT count(*) FROM effects",
-     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, min(v.lease_epoch), e.at
+     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, min(v.lease_epoch),
+               e.started
         FROM effects e JOIN run_events v ON v.run_id = e.run_id
              AND v.lease_epoch > e.epoch
-        WHERE pg_xact_commit_timestamp(v.xmin) < e.at
-        GROUP BY e.id, e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.at"""),
+        WHERE pg_xact_commit_timestamp(v.xmin) < e.started
+        GROUP BY e.id, e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.started"""),
 ]
 
 
@@ -351,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
             conn.execute(
                 f'CREATE TABLE "{SCHEMA}".effects (id bigserial PRIMARY KEY, run_id uuid NOT '
                 "NULL, step text NOT NULL, occurrence int NOT NULL, pid int NOT NULL, "
-                "epoch bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())")
+                "epoch bigint NOT NULL, started timestamptz NOT NULL, "
+                "at timestamptz NOT NULL DEFAULT clock_timestamp())")
         h = Harness(dsn, SCHEMA, args, logdir, rng, server=server)
         print(f"chaos: {args.runs} runs, {args.workers} workers (lease {args.lease}s), "
               f"parallel steps {'on' if args.parallel else 'off'}, seed {args.seed}; "
@@ -412,6 +425,9 @@ def run(args: argparse.Namespace) -> int:
         (journal,) = h.q("SELECT count(*) FILTER (WHERE kind = 'step'), count(*) FILTER "
                          "(WHERE kind = 'sleep'), count(*) FILTER (WHERE kind = 'signal'), "
                          "count(*) FILTER (WHERE name ~ '^p[ab][12]$') FROM steps")
+        (late,) = h.q("SELECT count(*) FROM effects e WHERE EXISTS (SELECT 1 FROM "
+                      "run_events v WHERE v.run_id = e.run_id AND v.lease_epoch > e.epoch "
+                      "AND pg_xact_commit_timestamp(v.xmin) < e.at)")
         (reexec,) = h.q("SELECT count(*) - count(DISTINCT (run_id, step, occurrence)) "
                         "FROM effects")
         refused = sum(w.log.read_text(errors="replace").count("lost the lease")
@@ -431,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
             ("journal entries: steps / sleeps / signals / parallel", "/".join(map(str, journal))),
             ("step re-executions (side effect before a lost journal write)", str(reexec[0])),
             ("'lost the lease' in worker logs (fenced off)", str(refused)),
+            ("side effects landing after a takeover (step started before it)", str(late[0])),
         ]))
         print()
         print(table([("invariant", "checked", "violations", "what")] + [
@@ -446,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({
                 "runs": args.runs, "seconds": elapsed, "faults": f.__dict__,
                 "recoveries": recov[0], "retried": recov[1], "interruptions": recov[2],
-                "fenced_off": refused, "parallel": args.parallel, "pauses": args.pauses,
+                "fenced_off": refused, "late_effects": late[0], "parallel": args.parallel,
+                "pauses": args.pauses,
                 "invariants": {label: {"checked": n, "violations": len(bad),
                                        "examples": [list(map(str, r)) for r in bad[:5]]}
                                for label, _w, n, bad in results}}, indent=2))
