@@ -18,8 +18,8 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ._queries import cli_fetch
 from .app import App
-from .cli import cli_fetch
 from .run import Run
 
 TOOLS = ("web_search", "read_docs", "run_sql", "calculator", "code_interpreter", "calendar")

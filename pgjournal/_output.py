@@ -110,11 +110,15 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGN
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``1h``, ``2d``, ``1w`` (a bare number is seconds)."""
+def parse_duration(text: str, *, require_unit: bool = False) -> timedelta:
+    """``90s``, ``15m``, ``1h``, ``2d``, ``1w`` (a bare number is seconds, unless
+    ``require_unit``: where a wrong guess deletes data, the unit must be said)."""
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 15m, 1h, 2d or 1w")
+    if require_unit and not m.group(2):
+        raise ValueError(f"{text!r} has no unit; say {text.strip()}d (days), {text.strip()}h "
+                         f"(hours), {text.strip()}m (minutes) or {text.strip()}s (seconds)")
     return timedelta(seconds=float(m.group(1)) * _UNIT[(m.group(2) or "s").lower()])
 
 

@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import inspect
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -92,8 +93,35 @@ class RunHandle:
         Raises ``RunFailed`` (failed or dead), ``Cancelled``, or ``TimeoutError``
         after ``timeout`` seconds. Woken by NOTIFY; polls as a safety net.
         """
-        async with asyncio.timeout(timeout):
-            return await self.app._wait_result(self.run_id)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.app._wait_result(self.run_id)
+        except TimeoutError:
+            raise TimeoutError(await self._timeout_reason(timeout)) from None
+
+    async def _timeout_reason(self, timeout: float | None) -> str:
+        """Why the wait ended: the run, its status, and whether any worker serves it
+        (with no worker running, a run stays queued forever)."""
+        head = f"run {self.run_id} did not end within {timeout:g}s"
+        try:
+            from ._queries import cli_fetch
+
+            rows = await asyncio.wait_for(
+                cli_fetch(self.app, "result_timeout_state", run=self.run_id), 5)
+        except Exception as exc:  # the reason is a courtesy; the timeout stands
+            return f"{head} (its state could not be read: {exc})"
+        if not rows:
+            return f"{head}; it no longer exists"
+        r = rows[0]
+        text = f"{head}: workflow {r['workflow']!r} is {r['status']} in queue {r['queue']!r}"
+        if r["paused"]:
+            text += ", which is paused (pgjournal queues resume " + r["queue"] + ")"
+        if r["live_workers"]:
+            n = int(r["live_workers"])
+            return text + f"; {n} live worker{'s' if n != 1 else ''} serve{'s' if n == 1 else ''}" \
+                " that queue"
+        return text + ("; no live worker serves that queue: start one, e.g. "
+                       "`pgjournal worker yourmodule:app`")
 
     async def signal(self, name: str, payload: Any = None, *,
                      idempotency_key: str | None = None) -> None:
@@ -106,7 +134,9 @@ class RunHandle:
 class App:
     """A pgjournal application: workflows plus a connection to one schema.
 
-    ``dsn=None`` uses ``PGJOURNAL_DSN``, else the embedded development server.
+    ``dsn=None`` uses ``PGJOURNAL_DSN``, else the embedded development server
+    (with a WARNING; an error under ``PGJOURNAL_REQUIRE_DSN=1``). ``schema=None``
+    uses ``PGJOURNAL_SCHEMA``, else ``pgjournal``.
     Connections open lazily on first use; ``async with app`` closes them.
     """
 
@@ -114,13 +144,17 @@ class App:
         self,
         dsn: str | None = None,
         *,
-        schema: str = "pgjournal",
+        schema: str | None = None,
         allow_pickle: bool = False,
         max_value_bytes: int = DEFAULT_MAX_BYTES,
         pool_size: int = 10,
         poll_interval: float = 1.0,
         max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
     ) -> None:
+        # Like the CLI: argument, else PGJOURNAL_SCHEMA, else "pgjournal" (so a
+        # worker started with PGJOURNAL_SCHEMA=other serves that schema).
+        if schema is None:
+            schema = os.environ.get("PGJOURNAL_SCHEMA") or "pgjournal"
         self.schema = validate_identifier(schema)
         self._dsn = dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
@@ -132,6 +166,7 @@ class App:
         self._open_lock: asyncio.Lock | None = None
         self._done_listener: Listener | None = None
         self._waiters: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+        self._loop_guard: asyncio.Task[None] | None = None
 
     # -- registry ------------------------------------------------------------
 
@@ -192,6 +227,7 @@ class App:
                     self._store = await Store.open(dsn, schema=self.schema,
                                                    max_size=self._pool_target(),
                                                    serializer=self.serializer)
+                    self._guard_loop_end()
         return self._store
 
     # Pool sizing follows the workers using this app: each needs a connection
@@ -230,7 +266,39 @@ class App:
         dsn = await asyncio.to_thread(lambda: self.dsn)
         return await asyncio.to_thread(migrate, dsn, schema=self.schema)
 
+    def _guard_loop_end(self) -> None:
+        """Close the connections when the event loop ends, if nobody closed the app.
+
+        ``asyncio.run()`` cancels every task at the end; a pool task cancelled in
+        the middle of a connect could swallow that and keep ``asyncio.run()``
+        from ever returning. A guard task, cancelled with them, closes the pool
+        (which stops its tasks) so an App that is never closed cannot hang exit.
+        """
+        async def guard() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self._loop_guard is asyncio.current_task():  # not cancelled by close()
+                    self._loop_guard = None
+                    # The pool's own tasks were cancelled with this one, so its
+                    # close() may end before closing the idle connections: those
+                    # are closed here (the pool keeps them in ``_pool``).
+                    idle = list(getattr(self._store.pool, "_pool", ())) if self._store else []
+                    with contextlib.suppress(BaseException):
+                        await asyncio.wait_for(self.close(), 5)
+                    self._store = self._done_listener = None
+                    for conn in idle:
+                        with contextlib.suppress(BaseException):
+                            await conn.close()
+                raise
+
+        self._loop_guard = asyncio.get_running_loop().create_task(
+            guard(), name="pgjournal-app-loop-guard")
+
     async def close(self) -> None:
+        guard, self._loop_guard = self._loop_guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
         if self._done_listener is not None:
             await self._done_listener.stop()
             self._done_listener = None

@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from .errors import DatabaseUnavailable
+from .errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger("pgjournal")
 
@@ -29,35 +29,54 @@ def mask_dsn(dsn: str) -> str:
 
 
 def resolve_dsn(dsn: str | None = None) -> str:
-    """Pick the DSN: argument, then ``PGJOURNAL_DSN``, then the embedded dev server."""
+    """Pick the DSN: argument, then ``PGJOURNAL_DSN``, then the embedded dev server.
+
+    The fallback is loud (a WARNING): a production worker whose ``PGJOURNAL_DSN``
+    was misspelled would otherwise quietly serve an empty local database. With
+    ``PGJOURNAL_REQUIRE_DSN=1`` (the Docker image sets it) it is an error instead.
+    """
     if dsn:
         return dsn
     env = os.environ.get("PGJOURNAL_DSN")
     if env:
         return env
+    if os.environ.get("PGJOURNAL_REQUIRE_DSN", "").strip().lower() in ("1", "true", "yes"):
+        raise ConfigurationError(
+            "no DSN given and PGJOURNAL_DSN is unset, and PGJOURNAL_REQUIRE_DSN forbids "
+            "falling back to the embedded dev server: set PGJOURNAL_DSN or pass --dsn")
     from .embedded import dev_server
 
     server = dev_server()
-    log.info("no DSN given and PGJOURNAL_DSN unset: using the embedded dev server at %s "
-             "(data in %s)", server.dsn, server.data_dir)
+    log.warning("no DSN given and PGJOURNAL_DSN unset: using the embedded dev server at %s "
+                "(data in %s); set PGJOURNAL_DSN for a real database, or "
+                "PGJOURNAL_REQUIRE_DSN=1 to make this an error", server.dsn, server.data_dir)
     return server.dsn
 
 
 def describe_connect_error(dsn: str, exc: BaseException) -> str:
-    """One line: which DSN failed, why, and what to check."""
-    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    low = str(exc).lower()
+    """One line: which DSN failed, why (the server's or libpq's first line), what to check."""
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    # libpq's "connection failed: connection to server at ... failed: X": X is the news.
+    reason = reason.removeprefix("connection failed: ")
+    low = text.lower()
     if "password" in low:
         hint = "check the user name and password"
     elif "does not exist" in low and "database" in low:
         hint = "create the database or fix its name in the DSN"
     elif "role" in low and "does not exist" in low:
         hint = "create the role or fix the user name in the DSN"
+    elif "resolve host" in low or "translate host name" in low or "name or service" in low:
+        hint = "check the host name in the DSN: it could not be resolved"
+    elif "connection refused" in low:
+        hint = "nothing listens there: check that the server is running and the host and " \
+               "port are right"
     elif "invalid" in low or "missing" in low or "syntax" in low:
         hint = "check the DSN's syntax (postgresql://user:pass@host:port/dbname)"
     else:
         hint = "check that the server is running and the host and port are right"
-    return f"cannot connect to {mask_dsn(dsn)}: {reason} ({hint})"
+    return f"cannot connect to {mask_dsn(dsn)}: {mask_dsn(reason)} ({hint})"
 
 
 def connect_sync(dsn: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:

@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import psycopg
+
 from ._output import human_seconds, paint, shorten, table, use_colour
+from ._queries import cli_fetch, cli_query, run_query
 from ._sql import validate_identifier
 from .app import App
-from .cli import cli_fetch, cli_query, run_query
 from .connect import connect_async, mask_dsn, resolve_dsn
 from .embedded import EmbeddedServer, dev_data_dir
 from .errors import ConfigurationError, InvalidState, PgJournalError
@@ -388,8 +390,10 @@ class Demo:
         while True:
             c = await self.counts(app)
             if c.recovered > last.recovered:
-                self.display.event(f"{plural(c.recovered, 'run')} recovered by surviving "
-                                   "workers, replaying their journals", "green")
+                # A running total, not a new batch: say so, or 1, 3, 4 reads as 8.
+                self.display.event(f"recovered so far: {plural(c.recovered, 'run')} in total, "
+                                   "taken over by surviving workers that replay their journals",
+                                   "green")
             last = c
             self.display.status(c, self.workers)
             if c.ended() >= self.s.runs:
@@ -473,7 +477,8 @@ class Demo:
         self.say(f"  pgjournal runs --schema {self.schema}{dsn_flag}")
         self.say(f"  pgjournal show {example} --schema {self.schema}{dsn_flag}")
         self.say()
-        self.say(f"the SQL a DBA would run (psql '{mask_dsn(self.dsn)}'):", "bold")
+        self.say(f"the SQL a DBA would run (`pgjournal psql --schema {self.schema}{dsn_flag}` "
+                 "opens the psql bundled with pgjournal on this database):", "bold")
         queries = [
             ("every run, newest first", "dba_runs"),
             ("what one run did, step by step", "dba_timeline"),
@@ -487,8 +492,31 @@ class Demo:
 
     # -- main ------------------------------------------------------------------
 
+    async def take_schema(self) -> psycopg.AsyncConnection[dict[str, object]]:
+        """Hold the demo's advisory lock on its schema for the whole demo.
+
+        Two demos on one server would otherwise reset each other's schema
+        mid-run; the second one refuses politely instead.
+        """
+        conn = await connect_async(self.dsn, autocommit=True)
+        got = (await run_query(conn, "demo_lock", self.schema, schema=self.schema))[0]["got"]
+        if not got:
+            await conn.close()
+            raise ConfigurationError(
+                f"another pgjournal demo is running on this server in schema {self.schema!r}; "
+                "wait for it to finish, or give this one a schema of its own: "
+                f"pgjournal demo --schema {self.schema}_2")
+        return conn
+
     async def main(self) -> int:
         await asyncio.to_thread(self.resolve)
+        lock = await self.take_schema()
+        try:
+            return await self._main()
+        finally:
+            await lock.close()
+
+    async def _main(self) -> int:
         await self.reset_schema()
         self.say(paint("pgjournal demo", "bold", self.colour)
                  + f": {self.s.runs} agent runs, {self.s.workers or 'external'} worker "

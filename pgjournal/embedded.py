@@ -296,6 +296,11 @@ class EmbeddedServer:
         pid = self.pid
         if pid is None:
             return
+        # Freeze the postmaster first: a backend it forked after the children were
+        # listed would outlive the kill, and a restart then finds its shared memory
+        # still attached ("Terminate any old server processes").
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
         children = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
@@ -323,6 +328,10 @@ class EmbeddedServer:
         self.stop(mode="immediate" if self.ephemeral else "fast")
         if self.ephemeral:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+            # ``throwaway_server`` made the parent too; rmdir only ever removes it
+            # if it is empty, so a data directory someone else owns is safe.
+            with contextlib.suppress(OSError):
+                self.data_dir.parent.rmdir()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()

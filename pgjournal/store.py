@@ -286,10 +286,13 @@ class Store:
     async def register_worker(self, worker: UUID, host: str, pid: int,
                               queues: Sequence[str], concurrency: int, *,
                               lease: float | None = None,
-                              workflows: Sequence[str] | None = None) -> None:
+                              workflows: Sequence[str] | None = None,
+                              workflow_queues: dict[str, str] | None = None) -> None:
         await self.fetch("register_worker", id=worker, host=host, pid=pid,
                          queues=list(queues), concurrency=concurrency, lease=lease,
-                         workflows=None if workflows is None else list(workflows))
+                         workflows=None if workflows is None else list(workflows),
+                         workflow_queues=None if workflow_queues is None
+                         else json.dumps(workflow_queues))
 
     async def stop_worker(self, worker: UUID) -> None:
         await self.fetch("stop_worker", id=worker)

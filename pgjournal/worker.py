@@ -235,7 +235,8 @@ class Worker:
                 await self.app._fit_pool()
                 await store.register_worker(self.id, socket.gethostname(), os.getpid(),
                                             self.queues, self.concurrency, lease=self.lease,
-                                            workflows=self.workflows)
+                                            workflows=self.workflows,
+                                            workflow_queues=self._workflow_queues())
                 if waiting_since is not None:
                     log.info("database reachable after %.1fs; worker %s starting",
                              time.monotonic() - waiting_since, self.id)
@@ -250,6 +251,11 @@ class Worker:
             if self._stopping.is_set():
                 return None
             delay = min(delay * 2, 5.0)
+
+    def _workflow_queues(self) -> dict[str, str]:
+        """Which queue each served workflow is on (``pgjournal start`` without
+        ``--app`` uses it to enqueue a run where a live worker will take it)."""
+        return {w.name: w.queue for w in self.app.workflows.values() if w.queue in self.queues}
 
     # -- claiming ------------------------------------------------------------
 

@@ -186,3 +186,49 @@ LEFT JOIN {schema}.demo_effects x ON x.run_id = s.run_id AND x.step = s.name
 WHERE s.kind IN ('step', 'stream') AND s.status = 'completed'
 GROUP BY s.run_id, s.name
 HAVING count(x.id) <> 1;
+
+-- name: result_timeout_state
+-- Why a result() wait timed out: the run's status and queue, and how many live
+-- workers (state 'alive' in worker_health) serve that queue and whether it is paused.
+SELECT r.status, r.workflow, r.queue,
+       (SELECT count(*) FROM {schema}.worker_health w
+        WHERE w.state = 'alive' AND r.queue = ANY (w.queues)) AS live_workers,
+       coalesce((SELECT q.paused FROM {schema}.queues q WHERE q.name = r.queue), false)
+           AS paused
+FROM {schema}.runs r WHERE r.id = %(run)s;
+
+-- name: run_by_original_id
+-- Adapter runs keep the adapter's own id in meta.original_id (pgjournal show order-42).
+SELECT id, source FROM {schema}.runs
+WHERE meta->>'original_id' = %(original)s
+ORDER BY created_at DESC LIMIT 5;
+
+-- name: demo_lock
+-- One demo per schema at a time: a session advisory lock held while the demo runs.
+SELECT pg_try_advisory_lock(hashtext('pgjournal demo ' || %(schema)s)) AS got;
+
+-- name: queue_known
+-- Has this schema ever seen the queue: settings, runs, or a live worker serving
+-- it? `pgjournal queues pause typo` must not create a queue (only with --create).
+SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
+    OR EXISTS (SELECT 1 FROM {schema}.runs WHERE queue = %(name)s)
+    OR EXISTS (SELECT 1 FROM {schema}.workers
+               WHERE %(name)s = ANY (queues) AND stopped_at IS NULL) AS known;
+
+-- name: workflow_queues
+-- Where live workers take runs of a workflow: the queue each live worker
+-- registered it on (`pgjournal start` without --app or --queue).
+SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
+
+-- name: live_workflows
+-- Every workflow some live worker serves (for "did you mean").
+SELECT DISTINCT jsonb_object_keys(w.workflow_queues) AS workflow
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues IS NOT NULL;
+
+-- name: unserved
+-- Queued runs that no live worker can take (unknown workflow, or no worker on
+-- the queue): the unserved_runs view (docs/dba.md).
+SELECT * FROM {schema}.unserved_runs ORDER BY queue, workflow;

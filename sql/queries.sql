@@ -55,7 +55,7 @@ SELECT lost_run_id, status, lease_epoch FROM {schema}.heartbeat(%(worker)s, %(id
 
 -- name: register_worker
 SELECT {schema}.register_worker(%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s,
-    %(lease)s, %(workflows)s);
+    %(lease)s, %(workflows)s, %(workflow_queues)s::jsonb);
 
 -- name: stop_worker
 SELECT {schema}.stop_worker(%(id)s);

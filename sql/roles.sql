@@ -2,11 +2,13 @@
 --
 -- Not a migration: run it once after `pgjournal migrate`, and again after
 -- every later migrate (it is idempotent), as the schema's owner or a
--- superuser. Print it ready to run with `pgjournal roles --schema S`, or from
--- Python with pgjournal.roles.roles_sql("S"). The names in braces are
--- placeholders that roles_sql() fills in from validated names: schema, worker
--- and reader as quoted identifiers, schema_name, worker_name and reader_name
--- as string literals. Do not feed the raw file to psql.
+-- superuser, e.g. `pgjournal roles --schema S | psql "$DSN"`.
+--! Template notes (lines starting "--!" are left out of what roles_sql prints):
+--! print this file ready to run with `pgjournal roles --schema S`, or from
+--! Python with pgjournal.roles.roles_sql("S"). The names in braces are
+--! placeholders that roles_sql() fills in from validated names: schema, worker
+--! and reader as quoted identifiers, schema_name, worker_name and reader_name
+--! as string literals; the raw file is not valid SQL.
 --
 -- What it sets up:
 --

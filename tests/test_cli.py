@@ -175,9 +175,10 @@ def test_bad_input_gets_one_clear_line(cli: Cli) -> None:
     one_line_error(cli("queues", "limit", "q", "lots", expect=1), "not a number")
     one_line_error(cli("queues", "limit", "q", "0", expect=1), "queues pause")
     one_line_error(cli("queues", "pause", "bad-name", expect=1), "invalid queue name")
-    run_id = cli("start", "wf").stdout.strip()
+    run_id = cli("start", "wf", "--queue", "default").stdout.strip()
     one_line_error(cli("signal", run_id, "go", "{nope", expect=1), "payload is not valid JSON")
-    one_line_error(cli("start", "wf", "--wait", "0.2", expect=1), "did not end within 0.2s")
+    one_line_error(cli("start", "wf", "--queue", "default", "--wait", "0.2", expect=1),
+                   "did not end within 0.2s")
     # argparse's own usage errors exit with 2 and say what is wrong
     res = cli("runs", "--status", "sleepy", expect=2)
     assert "invalid choice: 'sleepy'" in res.stderr
@@ -190,9 +191,10 @@ def test_start_then_list_and_filter(cli: Cli, db: psycopg.Connection[Any],
                                     pgjournal_schema: str) -> None:
     a = cli("start", "research", "--args", '["durable agents"]', "--kwargs",
             '{"depth": 2}', "--queue", "agents", "--priority", "5").stdout.strip()
-    b = cli("start", "mail", "--idempotency-key", "k-1", "--json").stdout
+    b = cli("start", "mail", "--queue", "default", "--idempotency-key", "k-1", "--json").stdout
     b_id = json.loads(b)["run_id"]
-    assert cli("start", "mail", "--idempotency-key", "k-1").stdout.strip() == b_id
+    again = cli("start", "mail", "--queue", "default", "--idempotency-key", "k-1")
+    assert again.stdout.strip() == b_id
     row = db.execute(cli_query_text("SELECT * FROM {schema}.runs WHERE id = %s",
                                     pgjournal_schema), (a,)).fetchone()
     assert row["workflow"] == "research" and row["queue"] == "agents"
@@ -222,12 +224,12 @@ def test_start_then_list_and_filter(cli: Cli, db: psycopg.Connection[Any],
 
 
 def test_cancel_and_retry(cli: Cli, db: psycopg.Connection[Any], pgjournal_schema: str) -> None:
-    run_id = cli("start", "never_served").stdout.strip()
+    run_id = cli("start", "never_served", "--queue", "default").stdout.strip()
     status = cli_query_text("SELECT status FROM {schema}.runs WHERE id = %s", pgjournal_schema)
     assert "cancelled" in cli("cancel", run_id).stdout
     assert db.execute(status, (run_id,)).fetchone()["status"] == "cancelled"
     assert "cancelled" in cli("cancel", run_id).stdout  # idempotent
-    done = cli("start", "never_served").stdout.strip()
+    done = cli("start", "never_served", "--queue", "default").stdout.strip()
     db.execute(cli_query_text("UPDATE {schema}.runs SET status = 'completed', due_at = NULL, "
                               "finished_at = now() WHERE id = %s", pgjournal_schema), (done,))
     one_line_error(cli("cancel", done, expect=1), "already ended (completed)")
@@ -344,7 +346,7 @@ def test_prune_deletes_only_old_ended_runs_in_batches(cli: Cli, db: psycopg.Conn
     def q(text: str) -> Any:
         return cli_query_text(text, pgjournal_schema)
 
-    ids = {name: cli("start", "wf").stdout.strip() for name in
+    ids = {name: cli("start", "wf", "--queue", "default").stdout.strip() for name in
            ("old_done1", "old_done2", "old_failed", "old_cancelled", "new_done", "old_queued",
             "old_suspended")}
     for name in ("old_done1", "old_done2", "new_done"):
@@ -410,7 +412,7 @@ def test_dev_server_start_status_stop() -> None:
 
 
 def test_options_after_the_command_and_from_env(pgjournal_dsn: str, pgjournal_schema: str) -> None:
-    run_id = run_cli("start", "wf", "--dsn", pgjournal_dsn, "--schema",
+    run_id = run_cli("start", "wf", "--queue", "default", "--dsn", pgjournal_dsn, "--schema",
                      pgjournal_schema).stdout.strip()
     uuid.UUID(run_id)
     env = clean_env(PGJOURNAL_DSN=pgjournal_dsn, PGJOURNAL_SCHEMA=pgjournal_schema)
@@ -457,3 +459,189 @@ def test_prune_while_a_worker_works_never_touches_unfinished_runs(
         "SELECT run_id::text, count(*) FILTER (WHERE step = 'publish') AS published "
         "FROM {schema}.demo_effects GROUP BY run_id", pgjournal_schema)).fetchall()
     assert {r["run_id"]: r["published"] for r in effects} == dict.fromkeys(ids, 1)
+
+
+# -- issue 10: a newcomer's first hour ----------------------------------------------
+
+
+def test_help_examples_are_dedented() -> None:
+    for command in [*COMMANDS, "psql"]:
+        res = run_cli(command, "--help")
+        assert res.returncode == 0, res.stderr
+        examples = res.stdout.split("examples:\n", 1)[1].splitlines()
+        assert examples, command
+        for line in examples:
+            if line.strip():
+                assert line.startswith("  ") and not line.startswith("   "), (command, line)
+
+
+def test_prune_age_needs_a_unit(cli: Cli) -> None:
+    one_line_error(cli("prune", "--older-than", "30", "--dry-run", expect=1),
+                   "'30' has no unit", "30d")
+    res = cli("prune", "--older-than", "30d", "--dry-run")
+    assert "ended more than 30d ago would be deleted" in res.stdout
+
+
+def test_queues_refuses_an_unseen_queue_unless_create(cli: Cli, pgjournal_dsn: str,
+                                                      pgjournal_schema: str) -> None:
+    one_line_error(cli("queues", "pause", "nosuchqueue", expect=1),
+                   "'nosuchqueue' has never been seen", "--create")
+    listing = cli("queues", "--json")
+    assert "nosuchqueue" not in listing.stdout, "a refused pause created the queue"
+    assert "paused" in cli("queues", "pause", "nosuchqueue", "--create").stdout
+    assert "at most 1 run at once" in cli("queues", "limit", "nosuchqueue", "1").stdout
+    # a queue that has runs is known without --create
+    cli("start", "wf", "--queue", "mail")
+    assert "resumed" in cli("queues", "resume", "mail").stdout
+
+
+def test_connection_errors_keep_the_first_line_and_hide_the_password() -> None:
+    res = run_cli("--dsn", "postgresql://bob:s3cret@127.0.0.1:1/db", "runs")
+    one_line_error(res, "Connection refused", "port 1", "nothing listens there")
+    assert "\t" not in res.stderr and "s3cret" not in res.stderr
+    res = run_cli("--dsn", "postgresql://bob:s3cret@no-such-host.invalid/db", "runs")
+    one_line_error(res, "no-such-host.invalid", "check the host name")
+    assert "syntax" not in res.stderr and "s3cret" not in res.stderr
+
+
+def test_bad_json_message_reads_cleanly(cli: Cli) -> None:
+    res = cli("start", "wf", "--args", '["x', expect=1)
+    one_line_error(res, "Unterminated string starting at column 2")
+    assert "at at" not in res.stderr
+
+
+def test_app_reads_pgjournal_schema_and_psql_opens_on_it(pgjournal_dsn: str,
+                                                        pgjournal_schema: str) -> None:
+    env = clean_env(PGJOURNAL_SCHEMA=pgjournal_schema, PGJOURNAL_DSN=pgjournal_dsn)
+    res = subprocess.run([sys.executable, "-c", "import pgjournal; print(pgjournal.App().schema)"],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert res.stdout.strip() == pgjournal_schema, res.stderr
+    res = run_cli("psql", "--", "-Atc", "SHOW search_path", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{pgjournal_schema},public"
+    res = run_cli("psql", "--", "-Atc", "SELECT count(*) FROM run_overview", env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "0", res.stderr
+
+
+def test_require_dsn_refuses_the_dev_server_fallback() -> None:
+    res = run_cli("runs", env=clean_env(PGJOURNAL_REQUIRE_DSN="1"))
+    one_line_error(res, "PGJOURNAL_REQUIRE_DSN", "PGJOURNAL_DSN")
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "PGJOURNAL_REQUIRE_DSN=1" in dockerfile
+
+
+def test_dev_data_and_psql_are_documented() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "PGJOURNAL_DEV_DATA" in readme and "pgjournal psql" in readme
+    assert "PGJOURNAL_DEV_DATA" in run_cli("dev", "--help").stdout
+
+
+def test_roles_output_is_ready_for_psql(pgjournal_dsn: str, pgjournal_schema: str,
+                                       db: psycopg.Connection[Any]) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    worker, reader = f"pjw_{suffix}", f"pjr_{suffix}"
+    res = run_cli("roles", "--schema", pgjournal_schema, "--worker-role", worker,
+                  "--reader-role", reader)
+    assert res.returncode == 0, res.stderr
+    assert "--!" not in res.stdout and "Do not feed" not in res.stdout
+    try:
+        # `pgjournal roles | pgjournal psql`, as the output says
+        piped = subprocess.run(
+            [sys.executable, "-m", "pgjournal", "--dsn", pgjournal_dsn, "--schema",
+             pgjournal_schema, "psql", "--", "-v", "ON_ERROR_STOP=1", "-q"],
+            input=res.stdout, capture_output=True, text=True, cwd=ROOT, env=clean_env(),
+            timeout=60, check=False)
+        assert piped.returncode == 0, piped.stderr
+        assert db.execute("SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
+                          (worker, reader)).fetchone() == {"n": 2}
+    finally:
+        for role in (worker, reader):
+            if db.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                db.execute(f'DROP OWNED BY "{role}"')
+                db.execute(f'DROP ROLE "{role}"')
+
+
+def test_show_an_adapter_run_by_its_own_id(cli: Cli, pgjournal_dsn: str,
+                                           pgjournal_schema: str) -> None:
+    from pgjournal.adapters.run_store import PostgresRunStore, RunRecord, StepRecord
+
+    original = f"order-{uuid.uuid4().hex[:6]}"
+    store = PostgresRunStore(pgjournal_dsn, schema=pgjournal_schema)
+    try:
+        # The record's own created_at is later than the rows' database times.
+        later = "2999-01-01T00:00:00+00:00"
+        store.save_run(RunRecord(run_id=original, blueprint_name="checkout",
+                                 created_at=later, updated_at=later))
+        store.save_step(StepRecord(run_id=original, step_index=0, component="pay"))
+    finally:
+        store.close()
+    res = cli("show", original)
+    assert "checkout" in res.stdout and "pay" in res.stdout
+    assert "+-" not in res.stdout, res.stdout
+    one_line_error(cli("show", "order-none", expect=1), "not a run id", "adapter")
+
+
+def test_result_timeout_names_the_run_its_status_and_the_workers(cli: Cli) -> None:
+    res = cli("start", "wf", "--queue", "lonely", "--wait", "0.3", expect=1)
+    one_line_error(res, "did not end within 0.3s", "'wf' is queued in queue 'lonely'",
+                   "no live worker serves that queue")
+
+
+def test_demo_refuses_politely_while_another_demo_runs(pgjournal_dsn: str,
+                                                       db: psycopg.Connection[Any]) -> None:
+    schema = f"demo_{uuid.uuid4().hex[:8]}"
+    got = db.execute(cli_query("demo_lock", schema), {"schema": schema}).fetchone()
+    assert got is not None and got["got"]
+    try:
+        res = run_cli("demo", "--short", "--dsn", pgjournal_dsn, "--schema", schema)
+        one_line_error(res, "another pgjournal demo is running", schema)
+        assert db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                          (schema,)).fetchone() is None, "the refused demo touched the schema"
+    finally:
+        db.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_start_without_app_uses_the_queue_a_live_worker_serves_or_refuses(
+        cli: Cli, db: psycopg.Connection[Any], pgjournal_dsn: str, pgjournal_schema: str,
+        tmp_path: Path) -> None:
+    # No live worker: a typo (or a worker not deployed yet) is refused with a hint.
+    refused = cli("start", "agent", expect=1)
+    one_line_error(refused, "no live worker knows workflow 'agent'", "--queue")
+    db.execute(cli_query("demo_setup", pgjournal_schema))
+    log = tmp_path / "worker.log"
+    with log.open("w") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pgjournal", "worker", DEMO_APP, "--dsn", pgjournal_dsn,
+             "--schema", pgjournal_schema, "--queue", "agents", "--lease", "5"],
+            cwd=ROOT, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        alive = cli_query_text("SELECT 1 FROM {schema}.worker_health WHERE state = 'alive' "
+                               "AND workflow_queues ? 'agent'", pgjournal_schema)
+        wait_db(db, alive)
+        one_line_error(cli("start", "agnet", expect=1), "did you mean 'agent'")
+        run_id = cli("start", "agent", "--args", '["cli"]', "--kwargs",
+                     '{"latency": 0.01, "cool_down": 0.1}').stdout.strip()
+        row = db.execute(cli_query_text("SELECT queue FROM {schema}.runs WHERE id = %s",
+                                        pgjournal_schema), (run_id,)).fetchone()
+        assert row["queue"] == "agents"     # the worker's queue, not 'default'
+        workers = cli("workers").stdout
+        assert "WORKFLOWS" in workers and "agent" in workers
+        # A run no live worker can take shows up under `queues`.
+        cli("start", "agent_v2", "--queue", "agents")
+        assert "workflow 'agent_v2' on queue agents, which no live worker knows" in \
+            cli("queues").stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+
+
+def test_signal_with_an_idempotency_key_is_sent_once(cli: Cli, db: psycopg.Connection[Any],
+                                                      pgjournal_schema: str) -> None:
+    run_id = cli("start", "waits", "--queue", "default").stdout.strip()
+    for _ in range(3):   # a client retrying after a lost connection
+        cli("signal", run_id, "approval", '{"ok": true}', "--idempotency-key", "review-7")
+    cli("signal", run_id, "approval", '{"ok": false}')
+    sent = db.execute(cli_query_text("SELECT payload::text AS p FROM {schema}.signals "
+                                     "WHERE run_id = %s ORDER BY id", pgjournal_schema),
+                      (run_id,)).fetchall()
+    assert [s["p"] for s in sent] == ['{"ok":true}', '{"ok":false}']  # the text as sent

@@ -62,6 +62,9 @@ def test_demo_short_kills_a_worker_and_no_step_runs_twice(pgjournal_dsn: str,
     assert steps == executions and steps > 0
     assert re.search(r"killed worker #\d \(pid \d+\) with SIGKILL", out), out
     assert "SELECT" in out and f'"{demo_schema}".steps' in out  # the SQL for a DBA
+    assert f"pgjournal psql --schema {demo_schema}" in out        # and where psql is
+    # the recovery counter reads as a running total, not as separate events
+    assert re.search(r"recovered so far: \d+ runs? in total", out), out
 
     pids = [int(p) for p in re.search(r"pids ([\d, ]+)\)", out).group(1).split(", ")]  # type: ignore[union-attr]
     assert len(pids) == 3

@@ -57,6 +57,20 @@ def test_no_dsn_uses_persistent_dev_server() -> None:
             assert res.returncode == 0, res.stderr
             outs.append(res.stdout)
         assert "using the embedded dev server" in outs[0]
+        # a WARNING, on the first line: a misspelled PGJOURNAL_DSN must not go unnoticed
+        first = outs[0].splitlines()[0]
+        assert first.startswith("WARNING") and "PGJOURNAL_REQUIRE_DSN" in first, outs[0]
+        # `pgjournal worker` with no DSN: the WARNING is its first line too
+        worker = subprocess.Popen([sys.executable, "-m", "pgjournal", "worker",
+                                   "pgjournal._demo_app:app"], cwd=ROOT, env=env,
+                                  stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            assert worker.stderr is not None
+            line = worker.stderr.readline()
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        assert " WARNING " in line and "using the embedded dev server" in line, line
         dsn_lines = [next(line for line in o.splitlines() if line.startswith("DSN")) for o in outs]
         assert dsn_lines[0].split()[1] == dsn_lines[1].split()[1], "the same server is reused"
         assert "STATUS queued" in outs[1]

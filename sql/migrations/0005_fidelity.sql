@@ -57,6 +57,9 @@ ALTER TABLE workers ADD COLUMN lease_seconds double precision;
 ALTER TABLE workers ADD COLUMN workflows text[];
 COMMENT ON COLUMN workers.workflows IS
     'The workflows the worker has registered (NULL: any); it claims only those.';
+ALTER TABLE workers ADD COLUMN workflow_queues jsonb;
+COMMENT ON COLUMN workers.workflow_queues IS
+    'The queue of each workflow the worker has registered ({"name": "queue"}).';
 CREATE INDEX workers_hungry_live ON workers (heartbeat_at) WHERE hungry AND stopped_at IS NULL;
 
 ALTER TABLE signals ADD COLUMN idempotency_key text;
@@ -621,7 +624,8 @@ DROP FUNCTION register_worker(uuid, text, integer, text[], integer);
 -- workers silent for a week (they crashed): the registry stays small.
 CREATE FUNCTION register_worker(
     p_id uuid, p_host text, p_pid integer, p_queues text[], p_concurrency integer,
-    p_lease_seconds double precision DEFAULT NULL, p_workflows text[] DEFAULT NULL)
+    p_lease_seconds double precision DEFAULT NULL, p_workflows text[] DEFAULT NULL,
+    p_workflow_queues jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
@@ -629,10 +633,13 @@ BEGIN
     WHERE w.id <> p_id
       AND ((w.stopped_at IS NOT NULL AND w.stopped_at < now() - interval '1 day')
            OR w.heartbeat_at < now() - interval '7 days');
-    INSERT INTO workers (id, host, pid, queues, concurrency, lease_seconds, workflows)
-    VALUES (p_id, p_host, p_pid, p_queues, p_concurrency, p_lease_seconds, p_workflows)
+    INSERT INTO workers (id, host, pid, queues, concurrency, lease_seconds, workflows,
+                         workflow_queues)
+    VALUES (p_id, p_host, p_pid, p_queues, p_concurrency, p_lease_seconds, p_workflows,
+            p_workflow_queues)
     ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
-        lease_seconds = EXCLUDED.lease_seconds, workflows = EXCLUDED.workflows;
+        lease_seconds = EXCLUDED.lease_seconds, workflows = EXCLUDED.workflows,
+        workflow_queues = EXCLUDED.workflow_queues;
 END $$;
 
 -- -- signals ----------------------------------------------------------------------------
@@ -747,7 +754,8 @@ SELECT
         ELSE 'stale'
     END AS state,
     w.workflows,
-    w.lease_seconds
+    w.lease_seconds,
+    w.workflow_queues
 FROM w
 LEFT JOIN held h ON h.worker_id = w.id;
 COMMENT ON VIEW worker_health IS

@@ -1,0 +1,142 @@
+"""What every command shares: reaching the database, loading apps, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+
+from .._output import STATUS_STYLE, paint, shorten, to_json
+from .._sql import validate_identifier
+from ..app import App
+from ..errors import ConfigurationError
+
+T = TypeVar("T")
+Row = dict[str, Any]
+#: ``add(name, help, examples, parents, func, more="")`` -> the command's parser.
+Add = Callable[..., argparse.ArgumentParser]
+
+ENDED = ("completed", "failed", "cancelled", "dead")
+STATUSES = ("queued", "running", "suspended", *ENDED)
+DEFAULT_SCHEMA = "pgjournal"
+
+
+def fail(message: str) -> ConfigurationError:
+    """A user error: ``main`` prints its one line and exits 1."""
+    return ConfigurationError(message)
+
+
+def schema_of(args: argparse.Namespace) -> str:
+    return validate_identifier(
+        getattr(args, "schema", None) or os.environ.get("PGJOURNAL_SCHEMA") or DEFAULT_SCHEMA)
+
+
+def parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        # json's messages may end in "at" ("Unterminated string starting at").
+        raise fail(f"{what} is not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                   f"{exc.colno}): "
+                   f"{shorten(text, 60)!r}") from None
+
+
+def with_app(args: argparse.Namespace, work: Callable[[App], Coroutine[Any, Any, T]],
+             app: App | None = None) -> T:
+    """Run ``work(app)`` on an app for ``--dsn``/``--schema``, closing it afterwards."""
+    async def go() -> T:
+        nonlocal app
+        if app is None:
+            app = App(args.dsn, schema=schema_of(args), pool_size=2)
+        try:
+            return await work(app)
+        finally:
+            await app.close()
+    return asyncio.run(go())
+
+
+def load_app(spec: str, args: argparse.Namespace) -> App:
+    """Import ``module:attribute`` and return the ``App`` it names.
+
+    ``--dsn``/``--schema`` are exported as ``PGJOURNAL_DSN``/``PGJOURNAL_SCHEMA``
+    before the import, so an app that reads them at import time follows them.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise fail(f"{spec!r} is not module:attribute (e.g. myproject.jobs:app)")
+    if args.dsn:
+        os.environ["PGJOURNAL_DSN"] = args.dsn
+    if getattr(args, "schema", None):
+        os.environ["PGJOURNAL_SCHEMA"] = args.schema
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise fail(f"cannot import {module_name!r}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise fail(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, App):
+        raise fail(f"{spec} is a {type(obj).__name__}, not a pgjournal.App")
+    if getattr(args, "schema", None) and obj.schema != args.schema:
+        raise fail(f"{spec} is bound to schema {obj.schema!r} but --schema {args.schema} "
+                   "was given; make the app read PGJOURNAL_SCHEMA or drop --schema")
+    return obj
+
+
+def print_json(value: Any) -> None:
+    print(to_json(value))
+
+
+def error_text(error: Any, width: int = 60) -> str:
+    if not error:
+        return ""
+    if isinstance(error, dict):
+        return shorten(f"{error.get('type', 'Error')}: {error.get('message', '')}", width)
+    return shorten(str(error), width)
+
+
+def local(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def db_parent() -> argparse.ArgumentParser:
+    """``--dsn``/``--schema`` accepted after the command too (without resetting them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("database")
+    g.add_argument("--dsn", default=argparse.SUPPRESS,
+                   help="PostgreSQL DSN (default: $PGJOURNAL_DSN, else the embedded dev "
+                        "server)")
+    g.add_argument("--schema", default=argparse.SUPPRESS,
+                   help="pgjournal schema (default: $PGJOURNAL_SCHEMA, else pgjournal)")
+    return p
+
+
+def json_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    return p
+
+
+def paint_status(status: str, colour: bool) -> str:
+    return paint(f"[{status}]", STATUS_STYLE.get(status, "bold"), colour)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 run``, ``5 runs``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -1,0 +1,121 @@
+"""``queues``: depth and settings of the queues; pause, resume, limit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._output import (
+    human_seconds,
+    paint,
+    table,
+    use_colour,
+)
+from .._queries import cli_fetch
+from .._sql import validate_identifier
+from ..app import App
+from ._common import (
+    Add,
+    Row,
+    fail,
+    plural,
+    print_json,
+    with_app,
+)
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    action = args.action
+
+    async def go(app: App) -> list[Row]:
+        if action:
+            name = validate_identifier(args.name, "queue name")
+            known = (await cli_fetch(app, "queue_known", name=name))[0]["known"]
+            if not known and not args.create:
+                raise fail(
+                    f"queue {name!r} has never been seen in schema {app.schema!r} (no "
+                    "runs, settings or workers); check the name, or pass --create to "
+                    "configure it ahead of its first run")
+            current = await cli_fetch(app, "queue_settings", name=name)
+            limit = current[0]["concurrency_limit"] if current else None
+            paused = bool(current[0]["paused"]) if current else False
+            if action == "pause":
+                paused = True
+            elif action == "resume":
+                paused = False
+            elif action == "limit":
+                limit = _parse_limit(args.limit)
+            # set_queue replaces both settings, so the untouched one is passed back.
+            await app.set_queue(name, concurrency_limit=limit, paused=paused)
+        unserved.extend(await cli_fetch(app, "unserved"))
+        return await cli_fetch(app, "queues")
+
+    unserved: list[Row] = []
+    if action == "limit":
+        _parse_limit(args.limit)
+    rows = with_app(args, go)
+    if action and not args.json:
+        limit = _parse_limit(args.limit) if action == "limit" else None
+        print({"pause": f"queue {args.name} paused: workers claim nothing from it",
+               "resume": f"queue {args.name} resumed",
+               "limit": f"queue {args.name}: at most {plural(limit, 'run')} at "
+                        "once across all workers" if limit else
+                        f"queue {args.name}: no concurrency limit"}[action])
+        return 0
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no queues: nothing queued, running or configured", file=sys.stderr)
+        return 0
+    colour = use_colour(sys.stdout)
+    cells, styles = [], []
+    for r in rows:
+        age = r["oldest_due_age"]
+        cells.append([r["queue"], str(r["queued_due"]), str(r["delayed"]), str(r["running"]),
+                      str(r["expired_leases"]), str(r["suspended"]),
+                      human_seconds(age.total_seconds()) if age is not None else "-",
+                      str(r["concurrency_limit"] or "-"), "yes" if r["paused"] else "no"])
+        row_styles: list[str | None] = [None] * 4
+        row_styles += ["red" if r["expired_leases"] else None, None, None, None]
+        row_styles.append("yellow" if r["paused"] else None)
+        styles.append(row_styles)
+    print(table(cells, ["QUEUE", "DUE", "DELAYED", "RUNNING", "EXPIRED-LEASES", "SUSPENDED",
+                        "OLDEST-DUE", "LIMIT", "PAUSED"], colour=colour, styles=styles,
+                right=(1, 2, 3, 4, 5, 6, 7)))
+    for u in unserved:
+        print(paint(f"{plural(u['runs'], 'queued run')} of workflow {u['workflow']!r} on "
+                    f"queue {u['queue']}, which no live worker knows (a typo, or a worker "
+                    "not deployed yet)", "yellow", colour))
+    return 0
+
+
+def _parse_limit(text: str) -> int | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise fail(f"limit {text!r} is not a number (or 'none')") from None
+    if value < 1:
+        raise fail("a concurrency limit must be at least 1; to stop a queue use "
+                   "`pgjournal queues pause`, to lift the limit use 'none'")
+    return value
+
+
+def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:
+    """Add this group's commands to the parser (see ``build_parser``)."""
+    p = add("queues", "queue depth, running, oldest due, limits; pause, resume, limit",
+            """
+            pgjournal queues
+            pgjournal queues pause agents
+            pgjournal queues resume agents
+            pgjournal queues limit agents 5      # at most 5 running across all workers
+            pgjournal queues limit agents none
+            pgjournal queues pause newqueue --create   # a queue with no runs yet
+            """, [db, js], cmd_queues)
+    p.add_argument("action", nargs="?", choices=["pause", "resume", "limit"])
+    p.add_argument("name", nargs="?", metavar="QUEUE")
+    p.add_argument("limit", nargs="?", metavar="N")
+    p.add_argument("--create", action="store_true",
+                   help="configure a queue that has no runs, settings or workers yet")
