@@ -5,7 +5,10 @@
 Step functions record each execution in ``<schema>.test_effects`` (created by
 the ``effects`` fixture), so a test can count how often a step really ran.
 ``PGJ_BLOCK=<step>`` makes that step hang after recording itself (a test then
-kills or stops the process); ``PGJ_SLOW=<step>:<seconds>`` slows a step down.
+kills or stops the process); ``PGJ_SLOW=<step>:<seconds>`` slows a step down;
+``PGJ_GATE=<step>:<path>`` makes that step wait, after recording itself, until
+the file ``path`` exists (a test opens the gate when it is ready: an event, not
+a delay).
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ import pgjournal
 _conn: psycopg.Connection[Any] | None = None
 _lock = threading.Lock()
 _target: tuple[str, str] = ("", "")
+
+
+def wait_gate(name: str) -> None:
+    """With ``PGJ_GATE=<name>:<path>``, wait until the file ``path`` exists."""
+    gate = os.environ.get("PGJ_GATE", "")
+    if gate.startswith(name + ":"):
+        path = gate.split(":", 1)[1]
+        while not os.path.exists(path):
+            time.sleep(0.02)
 
 
 def effect(run_id: str, step: str) -> str:
@@ -50,6 +62,7 @@ def effect(run_id: str, step: str) -> str:
                 time.sleep(0.2)
     if os.environ.get("PGJ_BLOCK") == step:
         time.sleep(3600)
+    wait_gate(step)
     slow = os.environ.get("PGJ_SLOW", "")
     if slow.startswith(step + ":"):
         time.sleep(float(slow.split(":")[1]))
@@ -91,6 +104,26 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
         await run.step("hold", effect, str(run.id), "hold")
         await asyncio.sleep(hold)
         await run.step("release", effect, str(run.id), "release")
+        return "ok"
+
+    async def tokens(run_id: str, n: int) -> Any:
+        for i in range(n):
+            await asyncio.to_thread(effect, run_id, f"tok{i}")
+            await asyncio.sleep(0.1)
+            yield f"t{i}"
+
+    @app.workflow()
+    async def streamer(run: pgjournal.Run, n: int) -> list[str]:
+        got = [c async for c in run.stream_step("llm", tokens, str(run.id), n)]
+        await run.step("after", effect, str(run.id), "after")
+        return got
+
+    @app.workflow()
+    async def gap(run: pgjournal.Run) -> str:
+        """Two steps with workflow code between them (``PGJ_GATE=gap:<path>`` holds it)."""
+        await run.step("s1", effect, str(run.id), "s1")
+        await asyncio.to_thread(wait_gate, "gap")
+        await run.step("s2", effect, str(run.id), "s2")
         return "ok"
 
     @app.workflow(max_recoveries=50)
@@ -140,12 +173,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--queues", default="default,limited")
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="heartbeat interval (default lease/3); large = held off")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = build_app(args.dsn, args.schema)
     worker = pgjournal.Worker(app, queues=args.queues.split(","),
                               concurrency=args.concurrency, lease=args.lease,
-                              grace_period=5.0)
+                              grace_period=5.0, heartbeat_interval=args.heartbeat)
 
     async def serve() -> None:  # as `pgjournal worker` does: the worker opens the app
         try:

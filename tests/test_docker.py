@@ -194,8 +194,11 @@ def test_compose_topology_survives_a_killed_worker(
     def start(name: str, args: list[str]) -> None:
         logs[name] = tmp_path / f"{name}.log"
         with logs[name].open("wb") as fh:
-            procs[name] = subprocess.Popen(["sh", str(ENTRYPOINT), *args], env=env, cwd=ROOT,
-                                           stdout=fh, stderr=subprocess.STDOUT)
+            # PGAPPNAME (read by libpq): the container's connections are told apart
+            # in pg_stat_activity, as a DBA would tell hosts apart.
+            procs[name] = subprocess.Popen(["sh", str(ENTRYPOINT), *args],
+                                           env={**env, "PGAPPNAME": f"{demo_schema}/{name}"},
+                                           cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
 
     def healthy() -> bool:
         check = services["starter"]["healthcheck"]["test"][1:]
@@ -219,14 +222,27 @@ def test_compose_topology_survives_a_killed_worker(
                    "(SELECT 1 FROM steps s WHERE s.run_id = x.run_id AND s.name = x.step "
                    "AND s.status = 'completed')", pid)
 
-    def kill_holding_runs(pid: int) -> bool:
-        """SIGKILL ``pid`` while it holds runs, at no instant between a step's side
-        effect and its journal commit (a crash there re-runs that step: the
-        promise covers committed steps, and the starter counts executions)."""
+    def busy_backends(name: str) -> int:
+        """Statements of container ``name`` that the server is still executing."""
+        return one("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                   "AND state = 'active'", f"{demo_schema}/{name}")
+
+    def kill_holding_runs(name: str) -> bool:
+        """SIGKILL container ``name`` while it holds runs, at no instant between a
+        step's side effect and its journal commit (a crash there re-runs that step:
+        the promise covers committed steps, and the starter counts executions)."""
+        pid = procs[name].pid
         if held(pid) < 1:
             return False
+        assert one("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                   f"{demo_schema}/{name}") > 0, "its connections must be told apart"
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.3)  # writes already sent land
+        # Writes it had already sent land: wait until the server has finished
+        # every statement of its connections (an event, not a delay).
+        deadline = time.monotonic() + 30
+        while busy_backends(name):
+            assert time.monotonic() < deadline, "a stopped worker's statement never ended"
+            time.sleep(0.02)
         if held(pid) >= 1 and unjournaled_effects(pid) == 0:
             os.kill(pid, signal.SIGKILL)
             return True
@@ -252,7 +268,7 @@ def test_compose_topology_survives_a_killed_worker(
             start(f"worker-{i}", command(f"worker-{i}"))
         # docker compose kill worker-2, while it holds runs
         poll("worker-2 to be killed holding runs",
-             lambda: kill_holding_runs(procs["worker-2"].pid))
+             lambda: kill_holding_runs("worker-2"))
 
         poll("the starter to finish", lambda: procs["starter"].poll() is not None, 120)
         out = logs["starter"].read_text()

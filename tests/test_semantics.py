@@ -292,8 +292,16 @@ async def test_wake_up_does_not_depend_on_polling(pgjournal_app: pgjournal.App) 
     async def quick(run: pgjournal.Run) -> str:
         return "awake"
 
-    async with serving(app, poll_interval=120):
-        await asyncio.sleep(0.2)  # let the worker go idle on LISTEN
+    async with serving(app, poll_interval=120) as worker:
+        async def hungry() -> bool:  # idle on LISTEN, and enqueues know to NOTIFY it
+            async with (await app.store()).pool.connection() as conn:
+                cur = await conn.execute(
+                    f'SELECT hungry FROM "{app.schema}".worker_health WHERE id = %s',
+                    (worker.id,))
+                row = await cur.fetchone()
+            return bool(row and row["hungry"])
+
+        await wait_for(hungry, 20, what="the worker to go hungry")
         handle = await app.start(quick)
         # With a 120 s poll, only NOTIFY can get this done inside the timeout.
         assert await handle.result(timeout=15) == "awake"

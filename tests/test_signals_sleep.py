@@ -65,8 +65,12 @@ async def test_two_signals_of_one_name_consumed_in_order_once_each(
     spawn_worker()
     await wait_for(lambda: _status_is(app, handle.run_id, "suspended"), 30,
                    what="the run to wait for the second x")
-    await app.signal(handle.run_id, "x", "second")
-    await app.signal(handle.run_id, "x", "spare")
+    # One transaction: sent one by one, the run could consume "second" and end
+    # before "spare" is sent (which is then refused: the run has ended).
+    with psycopg.connect(pgjournal_dsn) as conn:
+        for payload in ("second", "spare"):
+            conn.execute(f'SELECT "{pgjournal_schema}".send_signal(%s, %s, %s)',
+                         (handle.run_id, "x", f'"{payload}"'))
     assert await handle.result(timeout=30) == ["first", "second"]
     with psycopg.connect(pgjournal_dsn) as conn:
         rows = conn.execute(
