@@ -88,13 +88,31 @@ class LeaseGuard(Protocol):
 
     async def ensure(self) -> bool: ...
 
+    def fresh(self) -> bool: ...
 
-async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+
+class _StaleInThread(Exception):
+    """A sync step's thread found the lease no longer fresh before calling it."""
+
+
+async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any, *,
+                       guard: Callable[[], bool] | None = None) -> Any:
     """Call a step function: awaited if async, in a thread if sync (so it cannot
-    block the event loop and the other runs of the worker)."""
+    block the event loop and the other runs of the worker).
+
+    ``guard`` is checked again in the thread right before a sync function is
+    called: waiting for a free thread (or a pause) may outlast the lease that
+    was checked on the event loop. It raises ``_StaleInThread`` then.
+    """
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
-    result = await asyncio.to_thread(fn, *args, **kwargs)
+
+    def guarded() -> Any:
+        if guard is not None and not guard():
+            raise _StaleInThread
+        return fn(*args, **kwargs)
+
+    result = await asyncio.to_thread(guarded)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -359,6 +377,10 @@ class Run:
         self._live += 1
         self._progress()
 
+    def _fresh(self) -> bool:
+        """Thread-safe: may a step start now without asking the database?"""
+        return self._lease is None or self._lease.fresh()
+
     def _exit_live(self) -> None:
         self._live -= 1
         self._progress()
@@ -473,8 +495,14 @@ class Run:
             while True:
                 tries += 1
                 try:
-                    result = await call_step_fn(fn, args, kwargs)
+                    result = await call_step_fn(fn, args, kwargs, guard=self._fresh)
                     break
+                except _StaleInThread:
+                    tries -= 1
+                    if self._lease is not None and not await self._lease.ensure():
+                        self._closed = "lease lost"
+                        raise Abandoned("lease lost before a step started") from None
+                    continue
                 except Exception as exc:
                     if tries <= retries and not isinstance(exc, TerminalError):
                         await asyncio.sleep(backoff * 2 ** (tries - 1))

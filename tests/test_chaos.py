@@ -38,12 +38,12 @@ def test_chaos_small_without_pauses(tmp_path: Path) -> None:
 
 def test_chaos_small_with_pauses(tmp_path: Path) -> None:
     """Workers also paused past their lease (SIGSTOP, then SIGCONT). 2 and 3 must
-    hold. 1 and 16 hold unless a pause lands between the lease guard (checked on
-    the event loop) and the moment the step function is entered (a sync step
-    starts later, in a thread of the executor): then a worker that wakes up enters
-    that step past its lease, and it runs again under the new owner. That window
-    is open in pgjournal (the guard is not re-checked when the thread starts the
-    function); seen about once in 4 runs here: an expected failure until closed."""
+    hold. 1 and 16 hold unless a pause lands right after the lease guard and before
+    the step function is entered. The guard is checked on the event loop and again
+    in the executor's thread just before a sync step is called (before that, a
+    pause or a busy thread pool let a stale worker enter the step about once in 4
+    runs); what remains is the window the README documents (close it with
+    ``run.fencing_token``), so a hit there is an expected failure, not a pass."""
     code, text, figures = chaos(tmp_path, "--seed", "11")
     inv = figures["invariants"]
     assert isinstance(inv, dict)
@@ -52,6 +52,6 @@ def test_chaos_small_with_pauses(tmp_path: Path) -> None:
     assert {k: v["violations"] for k, v in inv.items() if k[0] in "23"} == {
         "2a": 0, "2b": 0, "2c": 0, "3a": 0, "3b": 0}, text
     if inv["1"]["violations"] or inv["16"]["violations"]:
-        pytest.xfail("a step entered past its lease (guard checked before the thread "
-                     "pool started it):\n" + text)
+        pytest.xfail("a step entered past its lease in the window right after the "
+                     "guard:\n" + text)
     assert code == 0, text
