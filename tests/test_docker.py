@@ -249,26 +249,27 @@ def test_compose_topology_survives_a_killed_worker(
         os.kill(pid, signal.SIGCONT)
         return False
 
-    def poll(what: str, check: Any, timeout: float = 60) -> None:
+    def poll(what: str, check: Any, timeout: float = 60, every: float = 0.2) -> None:
         deadline = time.monotonic() + timeout
         while not check():
             starter = procs["starter"]
             assert starter.poll() is None or what == "the starter to finish", \
                 f"starter exited early:\n{logs['starter'].read_text()}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.2)
+            time.sleep(every)
 
     try:
         assert not healthy()  # no schema yet: the workers would have to wait
-        # Few runs at the demo's normal pace: slow enough that worker-2 surely
-        # holds runs at a moment when it is safe to kill it.
-        start("starter", command("starter", "--runs", "8"))
+        # Runs at the demo's normal pace, enough of them that worker-2 surely
+        # holds runs at a moment when it is safe to kill it (between two steps:
+        # its steps spend most of their time inside the step function).
+        start("starter", command("starter", "--runs", "24"))
         poll("the starter to become healthy", healthy)
         for i in (1, 2, 3):
             start(f"worker-{i}", command(f"worker-{i}"))
         # docker compose kill worker-2, while it holds runs
         poll("worker-2 to be killed holding runs",
-             lambda: kill_holding_runs("worker-2"))
+             lambda: kill_holding_runs("worker-2"), every=0.02)
 
         poll("the starter to finish", lambda: procs["starter"].poll() is not None, 120)
         out = logs["starter"].read_text()
