@@ -128,11 +128,17 @@ CREATE TYPE claimed_run AS (
     db_now timestamptz, has_journal boolean, interruptions integer
 );
 
+-- The workflow filter lowers the planner's row estimate of the claimable scan,
+-- and with it the generic plan switched to a bitmap scan of every due run of
+-- the queue plus a sort (claim 1.1 -> 1.6 ms per 10 at a shallow queue, and
+-- growing with its depth). Bitmap scans and sorts are priced out here so the
+-- pick stays one index scan in claim order, stopped by the LIMIT.
 CREATE FUNCTION claim_from(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision,
     p_workflows text[] DEFAULT NULL)
 RETURNS SETOF claimed_run
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT
+SET enable_bitmapscan = off SET enable_sort = off AS $$
 DECLARE
     v_ids uuid[];
     v_restart timestamptz := pg_postmaster_start_time();
