@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,23 @@ async def lease_expired(store: Any, run_id: Any) -> bool:
             f'FROM "{store.schema}".runs WHERE id = %s', (run_id,))
         row = await cur.fetchone()
     return bool(row and row["expired"])
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **kw: Any) -> AsyncIterator[Any]:
+    """An in-process ``pgjournal.Worker`` on ``app`` for the body of the block
+    (concurrency 4 and a 5 s lease unless given), stopped gracefully after it."""
+    import pgjournal
+
+    kw.setdefault("concurrency", 4)
+    kw.setdefault("lease", 5)
+    worker = pgjournal.Worker(app, **kw)
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await task
 
 
 class Effects:

@@ -11,7 +11,7 @@ statement with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -23,22 +23,12 @@ from hypothesis import strategies as st
 
 import pgjournal
 
+from . import conftest
 from .conftest import wait_for
 from .test_exceptions import RateLimited
 from .test_serializer import Reply, clean_text, same
 
-
-@contextlib.asynccontextmanager
-async def serving(app: pgjournal.App, **kw: Any) -> AsyncIterator[pgjournal.Worker]:
-    kw.setdefault("concurrency", 8)
-    kw.setdefault("lease", 10)
-    worker = pgjournal.Worker(app, **kw)
-    task = asyncio.create_task(worker.run(handle_signals=False))
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
+serving = functools.partial(conftest.serving, concurrency=8, lease=10)
 
 
 async def status_is(handle: pgjournal.RunHandle, status: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import pgjournal
 
-from .test_parallel import serving
+from .conftest import serving
 
 
 async def test_queue_settings_change_while_workers_go_idle_and_busy(

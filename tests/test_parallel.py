@@ -4,29 +4,14 @@ they ran: after a suspend, after a retry, and after kill -9 of the worker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import pgjournal
 
-from .conftest import Effects, wait_for
-
-
-@contextlib.asynccontextmanager
-async def serving(app: pgjournal.App, **kw: Any) -> AsyncIterator[pgjournal.Worker]:
-    kw.setdefault("concurrency", 4)
-    kw.setdefault("lease", 5)
-    worker = pgjournal.Worker(app, **kw)
-    task = asyncio.create_task(worker.run(handle_signals=False))
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
+from .conftest import Effects, serving, wait_for
 
 
 async def until_status(handle: pgjournal.RunHandle, status: str) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -13,20 +11,7 @@ import pytest
 
 import pgjournal
 
-from .conftest import Effects, wait_for
-
-
-@contextlib.asynccontextmanager
-async def serving(app: pgjournal.App, **kw: Any) -> AsyncIterator[pgjournal.Worker]:
-    kw.setdefault("concurrency", 4)
-    kw.setdefault("lease", 5)
-    worker = pgjournal.Worker(app, **kw)
-    task = asyncio.create_task(worker.run(handle_signals=False))
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
+from .conftest import Effects, serving, wait_for
 
 
 async def test_retries_with_backoff_keep_the_journal(pgjournal_app: pgjournal.App) -> None:
