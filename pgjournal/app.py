@@ -159,6 +159,9 @@ class App:
         self._dsn = dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
         self.pool_size = pool_size
+        if max_journal_bytes <= 0:
+            raise ConfigurationError("max_journal_bytes must be positive (bytes a run's "
+                                     "journal may hold)")
         self.max_journal_bytes = max_journal_bytes
         self.poll_interval = poll_interval
         self.workflows: dict[str, Workflow] = {}

@@ -22,6 +22,11 @@ def test_invalid_schema_names_rejected_before_sql(name: str) -> None:
         pgjournal.migrate("postgresql://nobody@127.0.0.1:1/none", schema=name)
 
 
+def test_journal_budget_must_be_positive() -> None:
+    with pytest.raises(pgjournal.ConfigurationError, match="max_journal_bytes"):
+        pgjournal.App("postgresql://nobody@127.0.0.1:1/none", max_journal_bytes=0)
+
+
 def test_invalid_queue_name_rejected() -> None:
     app = pgjournal.App("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(ValueError, match="invalid queue name"):
