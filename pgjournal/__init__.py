@@ -4,10 +4,12 @@ Everything a user needs is importable from here.
 """
 
 from .app import App, RunHandle, Workflow, exponential_backoff
+from .children import ChildRun
 from .connect import mask_dsn
 from .embedded import EmbeddedServer, dev_server, throwaway_server
 from .errors import (
     Cancelled,
+    ChildFailed,
     ConfigurationError,
     DatabaseUnavailable,
     InvalidState,
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Cancelled",
+    "ChildFailed",
+    "ChildRun",
     "ConfigurationError",
     "DatabaseUnavailable",
     "EmbeddedServer",

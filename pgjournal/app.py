@@ -127,8 +127,8 @@ class RunHandle:
                      idempotency_key: str | None = None) -> None:
         await self.app.signal(self.run_id, name, payload, idempotency_key=idempotency_key)
 
-    async def cancel(self) -> str:
-        return await self.app.cancel(self.run_id)
+    async def cancel(self, *, children: bool = True) -> str:
+        return await self.app.cancel(self.run_id, children=children)
 
 
 class App:
@@ -360,6 +360,16 @@ class App:
         )
         return RunHandle(self, run_id)
 
+    def _child_settings(self, name: str, queue: str | None) -> tuple[str, int, int]:
+        """Queue, max_attempts and max_recoveries of a child run of ``name`` (spawned
+        by a workflow of this app); ``UnknownWorkflow`` as for ``start``."""
+        wf = self.workflows.get(name)
+        if wf is None and self.workflows:
+            raise UnknownWorkflow(self._unknown_workflow_message(name))
+        child_queue = validate_identifier(queue or (wf.queue if wf else "default"),
+                                          "queue name")
+        return child_queue, wf.max_attempts if wf else 3, wf.max_recoveries if wf else 5
+
     def _unknown_workflow_message(self, name: str) -> str:
         known = sorted(self.workflows)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -393,9 +403,13 @@ class App:
         except SerializationError as exc:
             raise SerializationError(f"{exc} (signal to run {rid})") from exc
 
-    async def cancel(self, run_id: uuid.UUID | str) -> str:
-        """Cancel a run; a running one stops at its next step. Returns its status."""
-        return await (await self.store()).cancel_run(_as_uuid(run_id))
+    async def cancel(self, run_id: uuid.UUID | str, *, children: bool = True) -> str:
+        """Cancel a run; a running one stops at its next step. Returns its status.
+
+        Its unfinished child runs (and theirs) are cancelled too, in the same
+        transaction, unless ``children=False``.
+        """
+        return await (await self.store()).cancel_run(_as_uuid(run_id), children=children)
 
     async def retry(self, run_id: uuid.UUID | str) -> str:
         """Requeue a failed, dead or cancelled run; its completed steps are not redone."""

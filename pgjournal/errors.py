@@ -83,5 +83,20 @@ class RunFailed(PgJournalError):
         self.error = err
 
 
+class ChildFailed(RunFailed):
+    """A child run (``run.spawn``) ended failed, dead or cancelled; raised in its parent
+    by ``child.result()``, ``run.wait_all`` and ``run.wait_first``. Catchable: the
+    parent decides. ``run_id``, ``status``, ``error`` (the child's error as
+    journaled: type, message ...) and ``workflow`` describe the child."""
+
+    def __init__(self, run_id: str, error: dict[str, object] | None, status: str = "failed",
+                 *, workflow: str = "") -> None:
+        super().__init__(run_id, error, status)
+        self.workflow = workflow
+        err = error or {}
+        what = f"child run {run_id}" + (f" ({workflow})" if workflow else "")
+        self.args = (f"{what} {status}: {err.get('type', 'Error')}: {err.get('message', '')}",)
+
+
 class Cancelled(PgJournalError):
     """The run was cancelled; raised by ``RunHandle.result()``."""

@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._exceptions import describe_exception, rebuild_exception
+from .children import ChildRun, ChildSettings, child_id
 from .errors import (
     DatabaseUnavailable,
     JournalTooLarge,
@@ -141,12 +142,14 @@ class Run:
 
     def __init__(self, store: Store, serializer: Serializer, claim: Claim, *,
                  lease: LeaseGuard | None = None,
-                 max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES) -> None:
+                 max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
+                 child_settings: ChildSettings | None = None) -> None:
         self._store = store
         self._ser = serializer
         self._claim = claim
         self._lease = lease
         self._max_journal_bytes = max_journal_bytes
+        self._child_settings = child_settings
         self._claimed_monotonic = time.monotonic()
         self.id: uuidlib.UUID = claim.run_id
         self.attempt: int = claim.attempt
@@ -678,6 +681,163 @@ class Run:
         value: uuidlib.UUID = await self._fact(
             "uuid", uuidlib.uuid4, lambda v: json.dumps(str(v)), uuidlib.UUID)
         return value
+
+    # -- child runs ----------------------------------------------------------------------
+
+    async def spawn(self, workflow: str, *args: Any, queue: str | None = None,
+                    key: str | None = None, timeout: float | None = None,
+                    **kwargs: Any) -> ChildRun:
+        """Start a child run of ``workflow(*args, **kwargs)``; returns its ``ChildRun``.
+
+        The spawn is journaled: a replay gets the same child back, and a spawn
+        executed again after a crash finds the child it created (the child's
+        id derives from this run's id and the spawn's position, or from
+        ``key`` when given). ``queue``: default, the workflow's registered
+        queue. ``timeout``: seconds the child may take to end (it fails with
+        ``TimeoutError`` after); default, this run's own deadline, if any.
+        """
+        children = await self._spawn(workflow, [(args, kwargs)], queue=queue,
+                                     keys=None if key is None else [key], timeout=timeout)
+        return children[0]
+
+    async def spawn_many(self, workflow: str, items: Any, *, queue: str | None = None,
+                         keys: list[str] | None = None,
+                         timeout: float | None = None) -> list[ChildRun]:
+        """Start one child run of ``workflow`` per item, in one round trip.
+
+        Each item is the child's arguments: a tuple is spread as positional
+        arguments, anything else is the one argument (``[("a", 1), ("b", 2)]``
+        calls ``wf(run, "a", 1)`` and ``wf(run, "b", 2)``; ``["a", "b"]`` calls
+        ``wf(run, "a")`` and ``wf(run, "b")``). ``keys``: one per item, as
+        ``spawn(key=...)``.
+        """
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            (item, {}) if isinstance(item, tuple) else ((item,), {}) for item in items]
+        if keys is not None and len(keys) != len(calls):
+            raise ValueError(f"spawn_many got {len(calls)} items but {len(keys)} keys")
+        if not calls:
+            return []
+        return await self._spawn(workflow, calls, queue=queue, keys=keys, timeout=timeout)
+
+    async def _spawn(self, workflow: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                     *, queue: str | None, keys: list[str] | None,
+                     timeout: float | None) -> list[ChildRun]:
+        if not isinstance(workflow, str) or not workflow:
+            raise TypeError("spawn takes the child workflow's registered name")
+        position, occurrence = self._call(workflow)
+        fp = fingerprint(None, [workflow, [list(a) for a, _ in calls], keys],
+                         [k for _, k in calls])
+        entry = await self._entry(position)
+        if entry is not None:
+            self._check(position, entry, "spawn", workflow, fp)
+            ids = [uuidlib.UUID(i) for i in entry["output"]]
+            await self._await_replay_turn(entry["turn"], entry["calls_before"],
+                                          f"spawn {workflow!r}")
+            return [ChildRun(self, i, workflow) for i in ids]
+        if self._child_settings is None:
+            raise TypeError("this run cannot spawn children (no App behind it)")
+        child_queue, max_attempts, max_recoveries = self._child_settings(workflow, queue)
+        ids = [child_id(self.id, position, n, None if keys is None else keys[n])
+               for n in range(len(calls))]
+        if len(set(ids)) != len(ids):
+            raise ValueError("spawn_many got the same key twice")
+        inputs = [self._ser.dumps({"args": list(a), "kwargs": k},
+                                  what=f"input of child {n} of {workflow!r} of run {self.id}")
+                  for n, (a, k) in enumerate(calls)]
+        self._budget(38 * len(ids))
+        await self._enter_live()
+        try:
+            turn, calls_before = self._take_turn()
+            try:
+                lost = await self._db(self._store.spawn_runs(
+                    run=self.id, epoch=self._claim.epoch, position=position, name=workflow,
+                    occurrence=occurrence, attempt=self.attempt, turn=turn,
+                    calls_before=calls_before, fingerprint=fp, ids=ids, workflow=workflow,
+                    queue=child_queue, inputs=inputs, max_attempts=max_attempts,
+                    max_recoveries=max_recoveries, timeout=timeout))
+                if lost is not None:
+                    self._closed = lost
+                    raise Abandoned(lost)
+                await self._deliver(turn)
+            finally:
+                self._drop(turn)
+        finally:
+            self._exit_live()
+        return [ChildRun(self, i, workflow) for i in ids]
+
+    async def wait_all(self, children: list[ChildRun], *,
+                       return_exceptions: bool = False) -> list[Any]:
+        """The outputs of all ``children``, in order, once every one has ended.
+
+        Until then the run is suspended: no worker holds it, and the
+        transaction that ends the last child wakes it. A child that failed,
+        died or was cancelled raises ``ChildFailed`` (the first such in the
+        list), or stands in the list as that exception with
+        ``return_exceptions=True``. The outcomes are journaled.
+        """
+        kids = self._own(children)
+        if not kids:
+            return []
+        if any(c._outcome is None for c in kids):
+            results = await self._wait_children("wait_all", kids, "all", False)
+            for c, outcome in zip(kids, results, strict=True):
+                c._settle(outcome)
+        return [c._value(return_exceptions=return_exceptions) for c in kids]
+
+    async def wait_first(self, children: list[ChildRun], *,
+                         cancel_rest: bool = False) -> ChildRun:
+        """The first of ``children`` to end (``await it.result()`` for its output or
+        ``ChildFailed``, without another wait). Suspends the run until one has.
+        The others keep running, or are cancelled with ``cancel_rest=True``."""
+        kids = self._own(children)
+        if not kids:
+            raise ValueError("wait_first needs at least one child")
+        result = await self._wait_children("wait_first", kids, "first", cancel_rest)
+        winner = kids[int(result["index"])]
+        winner._settle(result["outcome"])
+        return winner
+
+    def _own(self, children: list[ChildRun]) -> list[ChildRun]:
+        kids = list(children)
+        for c in kids:
+            if not isinstance(c, ChildRun) or c._run is not self:
+                raise TypeError(f"{c!r} is not a child run spawned by this run")
+        return kids
+
+    async def _wait_children(self, name: str, kids: list[ChildRun], mode: str,
+                             cancel_rest: bool) -> Any:
+        position, occurrence = self._call(name)
+        entry = await self._entry(position)
+        if entry is not None:
+            self._check(position, entry, "children", name, None)
+            await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
+            return entry["output"]
+        ids = [c.id for c in kids]
+        while True:
+            gate = await self._close_gate()
+            turn, calls = self._take_turn()
+            try:
+                outcome, results = await self._db(self._store.wait_children(
+                    run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                    occurrence=occurrence, attempt=self.attempt, turn=turn,
+                    calls_before=calls, children=ids, mode=mode, cancel_rest=cancel_rest))
+                if outcome == "suspended":
+                    self._suspend(gate, None)
+                    raise Suspended(None)
+                self._open_gate(gate)
+                if outcome == "ready":
+                    self._budget(len(json.dumps(results)))
+                    await self._deliver(turn)
+                    return results
+                if outcome == "lost":
+                    self._closed = str(results)
+                    raise Abandoned(str(results))
+            finally:
+                self._drop(turn)
+                if not gate.done():
+                    self._open_gate(gate)
+            # 'again': children ended while the parent's row was locked; the rest
+            # must be locked before it (one lock order): ask once more.
 
     # -- after the workflow -------------------------------------------------------------------
 

@@ -249,6 +249,20 @@ class Store:
         assert row is not None
         return row["outcome"], row["wake_at"]
 
+    async def spawn_runs(self, **params: Any) -> str | None:
+        """Create child runs and journal their spawn (see ``spawn_runs`` in SQL);
+        None, or the parent's status when its caller lost it."""
+        row = await self.fetchone("spawn_runs", **params)
+        return row["lost"] if row else "deleted"
+
+    async def wait_children(self, **params: Any) -> tuple[str, Any]:
+        """Journal the children's outcomes if the wait is over, else suspend the
+        parent: ('ready', outcomes) | ('suspended', None) | ('again', None) |
+        ('lost', status)."""
+        row = await self.fetchone("wait_children", **params)
+        assert row is not None
+        return row["outcome"], row["results"]
+
     async def complete_runs(self, items: Sequence[tuple[UUID, int, str]]) -> set[UUID]:
         rows = await self.fetch(
             "complete_runs",
@@ -307,8 +321,8 @@ class Store:
         assert row is not None
         return int(row["signal_id"])
 
-    async def cancel_run(self, run: UUID) -> str:
-        row = await self.fetchone("cancel_run", run=run)
+    async def cancel_run(self, run: UUID, *, children: bool = True) -> str:
+        row = await self.fetchone("cancel_run", run=run, children=children)
         assert row is not None
         return str(row["status"])
 

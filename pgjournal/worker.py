@@ -359,7 +359,8 @@ class Worker:
                 data = self.app.serializer.loads(claim.input)
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
                 run = Run(store, self.app.serializer, claim, lease=lease,
-                          max_journal_bytes=self.app.max_journal_bytes)
+                          max_journal_bytes=self.app.max_journal_bytes,
+                          child_settings=self.app._child_settings)
                 wf.signature.bind(run, *args, **kwargs)
             except Exception as exc:
                 await self._fail(claim, exc, terminal=True, error={

@@ -65,7 +65,7 @@ SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::json, %(idempotency_
     AS signal_id;
 
 -- name: cancel_run
-SELECT {schema}.cancel_run(%(run)s) AS status;
+SELECT {schema}.cancel_run(%(run)s, %(children)s) AS status;
 
 -- name: retry_run
 SELECT {schema}.retry_run(%(run)s) AS status;
@@ -114,3 +114,14 @@ SELECT * FROM {schema}.chunk_page(%(run)s, %(position)s, %(after)s, %(limit)s, %
 
 -- name: note_run_event
 SELECT {schema}.note_run_event(%(run)s, %(epoch)s, %(detail)s::jsonb);
+
+-- name: spawn_runs
+SELECT {schema}.spawn_runs(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(attempt)s, %(turn)s,
+    %(calls_before)s, %(fingerprint)s, %(ids)s, %(workflow)s, %(queue)s, %(inputs)s::json[],
+    %(max_attempts)s, %(max_recoveries)s, %(timeout)s) AS lost;
+
+-- name: wait_children
+SELECT outcome, results FROM {schema}.wait_children(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(attempt)s, %(turn)s,
+    %(calls_before)s, %(children)s, %(mode)s, %(cancel_rest)s);

@@ -56,7 +56,7 @@ DECLARE
         'claim_runs', 'go_hungry', 'journal_step', 'append_chunks', 'wait_signal',
         'sleep_until', 'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
         'register_worker', 'stop_worker', 'journal_page', 'chunk_page', 'journal_outline',
-        'note_run_event'];
+        'note_run_event', 'spawn_runs', 'wait_children'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
         'start_run', 'send_signal', 'cancel_run', 'retry_run', 'request_result',

@@ -1,0 +1,198 @@
+"""Child runs: spawn, waits that hold no worker, failures, cancel cascades, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgjournal
+
+from .conftest import serving, wait_for
+
+
+def _q(dsn: str, schema: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql.replace("S.", f'"{schema}".'), args)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def tree_app(pgjournal_dsn: str, pgjournal_schema: str) -> pgjournal.App:
+    app = pgjournal.App(pgjournal_dsn, schema=pgjournal_schema, poll_interval=0.2)
+    release = asyncio.Event()
+    app.release = release  # type: ignore[attr-defined]
+    executed: list[str] = []
+    app.executed = executed  # type: ignore[attr-defined]
+
+    @app.workflow()
+    async def research(run: pgjournal.Run, topic: str) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            executed.append(topic)
+            return {"topic": topic, "words": len(topic), "x": 1e20}
+        return await run.step("work", work)  # type: ignore[no-any-return]
+
+    @app.workflow(max_attempts=1)
+    async def broken(run: pgjournal.Run, why: str) -> None:
+        raise KeyError(why)
+
+    @app.workflow()
+    async def held(run: pgjournal.Run, name: str) -> str:
+        await run.wait_signal("go")
+        return name
+
+    @app.workflow()
+    async def planner(run: pgjournal.Run, topics: list[str]) -> dict[str, Any]:
+        kids = await run.spawn_many("research", topics)
+        notes = await run.wait_all(kids)
+        return {"notes": notes, "ids": [str(k.id) for k in kids]}
+
+    @app.workflow()
+    async def single(run: pgjournal.Run) -> Any:
+        child = await run.spawn("research", "one")
+        return await child.result()
+
+    @app.workflow()
+    async def catcher(run: pgjournal.Run) -> Any:
+        ok = await run.spawn("research", "fine")
+        bad = await run.spawn("broken", "boom")
+        got = await run.wait_all([ok, bad], return_exceptions=True)
+        try:
+            await bad.result()
+        except pgjournal.ChildFailed as exc:
+            caught = [exc.status, exc.error["type"], exc.workflow, str(exc.run_id) == str(bad.id)]
+        return [got[0], type(got[1]).__name__, caught]
+
+    @app.workflow()
+    async def racer(run: pgjournal.Run, cancel_rest: bool) -> Any:
+        slow = await run.spawn_many("held", ["a", "b"])
+        fast = await run.spawn("research", "fast")
+        first = await run.wait_first([*slow, fast], cancel_rest=cancel_rest)
+        return [str(first.id) == str(fast.id), await first.result(),
+                [str(s.id) for s in slow]]
+
+    @app.workflow()
+    async def deep(run: pgjournal.Run, levels: int) -> Any:
+        if levels == 0:
+            await run.wait_signal("never")
+            return None
+        kids = await run.spawn_many("deep", [levels - 1, levels - 1])
+        return await run.wait_all(kids)
+
+    @app.workflow()
+    async def timed(run: pgjournal.Run) -> Any:
+        child = await run.spawn("held", "late", timeout=0.5)
+        try:
+            return await child.result()
+        except pgjournal.ChildFailed as exc:
+            return ["timed out", exc.error["type"]]
+
+    return app
+
+
+async def test_fan_out_and_wait_all_returns_outputs_in_order(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    topics = [f"topic-{i}" for i in range(12)]
+    handle = await tree_app.start("planner", topics)
+    async with serving(tree_app, concurrency=3):
+        out = await handle.result(timeout=60)
+    assert [n["topic"] for n in out["notes"]] == topics
+    assert out["notes"][0] == {"topic": "topic-0", "words": 7, "x": 1e20}
+    rows = _q(pgjournal_dsn, pgjournal_schema,
+              "SELECT id::text, parent_position, root_run_id, depth FROM S.runs "
+              "WHERE parent_run_id = %s ORDER BY created_at, id", handle.run_id)
+    assert sorted(r[0] for r in rows) == sorted(out["ids"])
+    assert {(r[1], r[2], r[3]) for r in rows} == {(0, handle.run_id, 1)}
+    # The parent ran twice (spawn + suspend, then replay + wait), each child once.
+    assert sorted(tree_app.executed) == sorted(topics)  # type: ignore[attr-defined]
+    kinds = _q(pgjournal_dsn, pgjournal_schema,
+               "SELECT kind, name FROM S.steps WHERE run_id = %s ORDER BY position",
+               handle.run_id)
+    assert kinds == [("spawn", "research"), ("children", "wait_all")]
+    tree = _q(pgjournal_dsn, pgjournal_schema,
+              "SELECT depth, count(*), max(children) FROM S.run_tree WHERE root_run_id = %s "
+              "GROUP BY depth ORDER BY depth", handle.run_id)
+    assert tree == [(0, 1, 12), (1, 12, 0)]
+
+
+async def test_a_waiting_parent_holds_no_slot(tree_app: pgjournal.App) -> None:
+    # One slot: the parent must give it up while it waits, or no child can run.
+    handle = await tree_app.start("planner", [f"t{i}" for i in range(20)])
+    async with serving(tree_app, concurrency=1):
+        out = await handle.result(timeout=60)
+    assert len(out["notes"]) == 20
+
+
+async def test_child_result_and_failure_is_catchable(tree_app: pgjournal.App) -> None:
+    one = await tree_app.start("single")
+    caught = await tree_app.start("catcher")
+    async with serving(tree_app):
+        assert (await one.result(timeout=60))["topic"] == "one"
+        got = await caught.result(timeout=60)
+    assert got[0]["topic"] == "fine"
+    assert got[1] == "ChildFailed"
+    assert got[2] == ["failed", "KeyError", "broken", True]
+
+
+@pytest.mark.parametrize("cancel_rest", [False, True])
+async def test_wait_first_returns_the_first_and_leaves_or_cancels_the_rest(
+        tree_app: pgjournal.App, cancel_rest: bool) -> None:
+    handle = await tree_app.start("racer", cancel_rest)
+    async with serving(tree_app):
+        won, value, slow = await handle.result(timeout=60)
+        assert won is True and value["topic"] == "fast"
+        statuses = [await tree_app.handle(s).status() for s in slow]
+        if cancel_rest:
+            assert statuses == ["cancelled", "cancelled"]
+        else:
+            assert set(statuses) <= {"queued", "running", "suspended"}
+            for s in slow:
+                await tree_app.signal(s, "go")
+            assert [await tree_app.handle(s).result(timeout=30) for s in slow] == ["a", "b"]
+
+
+@pytest.mark.parametrize("children", [True, False])
+async def test_cancel_cascades_through_the_tree_unless_told_not_to(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        children: bool) -> None:
+    handle = await tree_app.start("deep", 2)   # 1 + 2 + 4 runs
+    async with serving(tree_app, concurrency=8):
+        async def all_waiting() -> bool:
+            rows = _q(pgjournal_dsn, pgjournal_schema,
+                      "SELECT count(*) FROM S.runs WHERE status = 'suspended'")
+            return rows[0][0] == 7
+        await wait_for(all_waiting, 60, what="the whole tree to wait")
+        assert await tree_app.cancel(handle.run_id, children=children) == "cancelled"
+        rows = _q(pgjournal_dsn, pgjournal_schema,
+                  "SELECT status, count(*) FROM S.runs GROUP BY status ORDER BY status")
+    if children:
+        assert rows == [("cancelled", 7)]
+    else:
+        assert rows == [("cancelled", 1), ("suspended", 6)]
+
+
+async def test_a_child_timeout_fails_the_child_and_the_parent_sees_it(
+        tree_app: pgjournal.App) -> None:
+    handle = await tree_app.start("timed")
+    async with serving(tree_app):
+        assert await handle.result(timeout=60) == ["timed out", "TimeoutError"]
+
+
+async def test_replays_see_the_same_children_and_outcomes(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    handle = await tree_app.start("planner", ["a", "b", "c"])
+    async with serving(tree_app):
+        first = await handle.result(timeout=60)
+        # Replay the whole run from its journal (mark it failed, retry it): the
+        # replay must find its children, not spawn new ones.
+        _q(pgjournal_dsn, pgjournal_schema,
+           "UPDATE S.runs SET status = 'failed', finished_at = now(), due_at = NULL "
+           "WHERE id = %s", handle.run_id)
+        await tree_app.retry(handle.run_id)
+        again = await handle.result(timeout=60)
+    assert again == first
+    count = _q(pgjournal_dsn, pgjournal_schema,
+               "SELECT count(*) FROM S.runs WHERE parent_run_id = %s", handle.run_id)
+    assert count == [(3,)]
