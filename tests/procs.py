@@ -156,6 +156,24 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
             return [early, shared, late]
         return list(await asyncio.gather(*[branch(i) for i in range(branches)]))
 
+    @app.workflow(max_recoveries=20)
+    async def fanout(run: pgjournal.Run, n: int) -> int:
+        """Spawn ``n`` leaves and wait for all (``PGJ_GATE=fanout:<path>`` holds the
+        parent between its first step and the spawn)."""
+        rid = str(run.id)
+        await run.step("before", effect, rid, "before")
+        await asyncio.to_thread(wait_gate, "fanout")
+        kids = await run.spawn_many("leaf", list(range(n)))
+        await run.step("spawned", effect, rid, "spawned")
+        values = await run.wait_all(kids)
+        await run.step("after", effect, rid, "after")
+        return sum(values)
+
+    @app.workflow(max_recoveries=20)
+    async def leaf(run: pgjournal.Run, i: int) -> int:
+        await run.step("leaf", effect, str(run.id), "leaf")
+        return i * 2
+
     @app.workflow(max_attempts=1)
     async def chain(run: pgjournal.Run, n: int) -> int:
         total = 0
