@@ -358,6 +358,7 @@ class Store:
 
     async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
                         queue: str | None = None, since: datetime | None = None,
-                        limit: int = 50) -> list[Row]:
+                        limit: int = 50, parent: UUID | None = None) -> list[Row]:
+        """The newest runs matching every filter given (``parent``: its children)."""
         return await self.fetch("list_runs", status=status, workflow=workflow, queue=queue,
-                                since=since, limit=limit)
+                                since=since, limit=limit, parent=parent)

@@ -232,3 +232,14 @@ WHERE w.state = 'alive' AND w.workflow_queues IS NOT NULL;
 -- Queued runs that no live worker can take (unknown workflow, or no worker on
 -- the queue): the unserved_runs view (docs/dba.md).
 SELECT * FROM {schema}.unserved_runs ORDER BY queue, workflow;
+
+-- name: children_of
+-- The first children of a run, in spawn order, and how many there are by status.
+SELECT id, workflow, status, created_at, started_at, finished_at, error, parent_position
+FROM {schema}.runs WHERE parent_run_id = %(run)s
+ORDER BY parent_position, created_at, id
+LIMIT %(limit)s;
+
+-- name: children_counts
+SELECT status, count(*) AS n FROM {schema}.runs WHERE parent_run_id = %(run)s
+GROUP BY status ORDER BY status;

@@ -94,12 +94,13 @@ SELECT * FROM {schema}.run_events WHERE run_id = %(run)s ORDER BY id;
 
 -- name: list_runs
 SELECT id, workflow, queue, status, priority, attempt, recoveries, error,
-       created_at, updated_at, started_at, finished_at
+       created_at, updated_at, started_at, finished_at, parent_run_id
 FROM {schema}.runs
 WHERE (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(parent)s::uuid IS NULL OR parent_run_id = %(parent)s)
 ORDER BY created_at DESC
 LIMIT %(limit)s;
 

@@ -196,3 +196,39 @@ async def test_replays_see_the_same_children_and_outcomes(
     count = _q(pgjournal_dsn, pgjournal_schema,
                "SELECT count(*) FROM S.runs WHERE parent_run_id = %s", handle.run_id)
     assert count == [(3,)]
+
+
+async def test_cli_lists_children_shows_the_tree_and_cancels_with_or_without_them(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    from .test_cli import run_cli
+
+    def cli(*args: str) -> str:
+        res = run_cli(*args, "--dsn", pgjournal_dsn, "--schema", pgjournal_schema)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    handle = await tree_app.start("deep", 1)   # a parent and two waiting children
+    async with serving(tree_app):
+        async def waiting() -> bool:
+            rows = _q(pgjournal_dsn, pgjournal_schema,
+                      "SELECT count(*) FROM S.runs WHERE status = 'suspended'")
+            return rows[0][0] == 3
+        await wait_for(waiting, 60, what="the tree to wait")
+        kids = [str(r[0]) for r in _q(pgjournal_dsn, pgjournal_schema,
+                                      "SELECT id FROM S.runs WHERE parent_run_id = %s",
+                                      handle.run_id)]
+        listed = await asyncio.to_thread(cli, "runs", "--parent", str(handle.run_id))
+        assert sorted(k for k in kids if k in listed) == sorted(kids)
+        assert str(handle.run_id) not in listed
+        shown = await asyncio.to_thread(cli, "show", str(handle.run_id))
+        assert "children (2: 2 suspended)" in shown
+        assert "waiting for 2 of 2 child runs to end" in shown
+        child = await asyncio.to_thread(cli, "show", kids[0])
+        assert f"child of run {handle.run_id}" in child
+        out = await asyncio.to_thread(cli, "cancel", kids[0], "--keep-children")
+        assert "cancelled" in out
+        out = await asyncio.to_thread(cli, "cancel", str(handle.run_id))
+        assert "with its unfinished child runs" in out
+    statuses = _q(pgjournal_dsn, pgjournal_schema,
+                  "SELECT status, count(*) FROM S.runs GROUP BY status")
+    assert statuses == [("cancelled", 3)]

@@ -117,8 +117,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     async def go(app: App) -> list[Row]:
         store = await app.store()
+        parent = None if args.parent is None else await resolve_run_id(app, args.parent)
         return await store.list_runs(status=args.status, workflow=args.workflow,
-                                     queue=args.queue, since=since, limit=args.limit)
+                                     queue=args.queue, since=since, limit=args.limit,
+                                     parent=parent)
 
     rows = with_app(args, go)
     if args.json:
@@ -179,6 +181,10 @@ async def resolve_run_id(app: App, text: str) -> uuid.UUID:
     raise UnknownRun(f"{text!r} names several adapter runs: {found}; give the run id")
 
 
+#: Children listed by ``pgjournal show`` (the rest: ``pgjournal runs --parent``).
+SHOW_CHILDREN = 20
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     async def go(app: App) -> dict[str, Any]:
         run_id = await resolve_run_id(app, args.run_id)
@@ -186,7 +192,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         run = await store.get_run(run_id)
         if run is None:
             raise UnknownRun(f"run {run_id} does not exist in schema {app.schema!r}")
-        return {"run": run, "steps": await store.get_steps(run_id),
+        return {"run": run, "children": await cli_fetch(app, "children_of", run=run_id,
+                                                        limit=SHOW_CHILDREN),
+                "children_by_status": {r["status"]: r["n"] for r in await cli_fetch(
+                    app, "children_counts", run=run_id)},
+                "steps": await store.get_steps(run_id),
                 "chunks": await store.get_chunks(run_id),
                 "signals": await store.get_signals(run_id),
                 "events": await store.get_events(run_id)}
@@ -210,8 +220,16 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"{'took' if run['finished_at'] else 'running for'} {between(t0, max(end, t0))}")
     if run["idempotency_key"]:
         print(f"  idempotency key {run['idempotency_key']}")
+    if run["parent_run_id"]:
+        print(f"  child of run {run['parent_run_id']} (its journal entry "
+              f"#{run['parent_position']})")
+    if run["deadline_at"]:
+        print(f"  deadline {local(run['deadline_at'])}")
     if run["status"] == "suspended":
         waiting = f"signal {run['wait_signal']!r}" if run["wait_signal"] else "timer"
+        if run["wait_children"]:
+            waiting = (f"{run['wait_pending']} of {len(set(run['wait_children']))} "
+                       "child runs to end")
         print(f"  waiting for {waiting}" + (f" until {local(run['due_at'])}"
                                             if run["due_at"] else ""))
     print(f"  input  {compact(run['input'], 100)}")
@@ -239,6 +257,22 @@ def cmd_show(args: argparse.Namespace) -> int:
                                     colour=colour, styles=styles, right=(0, 6, 7)), "  "))
     else:
         print("no steps journaled yet")
+    if data["children"]:
+        total = sum(data["children_by_status"].values())
+        counts = ", ".join(f"{n} {st}" for st, n in data["children_by_status"].items())
+        print()
+        print(paint("children", "bold", colour) + f" ({total}: {counts})")
+        cells, styles = [], []
+        for c in data["children"]:
+            end = c["finished_at"] or (now if c["started_at"] else None)
+            cells.append([str(c["id"]), c["workflow"], c["status"],
+                          between(c["started_at"], end), error_text(c["error"], 50)])
+            styles.append([None, None, STATUS_STYLE.get(c["status"]), None, "red"])
+        print(textwrap.indent(table(cells, ["RUN", "WORKFLOW", "STATUS", "TOOK", "ERROR"],
+                                    colour=colour, styles=styles), "  "))
+        if total > len(data["children"]):
+            print(f"  ... {total - len(data['children'])} more: pgjournal runs --parent "
+                  f"{run['id']} --limit {total}")
     if data["signals"]:
         print()
         print(paint("signals", "bold", colour))
@@ -280,12 +314,13 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     async def go(app: App) -> str:
-        return await app.cancel(args.run_id)
+        return await app.cancel(args.run_id, children=not args.keep_children)
 
     status = with_app(args, go)
     if status != "cancelled":
         raise InvalidState(f"run {args.run_id} had already ended ({status}); not cancelled")
-    print(f"run {args.run_id} cancelled")
+    print(f"run {args.run_id} cancelled" + ("" if args.keep_children else
+                                            " (with its unfinished child runs)"))
     return 0
 
 
@@ -327,12 +362,14 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal runs
             pgjournal runs --status failed --since 1d
             pgjournal runs --workflow research --queue agents --limit 100 --json
+            pgjournal runs --parent 0b6c4e1e-...   # the child runs one run spawned
             """, [db, js], cmd_runs)
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--workflow")
     p.add_argument("--queue")
     p.add_argument("--since", metavar="AGE", help="created in the last AGE (90s, 15m, 1h, 2d)")
     p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this run")
     p = add("show", "one run: its state, then its steps as a timeline, signals and events",
             """
             pgjournal show 0b6c4e1e-7d6c-4a55-9a4f-2f1f0c8d2b9e
@@ -353,9 +390,15 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
     p.add_argument("--idempotency-key", metavar="KEY",
                    help="send at most once per run and key, however often the command is "
                         "repeated (safe to retry after a lost connection)")
-    p = add("cancel", "cancel a run (a running one stops at its next step)",
-            "pgjournal cancel 0b6c4e1e-...", [db], cmd_cancel)
+    p = add("cancel", "cancel a run and its unfinished child runs (a running one stops at "
+            "its next step)",
+            """
+            pgjournal cancel 0b6c4e1e-...
+            pgjournal cancel 0b6c4e1e-... --keep-children
+            """, [db], cmd_cancel)
     p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--keep-children", action="store_true",
+                   help="cancel this run only; its child runs go on")
     p = add("retry", "requeue a failed, dead or cancelled run; completed steps are not redone",
             "pgjournal retry 0b6c4e1e-...", [db], cmd_retry)
     p.add_argument("run_id", metavar="RUN_ID")
