@@ -60,7 +60,7 @@ class ChildRun:
         worker is held meanwhile). The outcome is journaled in the parent.
         """
         if self._outcome is None:
-            await self._run.wait_all([self], return_exceptions=True)
+            await self._run._wait_one(self)
         assert self._outcome is not None
         return self._value()
 

@@ -779,7 +779,8 @@ class Run:
         if not kids:
             return []
         if any(c._outcome is None for c in kids):
-            results = await self._wait_children("wait_all", kids, "all", False)
+            results = await self._wait_children("wait_all", kids, "all", False,
+                                                raise_failures=not return_exceptions)
             for c, outcome in zip(kids, results, strict=True):
                 c._settle(outcome)
         return [c._value(return_exceptions=return_exceptions) for c in kids]
@@ -792,7 +793,8 @@ class Run:
         kids = self._own(children)
         if not kids:
             raise ValueError("wait_first needs at least one child")
-        result = await self._wait_children("wait_first", kids, "first", cancel_rest)
+        result = await self._wait_children("wait_first", kids, "first", cancel_rest,
+                                           raise_failures=False)
         winner = kids[int(result["index"])]
         winner._settle(result["outcome"])
         return winner
@@ -804,14 +806,28 @@ class Run:
                 raise TypeError(f"{c!r} is not a child run spawned by this run")
         return kids
 
+    async def _wait_one(self, child: ChildRun) -> None:
+        """``child.result()``: wait for one child; a failure it raises is retried
+        by a retry of this run (see ``_wait_children``)."""
+        (outcome,) = await self._wait_children("result", [child], "all", False,
+                                               raise_failures=True)
+        child._settle(outcome)
+
     async def _wait_children(self, name: str, kids: list[ChildRun], mode: str,
-                             cancel_rest: bool) -> Any:
+                             cancel_rest: bool, *, raise_failures: bool) -> Any:
+        """Journal the outcomes of ``kids`` once the wait is over, suspending the run
+        until then. With ``raise_failures`` an outcome the workflow will raise
+        (``ChildFailed``) is journaled as a failure: if it ends this attempt, a
+        retry of the run waits again, and sees the child's new outcome if the
+        child was retried meanwhile."""
         position, occurrence = self._call(name)
         entry = await self._entry(position)
         if entry is not None:
             self._check(position, entry, "children", name, None)
-            await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
-            return entry["output"]
+            if entry["status"] == "completed" or await self._replays_failure(position, entry):
+                await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
+                return entry["output"]
+            self._skip(entry)
         ids = [c.id for c in kids]
         while True:
             gate = await self._close_gate()
@@ -820,7 +836,8 @@ class Run:
                 outcome, results = await self._db(self._store.wait_children(
                     run=self.id, epoch=self._claim.epoch, position=position, name=name,
                     occurrence=occurrence, attempt=self.attempt, turn=turn,
-                    calls_before=calls, children=ids, mode=mode, cancel_rest=cancel_rest))
+                    calls_before=calls, children=ids, mode=mode, cancel_rest=cancel_rest,
+                    raise_failures=raise_failures))
                 if outcome == "suspended":
                     self._suspend(gate, None)
                     raise Suspended(None)

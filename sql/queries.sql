@@ -125,4 +125,4 @@ SELECT {schema}.spawn_runs(
 -- name: wait_children
 SELECT outcome, results FROM {schema}.wait_children(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(attempt)s, %(turn)s,
-    %(calls_before)s, %(children)s, %(mode)s, %(cancel_rest)s);
+    %(calls_before)s, %(children)s, %(mode)s, %(cancel_rest)s, %(raise_failures)s);

@@ -81,6 +81,22 @@ def tree_app(pgjournal_dsn: str, pgjournal_schema: str) -> pgjournal.App:
         kids = await run.spawn_many("deep", [levels - 1, levels - 1])
         return await run.wait_all(kids)
 
+    fixed: set[str] = set()
+    app.fixed = fixed  # type: ignore[attr-defined]
+
+    @app.workflow(max_attempts=1)
+    async def until_fixed(run: pgjournal.Run, key: str) -> str:
+        if key not in fixed:
+            raise RuntimeError(f"{key} is broken")
+        return f"{key} works"
+
+    @app.workflow(max_attempts=1)
+    async def strict(run: pgjournal.Run, key: str, how: str) -> Any:
+        kid = await run.spawn("until_fixed", key)
+        if how == "result":
+            return await kid.result()
+        return await run.wait_all([kid])
+
     @app.workflow()
     async def timed(run: pgjournal.Run) -> Any:
         child = await run.spawn("held", "late", timeout=0.5)
@@ -232,3 +248,50 @@ async def test_cli_lists_children_shows_the_tree_and_cancels_with_or_without_the
     statuses = _q(pgjournal_dsn, pgjournal_schema,
                   "SELECT status, count(*) FROM S.runs GROUP BY status")
     assert statuses == [("cancelled", 3)]
+
+
+async def test_dba_tree_queries_from_the_doc(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    from .test_dba import Db
+
+    db = Db(pgjournal_dsn, pgjournal_schema)
+    handle = await tree_app.start("deep", 2)   # 1 + 2 + 4 runs, the leaves wait
+    async with serving(tree_app, concurrency=8):
+        async def waiting() -> bool:
+            rows = db.rows("SELECT count(*) AS n FROM runs WHERE status = 'suspended'")
+            return rows[0]["n"] == 7
+        await wait_for(waiting, 60, what="the tree to wait")
+        tree = db.one_doc("tree-walk", handle.run_id)
+        assert [(r["depth"], r["children"], r["children_unended"]) for r in tree] == \
+            [(0, 2, 2), (1, 2, 2), (1, 2, 2), (2, 0, 0), (2, 0, 0), (2, 0, 0), (2, 0, 0)]
+        assert tree[0]["id"] == handle.run_id and tree[0]["waiting_for_children"] == 2
+        assert {r["parent_run_id"] for r in tree[1:3]} == {handle.run_id}
+        parents = db.one_doc("tree-waiting")
+        assert sorted((r["children_left"], r["child_status"], r["children"])
+                      for r in parents) == [(2, "suspended", 2)] * 3
+        await tree_app.cancel(handle.run_id)
+    db.conn.close()
+
+
+@pytest.mark.parametrize("how", ["result", "wait_all"])
+async def test_retrying_a_parent_after_retrying_its_failed_child_sees_the_new_outcome(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str, how: str) -> None:
+    """An uncaught ChildFailed ends the parent's attempt; the operator retries the
+    child, then the parent: the parent's retry waits again and gets the value."""
+    handle = await tree_app.start("strict", "k", how)
+    async with serving(tree_app):
+        with pytest.raises(pgjournal.RunFailed) as failed:
+            await handle.result(timeout=60)
+        assert failed.value.error["type"] == "ChildFailed"
+        (kid,) = [r[0] for r in _q(pgjournal_dsn, pgjournal_schema,
+                                   "SELECT id FROM S.runs WHERE parent_run_id = %s",
+                                   handle.run_id)]
+        tree_app.fixed.add("k")  # type: ignore[attr-defined]
+        await tree_app.retry(kid)
+        assert await tree_app.handle(kid).result(timeout=60) == "k works"
+        await tree_app.retry(handle.run_id)
+        got = await handle.result(timeout=60)
+    assert got == ("k works" if how == "result" else ["k works"])
+    spawned = _q(pgjournal_dsn, pgjournal_schema,
+                 "SELECT count(*) FROM S.runs WHERE parent_run_id = %s", handle.run_id)
+    assert spawned == [(1,)]

@@ -30,7 +30,7 @@ Row = dict[str, Any]
 EXPECTED = {
     "stuck-now", "failed-today", "failed-today-detail", "slowest-step-p95", "queue-lag",
     "workers", "run-summary", "run-steps", "run-events", "psql-start", "psql-worker",
-    "psql-signal", "psql-cancel", "psql-retry", "psql-queue",
+    "psql-signal", "psql-cancel", "psql-retry", "psql-queue", "tree-walk", "tree-waiting",
 }
 _MARKER = re.compile(r"<!-- query: ([a-z0-9-]+) -->\n```sql\n(.*?)\n```", re.DOTALL)
 

@@ -131,7 +131,7 @@ $$;
 CREATE FUNCTION wait_children(
     p_run uuid, p_epoch bigint, p_position integer, p_name text, p_occurrence integer,
     p_attempt integer, p_turn integer, p_calls_before integer, p_children uuid[],
-    p_mode text, p_cancel_rest boolean DEFAULT false)
+    p_mode text, p_cancel_rest boolean DEFAULT false, p_raise boolean DEFAULT false)
 RETURNS TABLE (outcome text, results json)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
@@ -142,6 +142,7 @@ DECLARE
     v_locked boolean := false;
     v_results json;
     v_first uuid;
+    v_error jsonb;
 BEGIN
     IF p_mode NOT IN ('all', 'first') THEN
         RAISE EXCEPTION 'wait mode must be all or first, not %', p_mode USING ERRCODE = '22023';
@@ -200,10 +201,30 @@ BEGIN
                   AND c.status NOT IN ('completed', 'failed', 'cancelled', 'dead');
             END IF;
         END IF;
-        INSERT INTO steps (run_id, position, name, occurrence, kind, status, output, attempt,
-                           lease_epoch, turn, calls_before)
-        VALUES (p_run, p_position, p_name, p_occurrence, 'children', 'completed', v_results,
-                p_attempt, p_epoch, p_turn, p_calls_before);
+        -- With p_raise the parent raises ChildFailed if a child did not complete:
+        -- the entry is then a failure, which a retry of the parent waits for
+        -- again (the failed child may have been retried meanwhile).
+        IF p_raise AND p_mode = 'all' THEN
+            SELECT jsonb_build_object(
+                       'type', 'ChildFailed', 'module', 'pgjournal.errors',
+                       'message', format('child run %s (%s) %s', c.id, c.workflow, c.status))
+            INTO v_error
+            FROM unnest(p_children) WITH ORDINALITY AS x(id, ord)
+            JOIN runs c ON c.id = x.id
+            WHERE c.status <> 'completed'
+            ORDER BY x.ord LIMIT 1;
+        END IF;
+        INSERT INTO steps AS s (run_id, position, name, occurrence, kind, status, output,
+                                error, attempt, lease_epoch, turn, calls_before)
+        VALUES (p_run, p_position, p_name, p_occurrence, 'children',
+                CASE WHEN v_error IS NULL THEN 'completed' ELSE 'failed' END, v_results,
+                v_error, p_attempt, p_epoch, p_turn, p_calls_before)
+        ON CONFLICT (run_id, position) DO UPDATE SET
+            status = EXCLUDED.status, output = EXCLUDED.output, error = EXCLUDED.error,
+            attempt = EXCLUDED.attempt, lease_epoch = EXCLUDED.lease_epoch,
+            turn = EXCLUDED.turn, calls_before = EXCLUDED.calls_before,
+            tries = s.tries + 1, started_at = now(), finished_at = now(), updated_at = now()
+        WHERE s.status = 'failed';
         UPDATE runs SET wait_children = NULL, wait_pending = NULL, wait_position = NULL
         WHERE id = p_run AND wait_children IS NOT NULL;
         RETURN QUERY SELECT 'ready'::text, v_results;
