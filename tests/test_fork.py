@@ -95,7 +95,7 @@ async def test_fork_bounds_and_unknown_runs(pgjournal_app: pgjournal.App) -> Non
         old = await app.start("writer", "x")
         assert await old.result(timeout=30) == ["plan-x", True, "draft-ok", None]
         # journal: plan 0, patch marker 1, draft 2
-        with pytest.raises(pgjournal.ConfigurationError, match="0 to 2 .*0 to 3"):
+        with pytest.raises(pgjournal.ConfigurationError, match=r"0 to 2 .*0 to 3"):
             await app.fork(old.run_id, from_step=4)
         with pytest.raises(pgjournal.ConfigurationError, match="from_step"):
             await app.fork(old.run_id, from_step=-1)
