@@ -349,3 +349,24 @@ async def test_patch_names_are_checked(pgjournal_app: pgjournal.App) -> None:
         handle = await app.start(bad)
         with pytest.raises(pgjournal.RunFailed, match="non-empty string"):
             await handle.result(timeout=30)
+
+
+async def test_patched_as_the_first_call_of_a_resumed_run(pgjournal_app: pgjournal.App) -> None:
+    """Nothing was awaited on the run yet, so the journal's markers must be known
+    before the workflow starts (the worker loads the outline first)."""
+    app, calls = pgjournal_app, Calls()
+
+    @app.workflow(max_attempts=1)
+    async def first(run: pgjournal.Run) -> Any:
+        new = run.patched("first")
+        calls.log.append(f"patched={new}")
+        got = await run.wait_signal("go")
+        return [new, got]
+
+    async with serving(app):
+        handle = await app.start(first)
+        await until_status(handle, "suspended")
+        await app.signal(handle.run_id, "go", 1)
+        assert await handle.result(timeout=30) == [True, 1]
+    assert calls.log == ["patched=True", "patched=True"]
+    assert await journal(app, handle.run_id) == [(0, "patch", "first"), (1, "signal", "go")]
