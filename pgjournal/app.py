@@ -415,6 +415,27 @@ class App:
         """Requeue a failed, dead or cancelled run; its completed steps are not redone."""
         return await (await self.store()).retry_run(_as_uuid(run_id))
 
+    async def fork(self, run_id: uuid.UUID | str, *, from_step: int) -> RunHandle:
+        """Start a new run of the same workflow and input whose journal is a copy
+        of this run's entries at positions below ``from_step``: a worker replays
+        those (nothing before ``from_step`` runs again) and executes the rest
+        with the code it has now. "Re-run from the model call, with the fixed
+        prompt."
+
+        ``from_step`` is a journal position (``pgjournal show RUN`` lists them):
+        0 copies nothing, last position + 1 copies everything. The old run is not
+        changed; it may still be running or suspended (what it committed is
+        copied). The new run's ``forked_from`` is the old run's id. Raises
+        ``UnknownRun``, or ``ConfigurationError`` for a ``from_step`` outside
+        0 to last position + 1.
+        """
+        if isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0:
+            raise ConfigurationError(f"from_step must be a journal position (an int >= 0), "
+                                     f"not {from_step!r}")
+        store = await self.store()
+        new_id = await store.fork_run(_as_uuid(run_id), from_step, uuid.uuid4())
+        return RunHandle(self, new_id)
+
     async def set_queue(self, name: str, *, concurrency_limit: int | None = None,
                         paused: bool | None = None) -> None:
         """Set a queue's concurrency limit (across all workers) and paused flag."""

@@ -263,6 +263,7 @@ class Run:
                     "references to large data instead of the data"
                 )
             self._journal_bytes = int(row["bytes"])
+            self._patch_marks = dict(zip(row["patch_positions"], row["patch_names"], strict=True))
             self._outlined = True
 
     async def _entry(self, position: int) -> dict[str, Any] | None:
@@ -429,6 +430,12 @@ class Run:
     # -- database plumbing ----------------------------------------------------------------
 
     async def _db(self, coro: Any) -> Any:
+        if self._marker_write is not None:  # patch markers before anything after them
+            try:
+                await self._markers_durable()
+            except BaseException:
+                coro.close()
+                raise
         try:
             return await coro
         except DatabaseUnavailable:
@@ -558,6 +565,7 @@ class Run:
         for stream in list(self._streams):
             with contextlib.suppress(Abandoned):
                 await stream.journal_cut(final=True)
+        await self._markers_durable()  # before the run is completed or failed
 
     async def wait_signal(self, name: str, timeout: float | None = None) -> Any:
         """The payload of the next signal ``name`` sent to this run.
@@ -855,6 +863,118 @@ class Run:
                     self._open_gate(gate)
             # 'again': children ended while the parent's row was locked; the rest
             # must be locked before it (one lock order): ask once more.
+
+    # -- changing code under running runs -------------------------------------------------
+    #
+    # ``patched(name)`` decides synchronously, from the journal's patch markers
+    # (loaded with the outline before the workflow starts, see ``prepare``):
+    # a marker of that name at the call's position -> True (the marker is the
+    # call's entry); the journal went past the position without it -> False
+    # (the run was journaled by the old code; no position is taken, so later
+    # entries keep theirs); otherwise the execution is live -> True, and the
+    # marker is journaled by a task. Every later database call of the run
+    # (``_db``) and the end of the workflow (``settle``) wait for that task, so
+    # no entry after a marker can be committed without it: a crash can never
+    # leave later entries whose positions assumed a marker that is missing.
+    # Markers are not deliveries (no turn): ``patched`` does not await, so it
+    # cannot change how parallel branches interleave.
+
+    #: The journal's patch markers, position -> name (``_outline`` sets it).
+    _patch_marks: dict[int, str] | None = None
+    #: What ``patched`` answered so far in this execution, by patch name.
+    _patch_answers: dict[str, bool] | None = None
+    #: The latest live marker write; each waits for the one before it.
+    _marker_write: asyncio.Task[None] | None = None
+
+    async def prepare(self) -> None:
+        """Load what the synchronous ``patched`` needs (the journal outline) before
+        the workflow starts. Called by the worker; a run without a journal costs
+        nothing, one with a journal the round trip its first call would make."""
+        await self._outline()
+
+    def patched(self, name: str) -> bool:
+        """Whether this run takes the code path added under patch ``name``.
+
+        ``if run.patched("retry-with-backoff"): <new code> else: <old code>``.
+        A run that reaches this point for the first time journals a marker and
+        gets True; a replay of a run whose journal went past this point without
+        the marker (journaled by the old code) gets False, and one that finds
+        the marker gets True. The answer for a name is fixed for the whole
+        execution (later calls with the same name return it again). Synchronous:
+        no ``await``. See ``docs/code-changes.md``.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError("a patch name must be a non-empty string")
+        answers = self._patch_answers
+        if answers is None:
+            answers = self._patch_answers = {}
+        if name in answers:
+            return answers[name]
+        self._raise_if_closed()
+        marks = self._marks("patched")
+        position = self._position
+        if marks.get(position) == name:
+            self._call(name)  # the marker is this call's journal entry
+            answer = True
+        elif position <= self._last_position:
+            answer = False    # journaled by the old code: take no position
+        else:
+            position, occurrence = self._call(name)
+            self._journal_marker(position, occurrence, name)
+            answer = True
+        answers[name] = answer
+        return answer
+
+    def deprecate_patch(self, name: str) -> None:
+        """Where ``if run.patched(name):`` was, once no run that took the old path
+        is left: runs journaled with the marker still replay (the marker's
+        position is taken here), and new runs journal nothing."""
+        if not isinstance(name, str) or not name:
+            raise TypeError("a patch name must be a non-empty string")
+        self._raise_if_closed()
+        if self._marks("deprecate_patch").get(self._position) == name:
+            self._call(name)
+
+    def _marks(self, what: str) -> dict[int, str]:
+        if not self._outlined:
+            raise RuntimeError(
+                f"run.{what}() needs the run's journal outline, which the worker loads "
+                "before the workflow starts (await run.prepare() first)")
+        return self._patch_marks or {}
+
+    def _journal_marker(self, position: int, occurrence: int, name: str) -> None:
+        previous = self._marker_write
+        started = self.db_now()
+
+        async def write() -> None:
+            if previous is not None:
+                await previous  # markers are committed in position order
+            try:
+                lost = await self._store.journal_step(
+                    run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                    occurrence=occurrence, kind="patch", status="completed", output="true",
+                    error=None, attempt=self.attempt, started_at=started)
+            except DatabaseUnavailable:
+                self.db_failed = True
+                self._closed = "database unavailable"
+                raise Abandoned("database unavailable") from None
+            if lost is None:
+                return
+            if lost == "suspended" and self._suspended is not None:
+                # A parallel branch suspended the run first: nothing after the
+                # marker can be journaled now, and the resumed run decides again.
+                return
+            self._closed = lost
+            raise Abandoned(lost)
+
+        self._marker_write = asyncio.get_running_loop().create_task(
+            write(), name=f"pgjournal-patch-{self.id}-{position}")
+
+    async def _markers_durable(self) -> None:
+        """Wait until the patch markers journaled so far are committed (or raise
+        what their write raised: the run was lost)."""
+        if self._marker_write is not None:
+            await asyncio.shield(self._marker_write)
 
     # -- after the workflow -------------------------------------------------------------------
 

@@ -21,7 +21,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from ._sql import Queries, validate_identifier
 from .connect import mask_dsn, open_pool, resolve_dsn
-from .errors import DatabaseUnavailable, InvalidState, SchemaNotReady, UnknownRun
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    InvalidState,
+    SchemaNotReady,
+    UnknownRun,
+)
 from .migrations import schema_version_check
 from .serializer import Serializer
 
@@ -194,7 +200,9 @@ class Store:
         ]
 
     async def journal_outline(self, run: UUID) -> Row:
-        """Delivery turns (sorted), last position, entry count and bytes of a journal."""
+        """Delivery turns (sorted), last position, entry count and bytes of a journal,
+        and the positions and names of its patch markers (``patch_positions``,
+        ``patch_names``)."""
         row = await self.fetchone("journal_outline", run=run)
         assert row is not None
         return row
@@ -330,6 +338,17 @@ class Store:
         row = await self.fetchone("retry_run", run=run)
         assert row is not None
         return str(row["status"])
+
+    async def fork_run(self, run: UUID, from_step: int, new_run: UUID) -> UUID:
+        """Copy ``run``'s journal below position ``from_step`` into a new queued run
+        ``new_run`` of the same workflow and input (see ``fork_run`` in SQL)."""
+        try:
+            row = await self.fetchone("fork_run", run=run, from_step=from_step, new=new_run)
+        except pgerr.InvalidParameterValue as exc:
+            # from_step outside the journal: a bad argument, said in one line.
+            raise ConfigurationError(str(exc).splitlines()[0]) from None
+        assert row is not None
+        return UUID(str(row["run_id"]))
 
     async def request_result(self, run: UUID) -> Row | None:
         return await self.fetchone("request_result", run=run)

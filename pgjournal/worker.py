@@ -371,6 +371,7 @@ class Worker:
             try:
                 try:
                     async with asyncio.timeout(wf.timeout):
+                        await run.prepare()  # the outline run.patched() needs
                         output = await wf.fn(run, *args, **kwargs)
                 finally:
                     await run.settle()

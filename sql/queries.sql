@@ -70,6 +70,9 @@ SELECT {schema}.cancel_run(%(run)s, %(children)s) AS status;
 -- name: retry_run
 SELECT {schema}.retry_run(%(run)s) AS status;
 
+-- name: fork_run
+SELECT {schema}.fork_run(%(run)s, %(from_step)s, %(new)s) AS run_id;
+
 -- name: request_result
 SELECT status, output, error FROM {schema}.request_result(%(run)s);
 
@@ -105,7 +108,8 @@ ORDER BY created_at DESC
 LIMIT %(limit)s;
 
 -- name: journal_outline
-SELECT turns, last_position, entries, bytes FROM {schema}.journal_outline(%(run)s);
+SELECT turns, last_position, entries, bytes, patch_positions, patch_names
+FROM {schema}.journal_outline(%(run)s);
 
 -- name: journal_page
 SELECT * FROM {schema}.journal_page(%(run)s, %(after)s, %(limit)s, %(max_bytes)s);

@@ -22,7 +22,7 @@
 -- * {worker} (NOLOGIN group role): USAGE on the schema, SELECT on the
 --   migrations table (the schema version check) and EXECUTE on the functions a
 --   pgjournal.Worker calls. No DML, no DDL, no client functions (start, signal,
---   cancel, retry, set_queue): grant those separately if workflow code starts
+--   cancel, retry, fork, set_queue): grant those separately if workflow code starts
 --   or signals other runs.
 -- * {reader} (NOLOGIN group role): USAGE on the schema and SELECT on every
 --   table and view in it, now and (when created by the role running this
@@ -60,7 +60,7 @@ DECLARE
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
         'start_run', 'send_signal', 'cancel_run', 'retry_run', 'request_result',
-        'set_queue'];
+        'set_queue', 'fork_run'];
     v_api text[] := v_worker || v_client;
     v_ns oid := (SELECT n.oid FROM pg_namespace n WHERE n.nspname = {schema_name});
 BEGIN

@@ -78,32 +78,35 @@ def test_last_child_ends_while_the_parent_registers_its_wait(
         pgjournal_dsn: str, pgjournal_schema: str, rounds: int) -> None:
     """The child's end is in flight (uncommitted, locks held) when the parent
     asks to wait: the parent's wait must not count the child as running."""
-    dsn, schema = pgjournal_dsn, pgjournal_schema
     for _ in range(rounds):
-        t = _setup(dsn, schema)
-        (k1, e1), (k2, e2) = t["kids"].items()
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(_complete_sql(schema), ([k1], [e1], ["1"]))
-        outcome: list[str] = []
-        with psycopg.connect(dsn) as ender:
-            ender.execute(_complete_sql(schema), ([k2], [e2], ["2"]))  # not committed yet
+        _child_end_first(pgjournal_dsn, pgjournal_schema)
 
-            def wait() -> None:
-                with psycopg.connect(dsn, autocommit=True) as c:
-                    row = c.execute(_wait_sql(schema),
-                                    (t["parent"], t["epoch"], [k1, k2])).fetchone()
-                    outcome.append(str(row[0]) if row else "none")
 
-            waiter = threading.Thread(target=wait)
-            waiter.start()
-            # The parent's wait queues behind the child's end (same parent row),
-            # or, if it does not, it has already decided.
-            _blocked_on_lock(dsn, "wait_children", timeout=2)
-            ender.commit()
-            waiter.join(30)
-        assert outcome, "the wait never returned"
-        status = _status(dsn, schema, t["parent"])
-        assert outcome == ["ready"] or status == "queued", (outcome, status)
+def _child_end_first(dsn: str, schema: str) -> None:
+    t = _setup(dsn, schema)
+    (k1, e1), (k2, e2) = t["kids"].items()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(_complete_sql(schema), ([k1], [e1], ["1"]))
+    outcome: list[str] = []
+    with psycopg.connect(dsn) as ender:
+        ender.execute(_complete_sql(schema), ([k2], [e2], ["2"]))  # not committed yet
+
+        def wait() -> None:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                row = c.execute(_wait_sql(schema),
+                                (t["parent"], t["epoch"], [k1, k2])).fetchone()
+                outcome.append(str(row[0]) if row else "none")
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        # The parent's wait queues behind the child's end (same parent row),
+        # or, if it does not, it has already decided.
+        _blocked_on_lock(dsn, "wait_children", timeout=2)
+        ender.commit()
+        waiter.join(30)
+    assert outcome, "the wait never returned"
+    status = _status(dsn, schema, t["parent"])
+    assert outcome == ["ready"] or status == "queued", (outcome, status)
 
 
 @pytest.mark.parametrize("rounds", [5])
@@ -111,28 +114,31 @@ def test_parent_registers_its_wait_while_the_last_child_ends(
         pgjournal_dsn: str, pgjournal_schema: str, rounds: int) -> None:
     """The parent's wait is in flight (uncommitted, suspended) when the last
     child ends: the child's end must see the wait and wake the parent."""
-    dsn, schema = pgjournal_dsn, pgjournal_schema
     for _ in range(rounds):
-        t = _setup(dsn, schema)
-        (k1, e1), (k2, e2) = t["kids"].items()
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(_complete_sql(schema), ([k1], [e1], ["1"]))
-        with psycopg.connect(dsn) as waiter:
-            row = waiter.execute(_wait_sql(schema),
-                                 (t["parent"], t["epoch"], [k1, k2])).fetchone()
-            assert row == ("suspended",)
+        _parent_wait_first(pgjournal_dsn, pgjournal_schema)
 
-            def end() -> None:
-                with psycopg.connect(dsn, autocommit=True) as c:
-                    c.execute(_complete_sql(schema), ([k2], [e2], ["2"]))
 
-            ender = threading.Thread(target=end)
-            ender.start()
-            assert _blocked_on_lock(dsn, "complete_runs"), \
-                "the child's end did not wait for the parent's row"
-            waiter.commit()
-            ender.join(30)
-        assert _status(dsn, schema, t["parent"]) == "queued"
+def _parent_wait_first(dsn: str, schema: str) -> None:
+    t = _setup(dsn, schema)
+    (k1, e1), (k2, e2) = t["kids"].items()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(_complete_sql(schema), ([k1], [e1], ["1"]))
+    with psycopg.connect(dsn) as waiter:
+        row = waiter.execute(_wait_sql(schema),
+                             (t["parent"], t["epoch"], [k1, k2])).fetchone()
+        assert row == ("suspended",)
+
+        def end() -> None:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute(_complete_sql(schema), ([k2], [e2], ["2"]))
+
+        ender = threading.Thread(target=end)
+        ender.start()
+        assert _blocked_on_lock(dsn, "complete_runs"), \
+            "the child's end did not wait for the parent's row"
+        waiter.commit()
+        ender.join(30)
+    assert _status(dsn, schema, t["parent"]) == "queued"
 
 
 def test_wake_up_counts_each_awaited_child_once(

@@ -1,4 +1,4 @@
-"""``start``, ``runs``, ``show``, ``signal``, ``cancel``, ``retry``: one run at a time."""
+"""``start``, ``runs``, ``show``, ``signal``, ``cancel``, ``retry``, ``fork``: one run at a time."""
 
 from __future__ import annotations
 
@@ -333,6 +333,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fork(args: argparse.Namespace) -> int:
+    async def go(app: App) -> uuid.UUID:
+        return (await app.fork(args.run_id, from_step=args.from_step)).run_id
+
+    new_id = with_app(args, go)
+    if args.json:
+        print_json({"run_id": str(new_id), "forked_from": args.run_id,
+                    "from_step": args.from_step})
+    else:
+        print(new_id)
+    return 0
+
+
 def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:
     """Add this group's commands to the parser (see ``build_parser``)."""
     p = add("start", "start a run of a workflow and print its id",
@@ -402,3 +415,19 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
     p = add("retry", "requeue a failed, dead or cancelled run; completed steps are not redone",
             "pgjournal retry 0b6c4e1e-...", [db], cmd_retry)
     p.add_argument("run_id", metavar="RUN_ID")
+    p = add("fork", "re-run a run from step N as a new run (steps before N are copied, not "
+                    "redone); print its id",
+            """
+            pgjournal fork 0b6c4e1e-... --from-step 3     # re-run from the step at position 3
+            pgjournal fork 0b6c4e1e-... --from-step 0     # the same input, nothing replayed
+            pgjournal show 0b6c4e1e-...                   # the positions (#) of its steps
+            """, [db, js], cmd_fork,
+            more="\n\nThe new run has the same workflow and input; its journal is a copy "
+                 "of the old run's entries before position N, so a worker replays those "
+                 "and executes N and later with the code it has now (a fixed prompt, a "
+                 "changed step). The old run is not changed (it may still be running: what it has "
+                 "committed is copied). The new run records forked_from. N is a journal "
+                 "position as `pgjournal show` lists them, from 0 to the last one + 1.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--from-step", type=int, required=True, metavar="N",
+                   help="the first journal position to execute again (0 .. last + 1)")
