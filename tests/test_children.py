@@ -295,3 +295,20 @@ async def test_retrying_a_parent_after_retrying_its_failed_child_sees_the_new_ou
     spawned = _q(pgjournal_dsn, pgjournal_schema,
                  "SELECT count(*) FROM S.runs WHERE parent_run_id = %s", handle.run_id)
     assert spawned == [(1,)]
+
+
+async def test_a_fork_shares_children_spawned_before_its_fork_point(
+        tree_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    handle = await tree_app.start("planner", ["a", "b"])
+    async with serving(tree_app):
+        first = await handle.result(timeout=60)
+        after_spawn = await tree_app.fork(handle.run_id, from_step=1)
+        before_spawn = await tree_app.fork(handle.run_id, from_step=0)
+        shared = await after_spawn.result(timeout=60)
+        own = await before_spawn.result(timeout=60)
+    assert shared == first                      # the same children, their outcomes
+    assert own["notes"] == first["notes"] and set(own["ids"]).isdisjoint(first["ids"])
+    counts = dict(_q(pgjournal_dsn, pgjournal_schema,
+                     "SELECT parent_run_id, count(*) FROM S.runs "
+                     "WHERE parent_run_id IS NOT NULL GROUP BY parent_run_id"))
+    assert counts == {handle.run_id: 2, before_spawn.run_id: 2}
