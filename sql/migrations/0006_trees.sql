@@ -50,10 +50,11 @@ CREATE INDEX runs_deadline ON runs (deadline_at)
 ALTER TABLE steps DROP CONSTRAINT steps_kind_check;
 ALTER TABLE steps ADD CONSTRAINT steps_kind_check CHECK (kind IN (
     'step', 'stream', 'signal', 'sleep', 'now', 'uuid', 'entry',
-    'spawn', 'children', 'patch'));
+    'spawn', 'children', 'patch', 'rate'));
 COMMENT ON COLUMN steps.kind IS
     'step, stream, signal, sleep, now, uuid, entry (adapters), spawn (child runs '
-    'created), children (a wait on child runs), patch (a code-change marker).';
+    'created), children (a wait on child runs), patch (a code-change marker), rate (units '
+    'taken from a rate bucket, or a usage correction).';
 
 -- -- spawning children ------------------------------------------------------------
 
