@@ -55,6 +55,12 @@ class Workflow:
     signature: inspect.Signature
 
 
+def _check_key(key: str | None) -> str | None:
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ConfigurationError(f"a concurrency key must be a non-empty string, not {key!r}")
+    return key
+
+
 def _as_uuid(run_id: uuid.UUID | str) -> uuid.UUID:
     if isinstance(run_id, uuid.UUID):
         return run_id
@@ -326,9 +332,14 @@ class App:
         priority: int = 0,
         delay: float | None = None,
         idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
         **kwargs: Any,
     ) -> RunHandle:
         """Enqueue a run of ``workflow`` (a name, or the registered function).
+
+        ``concurrency_key``: a flow-control key (a tenant, an API key): at most
+        the key's limit (``set_concurrency_limit``) of its runs run at once,
+        across all workers.
 
         An app with workflows registered refuses a name it does not know
         (``UnknownWorkflow``, naming the closest registered ones): a typo must
@@ -357,6 +368,7 @@ class App:
             idempotency_key=idempotency_key,
             max_attempts=wf.max_attempts if wf else 3,
             max_recoveries=wf.max_recoveries if wf else 5,
+            concurrency_key=_check_key(concurrency_key),
         )
         return RunHandle(self, run_id)
 
@@ -435,6 +447,35 @@ class App:
         store = await self.store()
         new_id = await store.fork_run(_as_uuid(run_id), from_step, uuid.uuid4())
         return RunHandle(self, new_id)
+
+    async def set_concurrency_limit(self, pattern: str, max_running: int | None) -> None:
+        """At most ``max_running`` runs of a concurrency key run at once, across all
+        workers. ``pattern``: a key (``"tenant-42"``) or a prefix ending in ``*``
+        (``"tenant-*"``); the exact key wins over a prefix, a longer prefix over a
+        shorter. ``None`` removes the limit (keys without one are unlimited)."""
+        if not isinstance(pattern, str) or not pattern or pattern == "*" or \
+                "*" in pattern[:-1]:
+            raise ConfigurationError(
+                f"bad concurrency key pattern {pattern!r}: a key, or a prefix ending in * "
+                "(e.g. 'tenant-*')")
+        if max_running is not None and (not isinstance(max_running, int) or max_running < 1):
+            raise ConfigurationError("max_running must be a positive integer (or None to "
+                                     "remove the limit)")
+        await (await self.store()).set_concurrency_limit(pattern, max_running)
+
+    async def set_rate_limit(self, name: str, capacity: float | None,
+                             refill_per_second: float | None = None) -> None:
+        """Create or change the rate bucket ``name``: ``capacity`` units, refilled at
+        ``refill_per_second`` (e.g. 90,000 tokens per minute: ``capacity=90_000,
+        refill_per_second=1_500``). Steps take units with ``rate=(name, units)``.
+        ``capacity=None`` removes the bucket."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("a rate bucket needs a non-empty name")
+        if capacity is not None and (capacity <= 0 or refill_per_second is None
+                                     or refill_per_second <= 0):
+            raise ConfigurationError("a rate bucket needs capacity > 0 and "
+                                     "refill_per_second > 0")
+        await (await self.store()).set_rate_limit(name, capacity, refill_per_second)
 
     async def set_queue(self, name: str, *, concurrency_limit: int | None = None,
                         paused: bool | None = None) -> None:

@@ -61,6 +61,9 @@ PAGE_BYTES = 8 * 1024 * 1024
 #: A replay that waits this long for a journaled result whose turn never comes
 #: (the workflow stopped asking in the recorded order) fails as non-deterministic.
 REPLAY_STALL_SECONDS = 30.0
+#: A rate take whose units are ready within this many seconds waits in the
+#: worker; a longer wait suspends the run (no worker held) until they are.
+RATE_LOCAL_WAIT_SECONDS = 1.0
 #: Default journal budget of one run (``App(max_journal_bytes=...)``).
 DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
 
@@ -82,6 +85,10 @@ class Abandoned(BaseException):
     def __init__(self, status: str) -> None:
         super().__init__(status)
         self.status = status
+
+
+#: ``rate=`` of a step: (bucket, units) or (bucket, units, usage_from_result).
+RateSpec = tuple[str, float] | tuple[str, float, Callable[[Any], float]]
 
 
 class LeaseGuard(Protocol):
@@ -184,6 +191,7 @@ class Run:
         self._closed: str | None = None
         self._suspended: tuple[datetime | None] | None = None
         self._summary: dict[int, tuple[str, int]] = {}  # consumed entries: status, attempt
+        self._reserved: dict[str, float] = {}  # units of the last take, per rate bucket
 
     # -- facts -----------------------------------------------------------------
 
@@ -474,15 +482,25 @@ class Run:
     # -- the workflow API ------------------------------------------------------------------
 
     async def step(self, name: str, fn: Callable[..., Any], *args: Any, retries: int = 0,
-                   backoff: float = 1.0, **kwargs: Any) -> Any:
+                   backoff: float = 1.0, rate: RateSpec | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and journal its result.
 
         On replay the journaled result is returned without calling ``fn``. The
         value returned is always the journaled one (what a replay would see).
         A raising ``fn`` is retried in-process ``retries`` times with
         exponential ``backoff`` seconds; then its error is journaled and raised.
+
+        ``rate=("openai-tpm", 3000)`` first takes 3,000 units from that rate
+        bucket (``App.set_rate_limit``), shared by every worker; if the bucket
+        lacks them the run waits for the refill, suspended (no worker held)
+        when the wait is long. A third item, ``rate=(bucket, units, usage)``, is
+        a function of the step's result returning the units really used: the
+        bucket is corrected by the difference (see also ``report_usage``).
         """
+        take = self._call_rate(rate) if rate is not None else None
         position, occurrence = self._call(name)
+        if take is not None:
+            await self._take_units(*take)
         fp = fingerprint(fn, args, kwargs)
         entry = await self._entry(position)
         if entry is not None:
@@ -491,6 +509,8 @@ class Run:
                 value = self._ser.loads(entry["output"])
                 await self._await_replay_turn(entry["turn"], entry["calls_before"],
                                               f"step {name!r}")
+                if rate is not None and len(rate) > 2:
+                    await self.report_usage(rate[0], rate[2](value))
                 return value
             if await self._replays_failure(position, entry):
                 exc = rebuild_exception(entry["error"])
@@ -537,9 +557,12 @@ class Run:
                 await self._deliver(turn)
             finally:
                 self._drop(turn)
-            return value
         finally:
             self._exit_live()
+        if rate is not None and len(rate) > 2:
+            usage = rate[2](value)
+            await self.report_usage(rate[0], usage)
+        return value
 
     def _skip(self, entry: dict[str, Any]) -> None:
         """A journaled failure is executed again: its turn is not replayed."""
@@ -690,11 +713,118 @@ class Run:
             "uuid", uuidlib.uuid4, lambda v: json.dumps(str(v)), uuidlib.UUID)
         return value
 
+    # -- rate buckets ----------------------------------------------------------------------
+
+    def _call_rate(self, rate: RateSpec) -> tuple[int, int, str, float]:
+        """Take the position of a rate take (synchronously, with the step's call)."""
+        if not isinstance(rate, tuple) or len(rate) not in (2, 3) \
+                or not isinstance(rate[0], str) or not rate[0] \
+                or not isinstance(rate[1], int | float) or isinstance(rate[1], bool) \
+                or rate[1] <= 0 or (len(rate) == 3 and not callable(rate[2])):
+            raise TypeError("rate must be (bucket, units) or (bucket, units, usage_fn) with "
+                            f"units > 0, not {rate!r}")
+        bucket, units = rate[0], float(rate[1])
+        position, occurrence = self._call(f"rate:{bucket}")
+        return position, occurrence, bucket, units
+
+    async def _take_units(self, position: int, occurrence: int, bucket: str,
+                          units: float) -> None:
+        """Take ``units`` from ``bucket`` (journaled, with the time they are ready),
+        then wait until they are (``_wait_until``)."""
+        name = f"rate:{bucket}"
+        entry = await self._entry(position)
+        if entry is not None:
+            self._check(position, entry, "rate", name, None)
+            ready = datetime.fromisoformat(entry["output"]["ready_at"])
+            self._reserved[bucket] = float(entry["output"]["units"])
+            await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
+            await self._wait_until(ready, position, occurrence, name)
+            return
+        await self._enter_live()
+        try:
+            turn, calls = self._take_turn()
+            try:
+                outcome, ready = await self._db(self._store.take_units(
+                    run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                    occurrence=occurrence, bucket=bucket, units=units,
+                    attempt=self.attempt, turn=turn, calls_before=calls))
+                if outcome.startswith("lost:"):
+                    self._closed = outcome[5:]
+                    raise Abandoned(outcome[5:])
+                self._reserved[bucket] = units
+                await self._deliver(turn)
+            finally:
+                self._drop(turn)
+        finally:
+            self._exit_live()
+        await self._wait_until(ready, position, occurrence, name)
+
+    async def _wait_until(self, ready: datetime, position: int, occurrence: int,
+                          name: str) -> None:
+        """Wait for a rate take to be ready: here if it is soon (or other work of the
+        run is in flight), else suspended until then (no worker held)."""
+        wait = (ready - self.db_now()).total_seconds()
+        if wait <= 0:
+            return
+        if wait <= RATE_LOCAL_WAIT_SECONDS or self._live > 0 or self._gate is not None \
+                or self._streams:
+            await asyncio.sleep(wait)
+            return
+        gate = await self._close_gate()
+        try:
+            outcome, due = await self._db(self._store.sleep_until(
+                run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                occurrence=occurrence, seconds=0, wake_at=ready, attempt=self.attempt))
+            if outcome == "suspended":
+                self._suspend(gate, due)
+                raise Suspended(due)
+            self._open_gate(gate)
+            if outcome != "due":
+                self._closed = outcome
+                raise Abandoned(outcome)
+        finally:
+            if not gate.done():
+                self._open_gate(gate)
+
+    async def report_usage(self, bucket: str, units: float) -> None:
+        """Correct bucket ``bucket`` by what the last step that took from it really
+        used: ``units`` more or less than it took is taken or given back. Journaled:
+        a replay does not correct twice."""
+        reserved = self._reserved.get(bucket)
+        if reserved is None:
+            raise ValueError(f"report_usage({bucket!r}): no step of this run took units "
+                             f"from {bucket!r} (step(..., rate=({bucket!r}, units)))")
+        if not isinstance(units, int | float) or isinstance(units, bool) or units < 0:
+            raise TypeError(f"report_usage needs the units used (a number >= 0), not {units!r}")
+        name = f"usage:{bucket}"
+        position, occurrence = self._call(name)
+        entry = await self._entry(position)
+        if entry is not None:
+            self._check(position, entry, "rate", name, None)
+            await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
+            return
+        await self._enter_live()
+        try:
+            turn, calls = self._take_turn()
+            try:
+                outcome, _ready = await self._db(self._store.take_units(
+                    run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                    occurrence=occurrence, bucket=bucket, units=float(units) - reserved,
+                    attempt=self.attempt, turn=turn, calls_before=calls))
+                if outcome.startswith("lost:"):
+                    self._closed = outcome[5:]
+                    raise Abandoned(outcome[5:])
+                await self._deliver(turn)
+            finally:
+                self._drop(turn)
+        finally:
+            self._exit_live()
+
     # -- child runs ----------------------------------------------------------------------
 
     async def spawn(self, workflow: str, *args: Any, queue: str | None = None,
                     key: str | None = None, timeout: float | None = None,
-                    **kwargs: Any) -> ChildRun:
+                    concurrency_key: str | None = None, **kwargs: Any) -> ChildRun:
         """Start a child run of ``workflow(*args, **kwargs)``; returns its ``ChildRun``.
 
         The spawn is journaled: a replay gets the same child back, and a spawn
@@ -703,14 +833,16 @@ class Run:
         ``key`` when given). ``queue``: default, the workflow's registered
         queue. ``timeout``: seconds the child may take to end (it fails with
         ``TimeoutError`` after); default, this run's own deadline, if any.
+        ``concurrency_key``: as for ``App.start``.
         """
         children = await self._spawn(workflow, [(args, kwargs)], queue=queue,
-                                     keys=None if key is None else [key], timeout=timeout)
+                                     keys=None if key is None else [key], timeout=timeout,
+                                     concurrency_key=concurrency_key)
         return children[0]
 
     async def spawn_many(self, workflow: str, items: Any, *, queue: str | None = None,
-                         keys: list[str] | None = None,
-                         timeout: float | None = None) -> list[ChildRun]:
+                         keys: list[str] | None = None, timeout: float | None = None,
+                         concurrency_key: str | None = None) -> list[ChildRun]:
         """Start one child run of ``workflow`` per item, in one round trip.
 
         Each item is the child's arguments: a tuple is spread as positional
@@ -725,11 +857,12 @@ class Run:
             raise ValueError(f"spawn_many got {len(calls)} items but {len(keys)} keys")
         if not calls:
             return []
-        return await self._spawn(workflow, calls, queue=queue, keys=keys, timeout=timeout)
+        return await self._spawn(workflow, calls, queue=queue, keys=keys, timeout=timeout,
+                                 concurrency_key=concurrency_key)
 
     async def _spawn(self, workflow: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                      *, queue: str | None, keys: list[str] | None,
-                     timeout: float | None) -> list[ChildRun]:
+                     timeout: float | None, concurrency_key: str | None) -> list[ChildRun]:
         if not isinstance(workflow, str) or not workflow:
             raise TypeError("spawn takes the child workflow's registered name")
         position, occurrence = self._call(workflow)
@@ -762,7 +895,8 @@ class Run:
                     occurrence=occurrence, attempt=self.attempt, turn=turn,
                     calls_before=calls_before, fingerprint=fp, ids=ids, workflow=workflow,
                     queue=child_queue, inputs=inputs, max_attempts=max_attempts,
-                    max_recoveries=max_recoveries, timeout=timeout))
+                    max_recoveries=max_recoveries, timeout=timeout,
+                    concurrency_key=concurrency_key))
                 if lost is not None:
                     self._closed = lost
                     raise Abandoned(lost)

@@ -173,12 +173,13 @@ class Store:
         max_recoveries: int = 5,
         source: str = "native",
         meta: dict[str, Any] | None = None,
+        concurrency_key: str | None = None,
     ) -> tuple[UUID, bool]:
         row = await self.fetchone(
             "start_run", id=run_id, workflow=workflow, queue=queue, input=input_json,
             priority=priority, delay=delay, idempotency_key=idempotency_key,
             max_attempts=max_attempts, max_recoveries=max_recoveries, source=source,
-            meta=json.dumps(meta or {}),
+            meta=json.dumps(meta or {}), concurrency_key=concurrency_key,
         )
         assert row is not None
         return row["run_id"], row["created"]
@@ -270,6 +271,23 @@ class Store:
         row = await self.fetchone("wait_children", **params)
         assert row is not None
         return row["outcome"], row["results"]
+
+    async def take_units(self, **params: Any) -> tuple[str, datetime]:
+        """Take units from a rate bucket for a journal entry (see ``take_units`` in SQL):
+        ('taken' | 'suspended' | 'lost:<status>', the time the units are ready)."""
+        params.setdefault("turn", None)
+        params.setdefault("calls_before", None)
+        row = await self.fetchone("take_units", **params)
+        assert row is not None
+        return row["outcome"], row["ready_at"]
+
+    async def set_concurrency_limit(self, pattern: str, max_running: int | None) -> None:
+        await self.fetch("set_concurrency_limit", pattern=pattern, max_running=max_running)
+
+    async def set_rate_limit(self, name: str, capacity: float | None,
+                             refill_per_second: float | None) -> None:
+        await self.fetch("set_rate_limit", name=name, capacity=capacity,
+                         refill=refill_per_second)
 
     async def complete_runs(self, items: Sequence[tuple[UUID, int, str]]) -> set[UUID]:
         rows = await self.fetch(

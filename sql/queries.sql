@@ -8,7 +8,8 @@ SELECT max(version) AS version FROM {schema}.migrations;
 -- name: start_run
 SELECT run_id, created FROM {schema}.start_run(
     %(id)s, %(workflow)s, %(queue)s, %(input)s::json, %(priority)s, %(delay)s,
-    %(idempotency_key)s, %(max_attempts)s, %(max_recoveries)s, %(source)s, %(meta)s::jsonb);
+    %(idempotency_key)s, %(max_attempts)s, %(max_recoveries)s, %(source)s, %(meta)s::jsonb,
+    %(concurrency_key)s);
 
 -- name: claim_runs
 SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s,
@@ -124,9 +125,29 @@ SELECT {schema}.note_run_event(%(run)s, %(epoch)s, %(detail)s::jsonb);
 SELECT {schema}.spawn_runs(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(attempt)s, %(turn)s,
     %(calls_before)s, %(fingerprint)s, %(ids)s, %(workflow)s, %(queue)s, %(inputs)s::json[],
-    %(max_attempts)s, %(max_recoveries)s, %(timeout)s) AS lost;
+    %(max_attempts)s, %(max_recoveries)s, %(timeout)s, %(concurrency_key)s) AS lost;
 
 -- name: wait_children
 SELECT outcome, results FROM {schema}.wait_children(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(attempt)s, %(turn)s,
     %(calls_before)s, %(children)s, %(mode)s, %(cancel_rest)s, %(raise_failures)s);
+
+-- name: set_concurrency_limit
+SELECT {schema}.set_concurrency_limit(%(pattern)s, %(max_running)s);
+
+-- name: set_rate_limit
+SELECT {schema}.set_rate_limit(%(name)s, %(capacity)s, %(refill)s);
+
+-- name: take_units
+SELECT outcome, ready_at FROM {schema}.take_units(
+    %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(bucket)s, %(units)s,
+    %(attempt)s, %(turn)s, %(calls_before)s);
+
+-- name: concurrency_keys
+SELECT * FROM {schema}.concurrency_keys ORDER BY at_limit DESC, running DESC, key;
+
+-- name: concurrency_limits
+SELECT pattern, max_running, updated_at FROM {schema}.concurrency_limits ORDER BY pattern;
+
+-- name: rate_limits
+SELECT * FROM {schema}.rate_limits ORDER BY name;

@@ -174,6 +174,19 @@ def build_app(dsn: str, schema: str) -> pgjournal.App:
         await run.step("leaf", effect, str(run.id), "leaf")
         return i * 2
 
+    @app.workflow()
+    async def keyed(run: pgjournal.Run, hold: float) -> str:
+        """One step that records itself and holds its slot ``hold`` seconds."""
+        await run.step("work", effect, str(run.id), "work")
+        await asyncio.sleep(hold)
+        return "done"
+
+    @app.workflow()
+    async def metered(run: pgjournal.Run, bucket: str, units: int) -> str:
+        """One step that takes ``units`` from rate bucket ``bucket`` first."""
+        return await run.step("call", effect, str(run.id), "call",  # type: ignore[no-any-return]
+                              rate=(bucket, units))
+
     @app.workflow(max_attempts=1)
     async def chain(run: pgjournal.Run, n: int) -> int:
         total = 0

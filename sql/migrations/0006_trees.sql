@@ -26,6 +26,8 @@ ALTER TABLE runs ADD COLUMN wait_pending integer;
 ALTER TABLE runs ADD COLUMN deadline_at timestamptz;
 ALTER TABLE runs ADD COLUMN forked_from uuid;
 ALTER TABLE runs ADD COLUMN root_run_id uuid;
+-- Flow control (0009) keys children too.
+ALTER TABLE runs ADD COLUMN concurrency_key text;
 ALTER TABLE runs ADD COLUMN depth integer;
 COMMENT ON COLUMN runs.parent_run_id IS
     'The run that spawned this one (run.spawn), or NULL for a run started by a client.';
@@ -68,7 +70,8 @@ CREATE FUNCTION spawn_runs(
     p_parent uuid, p_epoch bigint, p_position integer, p_name text, p_occurrence integer,
     p_attempt integer, p_turn integer, p_calls_before integer, p_fingerprint text,
     p_ids uuid[], p_workflow text, p_queue text, p_inputs json[],
-    p_max_attempts integer, p_max_recoveries integer, p_timeout_seconds double precision)
+    p_max_attempts integer, p_max_recoveries integer, p_timeout_seconds double precision,
+    p_concurrency_key text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
@@ -91,9 +94,11 @@ BEGIN
         v_deadline := least(v_deadline, now() + make_interval(secs => p_timeout_seconds));
     END IF;
     INSERT INTO runs (id, workflow, queue, input, due_at, max_attempts, max_recoveries,
-                      parent_run_id, parent_position, root_run_id, depth, deadline_at)
+                      parent_run_id, parent_position, root_run_id, depth, deadline_at,
+                      concurrency_key)
     SELECT c.id, p_workflow, p_queue, c.input, now(), p_max_attempts, p_max_recoveries,
-           p_parent, p_position, v_parent.root_run_id, v_parent.depth + 1, v_deadline
+           p_parent, p_position, v_parent.root_run_id, v_parent.depth + 1, v_deadline,
+           p_concurrency_key
     FROM unnest(p_ids, p_inputs) AS c(id, input)
     ON CONFLICT (id) DO NOTHING;
     INSERT INTO steps (run_id, position, name, occurrence, kind, status, output, attempt,

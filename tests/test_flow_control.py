@@ -1,0 +1,258 @@
+"""Flow control: concurrency keys (limits across workers, no head-of-line blocking)
+and rate buckets (units shared by every worker), checked from the database's own
+timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgjournal
+
+from .conftest import serving, wait_for
+
+
+def _q(dsn: str, schema: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql.replace("S.", f'"{schema}".'), args)
+        return cur.fetchall() if cur.description else []
+
+
+class RunningSampler:
+    """Reads, as fast as it can on its own connection, how many runs of each
+    concurrency key are running: each read is one consistent snapshot of the
+    database, so a count over the limit is a real violation (run_events times
+    are transaction start times, and would show overlaps that never were)."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn, self.schema = dsn, schema
+        self.most: dict[str, int] = {}
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                for key, n in conn.execute(
+                        f'SELECT concurrency_key, count(*) FROM "{self.schema}".runs '
+                        "WHERE status = 'running' AND concurrency_key IS NOT NULL "
+                        "GROUP BY 1").fetchall():
+                    self.most[key] = max(self.most.get(key, 0), n)
+                self.reads += 1
+
+    def __enter__(self) -> RunningSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def check_rate_windows(starts: list[tuple[datetime, float]], capacity: float,
+                       refill: float, slack: float = 0.05) -> None:
+    """No window [t_i, t_j] holds more units than capacity + refill * (t_j - t_i)."""
+    starts = sorted(starts)
+    for i, (ti, _) in enumerate(starts):
+        total = 0.0
+        for tj, units in starts[i:]:
+            total += units
+            allowed = capacity + refill * ((tj - ti).total_seconds() + slack)
+            assert total <= allowed + 1e-6, (
+                f"{total} units started in {(tj - ti).total_seconds():.3f}s > {allowed}")
+
+
+@pytest.fixture
+def flow_app(pgjournal_dsn: str, pgjournal_schema: str) -> pgjournal.App:
+    app = pgjournal.App(pgjournal_dsn, schema=pgjournal_schema, poll_interval=0.2)
+
+    @app.workflow()
+    async def job(run: pgjournal.Run, hold: float) -> str:
+        await asyncio.sleep(hold)
+        return "ok"
+
+    @app.workflow()
+    async def waits(run: pgjournal.Run) -> Any:
+        return await run.wait_signal("go")
+
+    @app.workflow()
+    async def llm(run: pgjournal.Run, used: int | None) -> Any:
+        def call() -> dict[str, Any]:
+            return {"text": "hi", "usage": used}
+        if used is None:
+            return await run.step("call", call, rate=("tpm", 50))
+        out = await run.step("call", call, rate=("tpm", 50, lambda r: r["usage"]))
+        return out
+
+    @app.workflow()
+    async def parallel_llm(run: pgjournal.Run, n: int) -> list[Any]:
+        def call(i: int) -> int:
+            return i
+        return list(await asyncio.gather(*[
+            run.step(f"call-{i}", call, i, rate=("tpm", 40)) for i in range(n)]))
+
+    return app
+
+
+async def test_cold_keys_are_not_blocked_behind_a_saturated_hot_key(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    await app.set_concurrency_limit("tenant-*", 3)
+    hot = [await app.start("job", 0.05, concurrency_key="tenant-hot") for _ in range(300)]
+    cold = [await app.start("job", 0.05, concurrency_key=f"tenant-c{k}")
+            for k in range(10) for _ in range(10)]
+    with RunningSampler(pgjournal_dsn, pgjournal_schema) as sampler:
+        async with serving(app, concurrency=12, lease=10):
+            for h in cold:
+                assert await h.result(timeout=120) == "ok"
+            done_hot = _q(pgjournal_dsn, pgjournal_schema,
+                          "SELECT count(*) FROM S.runs WHERE concurrency_key = 'tenant-hot' "
+                          "AND status = 'completed'")[0][0]
+            for h in hot:
+                await h.cancel()
+    assert done_hot < 150, f"the cold keys waited behind the hot one ({done_hot} hot done)"
+    assert max(sampler.most.values()) <= 3, sampler.most
+    assert sampler.most["tenant-hot"] == 3  # the limit was reached, not just respected
+
+
+async def test_exact_key_beats_prefix_and_no_limit_means_unlimited(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    await app.set_concurrency_limit("t-*", 2)
+    await app.set_concurrency_limit("t-vip", 5)
+    runs = [await app.start("job", 0.3, concurrency_key=k)
+            for k in ["t-vip"] * 8 + ["t-a"] * 6 + ["free"] * 6]
+    with RunningSampler(pgjournal_dsn, pgjournal_schema) as sampler:
+        async with serving(app, concurrency=20, lease=10):
+            for h in runs:
+                await h.result(timeout=60)
+    assert sampler.most == {"t-vip": 5, "t-a": 2, "free": 6}, sampler.most
+    with pytest.raises(pgjournal.ConfigurationError):
+        await app.set_concurrency_limit("a*b", 1)
+    with pytest.raises(pgjournal.ConfigurationError):
+        await app.set_concurrency_limit("x", 0)
+
+
+async def test_suspended_runs_hold_no_slot_of_their_key(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    await app.set_concurrency_limit("solo", 1)
+    waiting = await app.start("waits", concurrency_key="solo")
+    async with serving(app, concurrency=4):
+        async def suspended() -> bool:
+            return await waiting.status() == "suspended"
+        await wait_for(suspended, 30, what="the first run to wait for its signal")
+        other = await app.start("job", 0.0, concurrency_key="solo")
+        assert await other.result(timeout=30) == "ok"
+        await app.signal(waiting.run_id, "go", 1)
+        assert await waiting.result(timeout=30) == 1
+    rows = _q(pgjournal_dsn, pgjournal_schema, "SELECT * FROM S.concurrency_keys")
+    assert rows == []  # nothing unfinished is left under a key
+
+
+async def test_rate_bucket_paces_steps_across_runs_and_corrects_usage(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    await app.set_rate_limit("tpm", capacity=100, refill_per_second=100)
+    runs = [await app.start("llm", None) for _ in range(8)]   # 400 units
+    async with serving(app, concurrency=8):
+        for h in runs:
+            await h.result(timeout=60)
+        starts = [(t, 50.0) for (t,) in _q(
+            pgjournal_dsn, pgjournal_schema,
+            "SELECT s.started_at FROM S.steps s WHERE s.kind = 'step' ORDER BY 1")]
+        check_rate_windows(starts, 100, 100)
+        span = (starts[-1][0] - starts[0][0]).total_seconds()
+        assert span >= (400 - 100) / 100 - 0.1
+        # The longest waits were spent suspended (no worker held), not in a slot.
+        suspended = _q(pgjournal_dsn, pgjournal_schema,
+                       "SELECT count(DISTINCT run_id) FROM S.run_events "
+                       "WHERE to_status = 'suspended'")[0][0]
+        assert suspended >= 1
+        # Usage correction: a step that took 50 but used 10 gives 40 back.
+        await app.set_rate_limit("tpm", None)
+        await app.set_rate_limit("tpm", capacity=1000, refill_per_second=0.001)
+        h = await app.start("llm", 10)
+        assert (await h.result(timeout=30))["usage"] == 10
+    after = _q(pgjournal_dsn, pgjournal_schema,
+               "SELECT available FROM S.rate_limits WHERE name = 'tpm'")[0][0]
+    entries = _q(pgjournal_dsn, pgjournal_schema,
+                 "SELECT s.name, (s.output->>'units')::float FROM S.steps s "
+                 "WHERE s.run_id = %s AND s.kind = 'rate' ORDER BY position", h.run_id)
+    assert entries == [("rate:tpm", 50.0), ("usage:tpm", -40.0)]
+    assert after == pytest.approx(990, abs=1.0)
+
+
+async def test_parallel_rate_limited_steps_wait_in_the_worker(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    await app.set_rate_limit("tpm", capacity=80, refill_per_second=200)
+    h = await app.start("parallel_llm", 6)   # 240 units: 80 at once, then 200/s
+    async with serving(app):
+        assert await h.result(timeout=30) == list(range(6))
+    starts = [(t, 40.0) for (t,) in _q(
+        pgjournal_dsn, pgjournal_schema,
+        "SELECT started_at FROM S.steps WHERE kind = 'step' ORDER BY 1")]
+    check_rate_windows(starts, 80, 200)
+
+
+async def test_unknown_bucket_fails_the_step_clearly(flow_app: pgjournal.App) -> None:
+    h = await flow_app.start("llm", None)
+    async with serving(flow_app):
+        with pytest.raises(pgjournal.RunFailed) as info:
+            await h.result(timeout=30)
+    assert "no rate bucket named tpm" in str(info.value)
+
+
+async def test_key_limit_holds_across_worker_processes(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        effects: Any, spawn_worker: Any) -> None:
+    """Two worker processes claim runs of one key concurrently: never more than
+    its limit run at once (from run_events), and cold keys are not held up."""
+    app = pgjournal_app
+    await app.set_concurrency_limit("k-*", 2)
+    hot = [await app.start("keyed", 0.2, concurrency_key="k-hot") for _ in range(40)]
+    cold = [await app.start("keyed", 0.2, concurrency_key=f"k-{i}") for i in range(6)]
+    with RunningSampler(pgjournal_dsn, pgjournal_schema) as sampler:
+        spawn_worker(concurrency=6)
+        spawn_worker(concurrency=6)
+        for h in cold:
+            assert await h.result(timeout=60) == "done"
+        hot_done = sum([await h.status() == "completed" for h in hot])
+        for h in hot:
+            assert await h.result(timeout=120) == "done"
+    assert hot_done < 30, hot_done
+    assert sampler.most["k-hot"] == 2 and max(sampler.most.values()) == 2, sampler.most
+    pids = {p for _r, _s, p in effects.rows()}
+    assert len(pids) == 2  # both processes took part
+
+
+async def test_rate_limit_holds_across_worker_processes(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        effects: Any, spawn_worker: Any) -> None:
+    """50 runs on 2 worker processes share one bucket: from the database's own
+    timestamps no window started more units than the bucket allows, and the
+    whole took about the minimum the limit allows."""
+    app = pgjournal_app
+    capacity, refill, units, n = 100.0, 200.0, 20, 50   # 1,000 units: >= 4.5 s
+    await app.set_rate_limit("api", capacity=capacity, refill_per_second=refill)
+    runs = [await app.start("metered", "api", units) for _ in range(n)]
+    spawn_worker(concurrency=8)
+    spawn_worker(concurrency=8)
+    for h in runs:
+        assert await h.result(timeout=120) == "call"
+    starts = [(t, float(units)) for (t,) in _q(
+        pgjournal_dsn, pgjournal_schema,
+        "SELECT at FROM S.test_effects WHERE step = 'call' ORDER BY at")]
+    assert len(starts) == n
+    check_rate_windows(starts, capacity, refill)
+    span = (starts[-1][0] - starts[0][0]).total_seconds()
+    minimum = (n * units - capacity) / refill
+    assert minimum - 0.1 <= span <= 2 * minimum + 3, (span, minimum)
+    assert len({p for _r, _s, p in effects.rows()}) == 2
