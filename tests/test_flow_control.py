@@ -256,3 +256,23 @@ async def test_rate_limit_holds_across_worker_processes(
     minimum = (n * units - capacity) / refill
     assert minimum - 0.1 <= span <= 2 * minimum + 3, (span, minimum)
     assert len({p for _r, _s, p in effects.rows()}) == 2
+
+
+def test_cli_limits_sets_shows_and_lifts(pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    from .test_cli import run_cli
+
+    def cli(*args: str, code: int = 0) -> str:
+        res = run_cli("limits", *args, "--dsn", pgjournal_dsn, "--schema", pgjournal_schema)
+        assert res.returncode == code, res.stderr
+        return res.stdout + res.stderr
+
+    assert "at most 3 running" in cli("key", "tenant-*", "3")
+    assert "90000/60" in cli("rate", "openai-tpm", "90000/60")
+    shown = cli()
+    assert "tenant-*" in shown and "openai-tpm" in shown and "1500/s" in shown
+    assert "not a number" in cli("key", "tenant-*", "lots", code=1)
+    assert "UNITS/SECONDS" in cli("rate", "x", "fast", code=1)
+    assert "no limit" in cli("key", "tenant-*", "none")
+    assert "removed" in cli("rate", "openai-tpm", "none")
+    assert _q(pgjournal_dsn, pgjournal_schema, "SELECT count(*) FROM S.concurrency_limits") \
+        == [(0,)]
