@@ -40,15 +40,17 @@ COMMENT ON TABLE concurrency_limits IS
     'Limits of running runs per concurrency key: an exact key, or a prefix ending in *.';
 
 -- The limit of one key: its exact row, else the longest prefix pattern that
--- matches it; NULL = unlimited.
+-- matches it; NULL = unlimited. (PL/pgSQL: its plan is cached per session; a
+-- SQL function with a pinned search_path is planned again on every call.)
 CREATE FUNCTION key_limit(p_key text) RETURNS integer
-LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
-    SELECT l.max_running FROM concurrency_limits l
-    WHERE l.pattern = p_key
-       OR (right(l.pattern, 1) = '*' AND starts_with(p_key, left(l.pattern, -1)))
-    ORDER BY (l.pattern = p_key) DESC, length(l.pattern) DESC
-    LIMIT 1;
-$$;
+LANGUAGE plpgsql STABLE SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN (SELECT l.max_running FROM concurrency_limits l
+            WHERE l.pattern = p_key
+               OR (right(l.pattern, 1) = '*' AND starts_with(p_key, left(l.pattern, -1)))
+            ORDER BY (l.pattern = p_key) DESC, length(l.pattern) DESC
+            LIMIT 1);
+END $$;
 
 -- Set (p_max_running > 0) or remove (NULL) the limit of a key or pattern, and
 -- wake idle workers of the queues holding queued runs with keys (a raised
@@ -88,9 +90,9 @@ DECLARE
     v_restart timestamptz := pg_postmaster_start_time();
     v_keyed boolean := EXISTS (SELECT 1 FROM concurrency_limits);
     v_full text[];
-    v_key text;
-    v_room integer;
-    v_drop uuid[] := '{}';
+    v_keys text[];
+    v_limits integer[];
+    v_drop uuid[];
 BEGIN
     IF v_keyed THEN
         -- Keys at their limit now (running runs are few: bounded by the slots
@@ -131,27 +133,39 @@ BEGIN
         RETURN;
     END IF;
     IF v_keyed THEN
-        FOR v_key IN SELECT DISTINCT r.concurrency_key FROM runs r
-                     WHERE r.id = ANY (v_ids) AND r.concurrency_key IS NOT NULL
-                     ORDER BY 1 LOOP
-            CONTINUE WHEN key_limit(v_key) IS NULL;
+        -- The limited keys among the picked runs, in key order.
+        SELECT array_agg(x.k ORDER BY x.k), array_agg(x.l ORDER BY x.k)
+        INTO v_keys, v_limits
+        FROM (SELECT k.k, key_limit(k.k) AS l FROM (
+                  SELECT DISTINCT r.concurrency_key AS k FROM runs r
+                  WHERE r.id = ANY (v_ids) AND r.concurrency_key IS NOT NULL) AS k) AS x
+        WHERE x.l IS NOT NULL;
+        IF v_keys IS NOT NULL THEN
+            -- Their advisory locks, in key order (two claims never deadlock) ...
             PERFORM pg_advisory_xact_lock(
-                hashtextextended('pgjournal.key:' || current_schema() || ':' || v_key, 0));
-            -- A new statement, a new snapshot: claims of this key committed
-            -- before the lock was granted are counted.
-            SELECT key_limit(v_key) - count(*) INTO v_room FROM runs r
-            WHERE r.concurrency_key = v_key AND r.status = 'running' AND r.due_at > now()
-              AND r.id <> ALL (v_ids);
-            v_drop := v_drop || ARRAY(
-                SELECT r.id FROM runs r
-                WHERE r.id = ANY (v_ids) AND r.concurrency_key = v_key
-                ORDER BY r.priority DESC, r.due_at
-                OFFSET greatest(v_room, 0));
-        END LOOP;
-        IF cardinality(v_drop) > 0 THEN
-            v_ids := ARRAY(SELECT x FROM unnest(v_ids) AS x WHERE x <> ALL (v_drop));
-            IF cardinality(v_ids) = 0 THEN
-                RETURN;
+                hashtextextended('pgjournal.key:' || current_schema() || ':' || k.k, 0))
+            FROM unnest(v_keys) WITH ORDINALITY AS k(k, ord) ORDER BY k.ord;
+            -- ... then, in a new statement (a new snapshot: claims of these keys
+            -- committed before the locks were granted are seen), what each key
+            -- has room for; the picked runs beyond that stay queued.
+            SELECT array_agg(c.id) INTO v_drop FROM (
+                SELECT r.id, row_number() OVER (PARTITION BY r.concurrency_key
+                                                ORDER BY r.priority DESC, r.due_at) AS n,
+                       room.room
+                FROM runs r
+                JOIN (SELECT u.k, u.l - (SELECT count(*) FROM runs x
+                                         WHERE x.concurrency_key = u.k
+                                           AND x.status = 'running' AND x.due_at > now()
+                                           AND x.id <> ALL (v_ids)) AS room
+                      FROM unnest(v_keys, v_limits) AS u(k, l)) AS room
+                  ON room.k = r.concurrency_key
+                WHERE r.id = ANY (v_ids)) AS c
+            WHERE c.n > greatest(c.room, 0);
+            IF v_drop IS NOT NULL THEN
+                v_ids := ARRAY(SELECT x FROM unnest(v_ids) AS x WHERE x <> ALL (v_drop));
+                IF cardinality(v_ids) = 0 THEN
+                    RETURN;
+                END IF;
             END IF;
         END IF;
     END IF;
