@@ -5,6 +5,7 @@ timestamps."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 import pgjournal
 
-from .conftest import serving, wait_for
+from .conftest import Effects, lease_expired, serving, wait_for
 
 
 def _q(dsn: str, schema: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -276,3 +277,91 @@ def test_cli_limits_sets_shows_and_lifts(pgjournal_dsn: str, pgjournal_schema: s
     assert "removed" in cli("rate", "openai-tpm", "none")
     assert _q(pgjournal_dsn, pgjournal_schema, "SELECT count(*) FROM S.concurrency_limits") \
         == [(0,)]
+
+
+def _available(dsn: str, schema: str, bucket: str) -> float:
+    return float(_q(dsn, schema, "SELECT available FROM S.rate_limits WHERE name = %s",
+                    bucket)[0][0])
+
+
+async def test_a_take_survives_kill9_and_is_not_taken_again(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        effects: Any, spawn_worker: Any, tmp_path: Any) -> None:
+    """The worker dies inside the step, after its take was journaled: the next
+    worker replays the take (no second debit) and runs the step."""
+    app = pgjournal_app
+    await app.set_rate_limit("api", capacity=100, refill_per_second=0.001)
+    h = await app.start("metered", "api", 30)
+    gate = tmp_path / "gate"
+    first = spawn_worker(env={"PGJ_GATE": f"call:{gate}"}, concurrency=1, lease=2)
+    await effects.wait(h.run_id, "call")
+    first.kill(signal.SIGKILL)
+    first.wait()
+    spawn_worker(concurrency=1, lease=2)
+    assert await h.result(timeout=60) == "call"
+    assert effects.count(h.run_id, "call") == 2         # the step ran again ...
+    takes = _q(pgjournal_dsn, pgjournal_schema,
+               "SELECT count(*) FROM S.steps WHERE run_id = %s AND kind = 'rate'", h.run_id)
+    assert takes == [(1,)]                               # ... the take did not
+    assert _available(pgjournal_dsn, pgjournal_schema, "api") == pytest.approx(70, abs=0.5)
+
+
+async def test_a_worker_paused_past_its_lease_takes_nothing(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        effects: Any, spawn_worker: Any, tmp_path: Any) -> None:
+    """The worker stops (SIGSTOP) in the step after its take; another worker
+    finishes the run; the stale one, resumed, writes nothing and takes nothing."""
+    app = pgjournal_app
+    store = await app.store()
+    await app.set_rate_limit("api", capacity=100, refill_per_second=0.001)
+    h = await app.start("metered", "api", 30)
+    gate = tmp_path / "gate"
+    stale = spawn_worker(env={"PGJ_GATE": f"call:{gate}"}, concurrency=1, lease=1)
+    await effects.wait(h.run_id, "call")
+    stale.kill(signal.SIGSTOP)
+    await wait_for(lambda: lease_expired(store, h.run_id), 30, what="lease expiry")
+    spawn_worker(concurrency=1, lease=5)
+    assert await h.result(timeout=60) == "call"
+    gate.touch()
+    stale.kill(signal.SIGCONT)
+
+    async def gave_up() -> bool:
+        return "lost the lease" in stale.output()
+
+    await wait_for(gave_up, 30, what="the stale worker to give the run up")
+    assert _q(pgjournal_dsn, pgjournal_schema,
+              "SELECT count(*) FROM S.steps WHERE run_id = %s AND kind = 'rate'",
+              h.run_id) == [(1,)]
+    assert _available(pgjournal_dsn, pgjournal_schema, "api") == pytest.approx(70, abs=0.5)
+
+
+async def test_a_run_waiting_for_its_bucket_resumes_after_a_server_restart(
+        pgjournal_server_factory: Any, spawn_worker: Any) -> None:
+    server = pgjournal_server_factory(settings={})
+    schema = "rate_restart"
+    pgjournal.migrate(server.dsn, schema=schema)
+    Effects(server.dsn, schema)
+    app = pgjournal.App(server.dsn, schema=schema, poll_interval=0.2)
+    try:
+        await app.set_rate_limit("api", capacity=100, refill_per_second=25)
+        first = await app.start("metered", "api", 100)
+        second = await app.start("metered", "api", 100)   # ready 4 s after the first
+        spawn_worker(dsn=server.dsn, schema=schema, concurrency=2, lease=3)
+
+        async def waiting() -> bool:
+            return await second.status() == "suspended" and \
+                await first.status() == "completed"
+
+        await wait_for(waiting, 30, what="the second run to wait for the refill")
+        server.stop()
+        server.start()
+        assert await second.result(timeout=60) == "call"
+        rows = _q(server.dsn, schema,
+                  "SELECT r.id, s.started_at FROM S.steps s JOIN S.runs r ON r.id = s.run_id "
+                  "WHERE s.kind = 'step' ORDER BY s.started_at")
+        assert [r[0] for r in rows] == [first.run_id, second.run_id]
+        assert (rows[1][1] - rows[0][1]).total_seconds() >= 4 - 0.1
+        assert _q(server.dsn, schema,
+                  "SELECT count(*) FROM S.steps WHERE kind = 'rate'") == [(2,)]
+    finally:
+        await app.close()
