@@ -437,15 +437,15 @@ class App:
                 keys = None
         if not n:
             return []
-        payloads: list[dict[str, Any]] = []
-        for i, item in enumerate(batch):
-            kw = kw_list[i] if kw_list is not None else {}
-            if not isinstance(kw, Mapping):
-                raise ConfigurationError(
-                    f"start_many: kwargs_list[{i}] is a {type(kw).__qualname__}, "
-                    "not a mapping of keyword arguments")
-            payloads.append({"args": list(item) if isinstance(item, tuple) else [item],
-                             "kwargs": dict(kw)})
+        payloads = [{"args": list(item) if isinstance(item, tuple) else [item], "kwargs": {}}
+                    for item in batch]
+        if kw_list is not None:
+            for i, (payload, kw) in enumerate(zip(payloads, kw_list, strict=True)):
+                if not isinstance(kw, Mapping):
+                    raise ConfigurationError(
+                        f"start_many: kwargs_list[{i}] is a {type(kw).__qualname__}, "
+                        "not a mapping of keyword arguments")
+                payload["kwargs"] = dict(kw)
         inputs = self._dump_inputs(target.name, payloads)
         store = await self.store()
         started = await store.start_runs(

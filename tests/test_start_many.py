@@ -121,6 +121,8 @@ async def test_mismatched_lengths_are_refused(pgjournal_app: pgjournal.App) -> N
         await app.start_many("wf", [1, 2], kwargs_list=[{}])
     with pytest.raises(pgjournal.ConfigurationError, match="not a single string"):
         await app.start_many("wf", [1, 2], idempotency_keys="ab")
+    with pytest.raises(pgjournal.ConfigurationError, match=r"kwargs_list\[1\] is a list"):
+        await app.start_many("wf", [1, 2], kwargs_list=[{}, [("a", 1)]])  # type: ignore[list-item]
     with pytest.raises(pgjournal.ConfigurationError, match=r"idempotency_keys\[1\] is a int"):
         await app.start_many("wf", [1, 2], idempotency_keys=["a", 2])  # type: ignore[list-item]
     assert await _count_runs(app) == 0
