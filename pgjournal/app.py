@@ -406,6 +406,8 @@ class App:
         different lengths raise ``ConfigurationError``. All runs are created in
         one transaction (all or none), with one wake-up for the queue's idle
         workers. An empty ``items`` returns ``[]`` without touching the database.
+        The new runs' ids are UUIDs of version 7 (time-ordered; see
+        ``_new_run_ids``), where ``start`` makes version 4 ones.
         """
         target = self._start_target(workflow, queue)
         batch = list(items)
