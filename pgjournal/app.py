@@ -410,6 +410,10 @@ class App:
         ``_new_run_ids``), where ``start`` makes version 4 ones.
         """
         target = self._start_target(workflow, queue)
+        if isinstance(items, str | bytes | Mapping):
+            raise ConfigurationError(
+                f"start_many: items is a {type(items).__qualname__}; give a list with "
+                "one element per run (e.g. [value] for one run)")
         batch = list(items)
         n = len(batch)
         kw_list: list[Mapping[str, Any]] | None = None

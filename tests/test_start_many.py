@@ -119,6 +119,10 @@ async def test_mismatched_lengths_are_refused(pgjournal_app: pgjournal.App) -> N
         await app.start_many("wf", [1, 2, 3], idempotency_keys=["a", "b"])
     with pytest.raises(pgjournal.ConfigurationError, match="kwargs_list has 1 elements for 2"):
         await app.start_many("wf", [1, 2], kwargs_list=[{}])
+    with pytest.raises(pgjournal.ConfigurationError, match="items is a str"):
+        await app.start_many("wf", "abc")
+    with pytest.raises(pgjournal.ConfigurationError, match="items is a dict"):
+        await app.start_many("wf", {"x": 1})
     with pytest.raises(pgjournal.ConfigurationError, match="not a single string"):
         await app.start_many("wf", [1, 2], idempotency_keys="ab")
     with pytest.raises(pgjournal.ConfigurationError, match=r"kwargs_list\[1\] is a list"):
