@@ -184,6 +184,60 @@ class Store:
         assert row is not None
         return row["run_id"], row["created"]
 
+    async def start_runs(
+        self,
+        run_ids: Sequence[UUID],
+        workflow: str,
+        queue: str,
+        inputs: str | Sequence[str],
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int = 3,
+        max_recoveries: int = 5,
+        source: str = "native",
+        meta: dict[str, Any] | None = None,
+        concurrency_keys: Sequence[str | None] | None = None,
+    ) -> list[tuple[UUID, bool]]:
+        """Enqueue ``len(run_ids)`` runs in one statement (SQL ``start_runs``).
+
+        ``inputs``: the input of each run as JSON text (as ``Serializer.dumps``
+        makes it), or all of them as the text of one JSON array. Returns (run
+        id, created) per run, in input order: an element whose idempotency key
+        already named a run (or an earlier element of the batch) gets that
+        run's id and ``created=False``.
+
+        The arrays travel as one value each (the ids as 16-byte chunks of one
+        bytea, the inputs and keys as one JSON array) and the query unpacks
+        them: psycopg adapts a Python list element by element, which cost more
+        than the whole INSERT (about 9 ms per 1,000 short strings).
+        """
+        if idempotency_keys is not None and len(idempotency_keys) != len(run_ids):
+            raise ValueError(f"start_runs: {len(idempotency_keys)} idempotency keys for "
+                             f"{len(run_ids)} runs")
+        if not isinstance(inputs, str):
+            if len(inputs) != len(run_ids):
+                raise ValueError(f"start_runs: {len(inputs)} inputs for {len(run_ids)} runs")
+            inputs = "[" + ",".join(inputs) + "]"
+        if not run_ids:
+            return []
+        rows = await self.fetch(
+            "start_runs", ids=b"".join(r.bytes for r in run_ids), workflow=workflow,
+            queue=queue, inputs=inputs, priority=priority, delay=delay,
+            idempotency_keys=None if idempotency_keys is None
+            else json.dumps(list(idempotency_keys)),
+            max_attempts=max_attempts, max_recoveries=max_recoveries, source=source,
+            meta=json.dumps(meta or {}),
+            concurrency_keys=None if concurrency_keys is None
+            else json.dumps(list(concurrency_keys)),
+        )
+        # Only the elements that did not create their own run come back.
+        started = [(run_id, True) for run_id in run_ids]
+        for row in rows:
+            started[row["item"]] = (row["run_id"], False)
+        return started
+
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
                     lease: float, *, hungry: bool = False,
                     workflows: Sequence[str] | None = None) -> list[Claim]:

@@ -151,3 +151,30 @@ SELECT pattern, max_running, updated_at FROM {schema}.concurrency_limits ORDER B
 
 -- name: rate_limits
 SELECT * FROM {schema}.rate_limits ORDER BY name;
+
+-- name: start_runs
+-- The ids arrive as one bytea (16 bytes each) and the inputs and keys as one
+-- JSON array each (json_array_elements keeps each element's text exactly);
+-- only the elements that did not create their own run are returned (item is
+-- the 0-based index), so a batch without idempotency keys returns no rows.
+SELECT s.ord - 1 AS item, s.run_id
+FROM {schema}.start_runs(
+    ARRAY(SELECT encode(substring(b.ids FROM i * 16 + 1 FOR 16), 'hex')::uuid
+          FROM (SELECT %(ids)s::bytea AS ids) AS b,
+               generate_series(0, length(b.ids) / 16 - 1) AS i
+          ORDER BY i),
+    %(workflow)s, %(queue)s,
+    ARRAY(SELECT j.v FROM json_array_elements(%(inputs)s::json) WITH ORDINALITY AS j(v, n)
+          ORDER BY j.n),
+    %(priority)s, %(delay)s,
+    CASE WHEN %(idempotency_keys)s::json IS NOT NULL THEN
+        ARRAY(SELECT k.v FROM json_array_elements_text(%(idempotency_keys)s::json)
+                              WITH ORDINALITY AS k(v, n)
+              ORDER BY k.n) END,
+    %(max_attempts)s, %(max_recoveries)s, %(source)s, %(meta)s::jsonb,
+    CASE WHEN %(concurrency_keys)s::json IS NOT NULL THEN
+        ARRAY(SELECT k.v FROM json_array_elements_text(%(concurrency_keys)s::json)
+                              WITH ORDINALITY AS k(v, n)
+              ORDER BY k.n) END
+) WITH ORDINALITY AS s(run_id, created, ord)
+WHERE NOT s.created;

@@ -59,8 +59,8 @@ DECLARE
         'note_run_event', 'spawn_runs', 'wait_children', 'take_units'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
-        'start_run', 'send_signal', 'cancel_run', 'retry_run', 'request_result',
-        'set_queue', 'set_concurrency_limit', 'set_rate_limit', 'fork_run'];
+        'start_run', 'start_runs', 'send_signal', 'cancel_run', 'retry_run',
+        'request_result', 'set_queue', 'set_concurrency_limit', 'set_rate_limit', 'fork_run'];
     v_api text[] := v_worker || v_client;
     v_ns oid := (SELECT n.oid FROM pg_namespace n WHERE n.nspname = {schema_name});
 BEGIN

@@ -373,3 +373,17 @@ async def test_a_run_waiting_for_its_bucket_resumes_after_a_server_restart(
                   "SELECT count(*) FROM S.steps WHERE kind = 'rate'") == [(2,)]
     finally:
         await app.close()
+
+
+async def test_start_many_keys_every_run_or_each_run(
+        flow_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = flow_app
+    one = await app.start_many("job", [0.0, 0.0], concurrency_key="t-1")
+    each = await app.start_many("job", [0.0, 0.0, 0.0], concurrency_keys=["a", None, "b"])
+    rows = dict(_q(pgjournal_dsn, pgjournal_schema, "SELECT id, concurrency_key FROM S.runs"))
+    assert [rows[h.run_id] for h in one] == ["t-1", "t-1"]
+    assert [rows[h.run_id] for h in each] == ["a", None, "b"]
+    with pytest.raises(pgjournal.ConfigurationError):
+        await app.start_many("job", [0.0], concurrency_keys=["a", "b"])
+    with pytest.raises(pgjournal.ConfigurationError):
+        await app.start_many("job", [0.0], concurrency_key="x", concurrency_keys=["a"])

@@ -1,9 +1,8 @@
 """pgjournal, through its public API (``App.start``, ``Worker``, ``Run.step``).
 
-S1 one-at-a-time is ``App.start`` per job. pgjournal has no batch API in
-Python, so its batch row (and the S2 release of 10,000 jobs) calls the SQL
-function ``start_run`` for many rows in one statement -- the same function
-``App.start`` calls, in the way the design lets a DBA drive the queue.
+S1 one-at-a-time is ``App.start`` per job; its batch row (and the S2 release
+of 10,000 jobs in one transaction) is ``App.start_many``: one call of the SQL
+function ``start_runs`` per batch.
 """
 
 from __future__ import annotations
@@ -107,10 +106,7 @@ class PgjournalAdapter(Adapter):
         await self.app.start(WORKFLOW_OF_MODE[mode], t0)
 
     async def enqueue_batch(self, n: int, mode: str = MODE_NOOP) -> None:
-        await (await self._c()).execute(
-            f'SELECT "{SCHEMA}".start_run(gen_random_uuid(), %s, %s, '
-            "'{\"args\": [0.0], \"kwargs\": {}}'::json) FROM generate_series(1, %s)",
-            (WORKFLOW_OF_MODE[mode], QUEUE_NAME, n))
+        await self.app.start_many(WORKFLOW_OF_MODE[mode], [0.0] * n)
 
     async def enqueue_recover(self) -> None:
         await self.app.start("recover")

@@ -62,7 +62,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
                           str(r["queued"]), str(r["suspended"]),
                           "yes" if r["at_limit"] else "no"])
             row_style: list[str | None] = [None] * 5
-            styles.append(row_style + ["yellow" if r["at_limit"] else None])
+            styles.append([*row_style, "yellow" if r["at_limit"] else None])
         print(table(cells, ["KEY", "LIMIT", "RUNNING", "QUEUED", "SUSPENDED", "AT LIMIT"],
                     colour=colour, styles=styles, right=(1, 2, 3, 4)))
     if data["buckets"]:

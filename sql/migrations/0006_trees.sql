@@ -1,5 +1,6 @@
--- pgjournal schema, part 6: run trees (child runs and waits on them), batch
--- start, deadlines, and changing code under running runs (patch markers, forks).
+-- pgjournal schema, part 6: run trees (child runs and waits on them) and
+-- deadlines; the columns and journal kinds later parts use (forks, patch
+-- markers, rate takes).
 --
 -- * A child run records its parent (`parent_run_id`, indexed) and the
 --   parent's journal entry that spawned it (`parent_position`). Its id is
