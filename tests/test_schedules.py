@@ -379,6 +379,8 @@ def test_cli_schedules(pgjournal_dsn: str, pgjournal_schema: str,
     for example in ("schedules pause sweep", "schedules trigger sweep",
                     "schedules backfill sweep --from", "schedules set report"):
         assert example in help_text
+    for line in help_text.split("examples:\n", 1)[1].splitlines():  # as test_cli checks
+        assert not line.strip() or (line.startswith("  ") and not line.startswith("   ")), line
     res = cli("set", "sweep", "*/5 * * * *", "--workflow", "sweep", "--timezone",
               "Europe/Berlin", "--catchup", "all", "--window", "2h", "--kwargs", '{"n": 1}')
     assert res.returncode == 0, res.stderr

@@ -174,8 +174,7 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal schedules trigger sweep              # one run now, outside the slots
             pgjournal schedules backfill sweep --from 2026-12-01T00:00 --to 2026-12-02T00:00
             pgjournal schedules backfill sweep --from 6h --to now
-            pgjournal schedules set report '0 7 * * 1-5' --workflow report \\
-                --timezone Europe/Berlin --catchup latest
+            pgjournal schedules set report '0 7 * * 1-5' --workflow report --timezone Europe/Berlin
             pgjournal schedules set tick '*/10 * * * * *' --workflow tick --catchup skip
             pgjournal schedules delete report
             """, [db, js], cmd_schedules,
