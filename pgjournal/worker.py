@@ -162,6 +162,9 @@ class Worker:
         self._hungry = False
         self.schedules = schedules
         self._scheduler: Scheduler | None = None
+        if schedules:
+            for spec in app.schedules.values():
+                spec.workflow_name(app)  # a schedule on an unregistered function: say so now
 
     @property
     def workflows(self) -> list[str]:

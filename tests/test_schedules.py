@@ -195,6 +195,16 @@ def test_decorator_validates_at_import(pgjournal_app: pgjournal.App) -> None:
         async def wf(run: pgjournal.Run) -> None: ...
 
 
+def test_schedule_on_an_unregistered_function_fails_at_worker_construction(
+        pgjournal_app: pgjournal.App) -> None:
+    @pgjournal_app.schedule("* * * * *", name="orphan")
+    async def orphan(run: pgjournal.Run) -> None: ...
+
+    with pytest.raises(pgjournal.ConfigurationError, match="not registered with this app"):
+        pgjournal.Worker(pgjournal_app)
+    pgjournal.Worker(pgjournal_app, schedules=False)  # fine without the scheduler
+
+
 async def test_declared_schedule_is_upserted_at_worker_start_and_keeps_pause(
         pgjournal_app: pgjournal.App, db: psycopg.Connection[Any]) -> None:
     app = pgjournal_app
