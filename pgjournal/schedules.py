@@ -195,6 +195,13 @@ class CronRule:
         object.__setattr__(self, "seconds_first", seconds_first)
         object.__setattr__(self, "zone", zone)
         object.__setattr__(self, "hourly_or_finer", every_hour)
+        try:
+            self.next_slot(int(datetime.now(UTC).timestamp()))
+        except ConfigurationError:
+            raise
+        except Exception:
+            raise ConfigurationError(f"invalid cron {self.cron!r}: it never matches a date "
+                                     "(e.g. February 30)") from None
 
     # Walls are naive local times, as seconds since 1970-01-01 00:00 local.
 
@@ -509,11 +516,16 @@ class Scheduler:
             "max_recoveries": wf.max_recoveries if wf else row["max_recoveries"],
         }
         try:
-            rule = self._rule(row["cron"], row["timezone"])
-        except ConfigurationError as exc:
-            log.error("schedule %s cannot fire: %s", row["name"], exc)
-            item["error"] = str(exc)
-            return item
+            return self._plan_rule(row, item)
+        except Exception as exc:  # one bad schedule must not stop the others
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, ConfigurationError):
+                text = f"cannot compute its slots: {type(exc).__name__}: {text}"
+            log.error("schedule %s cannot fire: %s", row["name"], text)
+            return {"name": row["name"], "error": text}
+
+    def _plan_rule(self, row: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        rule = self._rule(row["cron"], row["timezone"])
         now = row["db_now"].timestamp()
         slots: list[int] = []
         backfills: list[dict[str, str]] = []

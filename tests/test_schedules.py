@@ -107,6 +107,7 @@ def test_new_york_and_seconds_fields() -> None:
     ("* * *", "UTC", "cron"),
     ("* * * * * * *", "UTC", "cron"),
     ("", "UTC", "cron"),
+    ("0 0 30 2 *", "UTC", "cron"),
     ("* * * * *", "Mars/Olympus", "timezone"),
     ("* * * * *", "", "timezone"),
 ])
