@@ -96,7 +96,7 @@ BEGIN
             quote_nullable(p_name) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_fields := cardinality(regexp_split_to_array(btrim(coalesce(p_cron, '')), '\s+'));
-    IF coalesce(p_cron, '') !~ '^\s*@(yearly|annually|monthly|weekly|daily|midnight|hourly)\s*$'
+    IF coalesce(p_cron, '') !~* '^\s*@(yearly|annually|monthly|weekly|daily|midnight|hourly)\s*$'
        AND (btrim(coalesce(p_cron, '')) = '' OR v_fields NOT IN (5, 6)
             OR p_cron !~ '^[\s0-9A-Za-z*/,?#-]+$') THEN
         RAISE EXCEPTION 'invalid cron %: expected 5 fields (minute hour day month weekday) '
