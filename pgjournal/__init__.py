@@ -21,6 +21,7 @@ from .errors import (
     StepError,
     TerminalError,
     UnknownRun,
+    UnknownSchedule,
     UnknownWorkflow,
 )
 from .migrations import migrate, migration_script
@@ -52,6 +53,7 @@ __all__ = [
     "Store",
     "TerminalError",
     "UnknownRun",
+    "UnknownSchedule",
     "UnknownWorkflow",
     "Worker",
     "Workflow",

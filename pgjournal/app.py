@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from ._sql import validate_identifier
@@ -23,11 +24,13 @@ from .errors import (
     RunFailed,
     SerializationError,
     UnknownRun,
+    UnknownSchedule,
     UnknownWorkflow,
 )
 from .listener import Listener
 from .migrations import migrate
 from .run import DEFAULT_MAX_JOURNAL_BYTES
+from .schedules import DEFAULT_CATCHUP_WINDOW, ScheduleSpec
 from .serializer import DEFAULT_MAX_BYTES, Serializer
 from .store import Store
 
@@ -198,6 +201,7 @@ class App:
         self.max_journal_bytes = max_journal_bytes
         self.poll_interval = poll_interval
         self.workflows: dict[str, Workflow] = {}
+        self.schedules: dict[str, ScheduleSpec] = {}
         self._store: Store | None = None
         self._open_lock: asyncio.Lock | None = None
         self._done_listener: Listener | None = None
@@ -241,6 +245,52 @@ class App:
             self.workflows[wf_name] = Workflow(wf_name, fn, queue, max_attempts, backoff,
                                                timeout, max_recoveries, inspect.signature(fn))
             return fn  # type: ignore[return-value]  # narrowed by iscoroutinefunction
+
+        return register
+
+    def schedule(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str = "UTC",
+        catchup: str = "latest",
+        catchup_window: float | timedelta = DEFAULT_CATCHUP_WINDOW,
+        queue: str | None = None,
+    ) -> Callable[[F], F]:
+        """Start the decorated workflow on a cron schedule: one run per slot.
+
+        Put it above ``@app.workflow()`` (or apply it to a registered
+        workflow function: ``app.schedule("0 * * * *", name="hourly")(fn)``;
+        one workflow may have several schedules, each with its own ``name``,
+        default the workflow's name). ``cron``: 5 fields (minute hour day
+        month weekday), 6 (a seconds field first) or ``@hourly`` etc., in the
+        IANA ``timezone``. ``catchup`` after downtime: ``skip`` (missed slots
+        are not run), ``latest`` (the most recent missed slot runs) or ``all``
+        (every missed slot within ``catchup_window`` seconds). The row is
+        upserted when a worker of this app starts (not at import), keeping a
+        pause set by an operator; see docs/flow-control.md.
+        """
+        from . import schedules as sch
+
+        sch.CronRule(cron, timezone)  # cron and timezone errors at import, naming the field
+        sch.validate_policy(catchup)
+        window = sch.validate_window(catchup_window)
+        if queue is not None:
+            validate_identifier(queue, "queue name")
+        args_json = self.serializer.dumps(list(args), what="schedule args")
+        kwargs_json = self.serializer.dumps(dict(kwargs or {}), what="schedule kwargs")
+
+        def register(fn: F) -> F:
+            found = [w for w in self.workflows.values() if w.fn is fn]
+            sched_name = sch.validate_name(name or (found[0].name if found else fn.__name__))
+            if sched_name in self.schedules and self.schedules[sched_name].fn is not fn:
+                raise ConfigurationError(f"schedule {sched_name!r} is declared twice")
+            self.schedules[sched_name] = sch.ScheduleSpec(
+                sched_name, cron, timezone, catchup, window, args_json, kwargs_json, fn, queue)
+            return fn
 
         return register
 
@@ -637,6 +687,92 @@ class App:
         """Set a queue's concurrency limit (across all workers) and paused flag."""
         await (await self.store()).set_queue(name, concurrency_limit=concurrency_limit,
                                              paused=paused)
+
+    # -- schedules -----------------------------------------------------------
+
+    async def set_schedule(
+        self,
+        name: str,
+        cron: str,
+        workflow: str | Callable[..., Any],
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str = "UTC",
+        catchup: str = "latest",
+        catchup_window: float | timedelta = DEFAULT_CATCHUP_WINDOW,
+        queue: str | None = None,
+        paused: bool = False,
+    ) -> bool:
+        """Create or replace the schedule ``name`` in the database (no code
+        declaration needed; every worker that registered ``workflow`` fires it).
+        A new cron or timezone applies from now on. Cron, timezone and the other
+        settings are checked before any SQL. Returns True if it was created."""
+        from . import schedules as sch
+
+        sch.validate_name(name)
+        rule = sch.CronRule(cron, timezone)
+        sch.validate_policy(catchup)
+        window = sch.validate_window(catchup_window)
+        if callable(workflow):
+            found = [w for w in self.workflows.values() if w.fn is workflow]
+            if not found:
+                raise ConfigurationError(
+                    f"{getattr(workflow, '__name__', workflow)!r} is not registered with "
+                    "this app; decorate it with @app.workflow()")
+            wf_name = found[0].name
+        else:
+            wf_name = workflow
+        wf = self.workflows.get(wf_name)
+        if wf is None and self.workflows:
+            raise UnknownWorkflow(self._unknown_workflow_message(wf_name))
+        queue = validate_identifier(queue or (wf.queue if wf else "default"), "queue name")
+        store = await self.store()
+        return await store.set_schedule(
+            name=name, cron=rule.cron.strip(), workflow=wf_name,
+            args=self.serializer.dumps(list(args), what=f"args of schedule {name!r}"),
+            kwargs=self.serializer.dumps(dict(kwargs or {}), what=f"kwargs of schedule {name!r}"),
+            timezone=timezone, queue=queue, catchup=catchup, catchup_window=window,
+            paused=paused, max_attempts=wf.max_attempts if wf else None,
+            max_recoveries=wf.max_recoveries if wf else None)
+
+    async def pause_schedule(self, name: str) -> None:
+        """Stop firing ``name``; slots while paused are never caught up."""
+        await (await self.store()).schedule_action("pause", name)
+
+    async def resume_schedule(self, name: str) -> None:
+        """Fire ``name`` again, from its next slot after now."""
+        await (await self.store()).schedule_action("resume", name)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Remove ``name`` (its runs stay). A schedule still declared in code comes
+        back when a worker declaring it starts."""
+        await (await self.store()).schedule_action("delete", name)
+
+    async def trigger_schedule(self, name: str) -> RunHandle:
+        """Start one run of the schedule's workflow now, outside its slots."""
+        return RunHandle(self, await (await self.store()).trigger_schedule(name))
+
+    async def backfill_schedule(self, name: str, start: datetime, end: datetime) -> int:
+        """Start the runs of the slots of ``name`` in ``[start, end]`` (aware
+        datetimes) that have none yet; returns how many started."""
+        from . import schedules as sch
+
+        store = await self.store()
+        row = await store.get_schedule(name)
+        if row is None:
+            raise UnknownSchedule(f"schedule {name!r} does not exist")
+        slots = sch.backfill_slots(row["cron"], row["timezone"], start, end)
+        started = await store.backfill_schedule(name, start, end, slots)
+        return int(started or 0)
+
+    async def get_schedule(self, name: str) -> dict[str, Any] | None:
+        """The ``schedule_status`` row of ``name``, or None."""
+        return await (await self.store()).get_schedule(name)
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        """Every schedule's ``schedule_status`` row."""
+        return await (await self.store()).list_schedules()
 
     # -- waiting for results --------------------------------------------------
 

@@ -36,6 +36,10 @@ class UnknownWorkflow(PgJournalError, LookupError):
     """No workflow of that name is registered with the app."""
 
 
+class UnknownSchedule(PgJournalError, LookupError):
+    """No schedule of that name exists in the schema."""
+
+
 class InvalidState(PgJournalError):
     """The run is not in a state that allows the operation (e.g. signal an ended run)."""
 

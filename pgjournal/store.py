@@ -27,6 +27,7 @@ from .errors import (
     InvalidState,
     SchemaNotReady,
     UnknownRun,
+    UnknownSchedule,
 )
 from .migrations import schema_version_check
 from .serializer import Serializer
@@ -57,6 +58,7 @@ class Claim:
 _RETRYABLE = frozenset({
     "schema_version", "request_result", "heartbeat", "get_run", "get_steps", "get_chunks",
     "get_signals", "get_events", "list_runs", "journal_outline", "journal_page", "chunk_page",
+    "schedules_next_due", "get_schedule", "list_schedules",
 })
 
 
@@ -453,3 +455,74 @@ class Store:
         """The newest runs matching every filter given (``parent``: its children)."""
         return await self.fetch("list_runs", status=status, workflow=workflow, queue=queue,
                                 since=since, limit=limit, parent=parent)
+
+    # -- schedules (see pgjournal.schedules) ---------------------------------
+
+    async def _schedule_call(self, query: str, /, **params: Any) -> list[Row]:
+        """A schedule function call; an unknown name is ``UnknownSchedule`` and a
+        value the database refuses is a one-line ``ConfigurationError``."""
+        try:
+            return await self.fetch(query, **params)
+        except psycopg.Error as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if getattr(exc, "sqlstate", None) == "PJS04":
+                raise UnknownSchedule(first) from None
+            if isinstance(exc, pgerr.InvalidParameterValue | pgerr.CheckViolation):
+                raise ConfigurationError(first) from None
+            raise
+
+    async def declare_schedules(self, defs: Sequence[dict[str, Any]]) -> None:
+        await self._schedule_call("declare_schedules", defs=json.dumps(list(defs)))
+
+    async def run_schedule_round(
+        self, workflows: Sequence[str], declared: Sequence[str],
+        plan: Any, *, limit: int = 50,
+    ) -> int:
+        """One scheduler round in one transaction: claim due schedules (skipping
+        rows other rounds hold), ``plan(row)`` each in Python, start the runs and
+        advance the rows. Returns the number of runs started."""
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                rows = await self.fetch_on(conn, "claim_schedules", workflows=list(workflows),
+                                           declared=list(declared), limit=limit)
+                if not rows:
+                    return 0
+                items = [plan(row) for row in rows]
+                out = await self.fetch_on(conn, "fire_schedules", items=json.dumps(items))
+                return int(out[0]["started"]) if out else 0
+        except psycopg.OperationalError as exc:
+            raise translate_error(exc, self.schema) from exc
+
+    async def schedules_next_due(self, workflows: Sequence[str], declared: Sequence[str],
+                                 ) -> tuple[datetime | None, datetime]:
+        row = await self.fetchone("schedules_next_due", workflows=list(workflows),
+                                  declared=list(declared))
+        assert row is not None
+        return row["next_due"], row["db_now"]
+
+    async def set_schedule(self, **params: Any) -> bool:
+        rows = await self._schedule_call("set_schedule", **params)
+        return bool(rows[0]["created"])
+
+    async def schedule_action(self, action: str, name: str) -> None:
+        """``pause``, ``resume`` or ``delete`` the schedule ``name``."""
+        await self._schedule_call(f"{action}_schedule", name=name)
+
+    async def trigger_schedule(self, name: str, idempotency_key: str | None = None) -> UUID:
+        rows = await self._schedule_call("trigger_schedule", name=name,
+                                         idempotency_key=idempotency_key)
+        return UUID(str(rows[0]["run_id"]))
+
+    async def backfill_schedule(self, name: str, start: datetime, end: datetime,
+                                slots: Sequence[datetime] | None) -> int | None:
+        rows = await self._schedule_call("backfill_schedule", name=name, start=start, end=end,
+                                         slots=None if slots is None else list(slots))
+        started = rows[0]["started"]
+        return None if started is None else int(started)
+
+    async def get_schedule(self, name: str) -> Row | None:
+        rows = await self.fetch("get_schedule", name=name)
+        return rows[0] if rows else None
+
+    async def list_schedules(self) -> list[Row]:
+        return await self.fetch("list_schedules")

@@ -34,6 +34,7 @@ from .errors import (
 from .lease import Lease
 from .listener import Listener
 from .run import Abandoned, Run, Suspended, describe_exception
+from .schedules import WAKE_TOPIC, Scheduler
 from .store import Claim, Store
 
 log = logging.getLogger("pgjournal.worker")
@@ -119,7 +120,8 @@ class Worker:
     ``concurrency`` runs at once; ``lease`` seconds without a heartbeat before
     another worker may take a run over (heartbeats every ``lease / 3``).
     ``grace_period``: on stop, how long in-flight runs may finish before their
-    leases are released for others.
+    leases are released for others. ``schedules``: also fire the due schedules
+    of the workflows it registered (see ``pgjournal.schedules``).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Worker:
         poll_interval: float | None = None,
         grace_period: float = 30.0,
         heartbeat_interval: float | None = None,
+        schedules: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -157,6 +160,11 @@ class Worker:
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
+        self.schedules = schedules
+        self._scheduler: Scheduler | None = None
+        if schedules:
+            for spec in app.schedules.values():
+                spec.workflow_name(app)  # a schedule on an unregistered function: say so now
 
     @property
     def workflows(self) -> list[str]:
@@ -175,6 +183,14 @@ class Worker:
         schema, _, queue = payload.partition(":")
         if schema == self.app.schema and queue in self.queues:
             self._wake.set()
+        elif schema == self.app.schema and queue == WAKE_TOPIC and self._scheduler:
+            self._scheduler.wake()
+
+    def _on_listen(self) -> None:
+        """(Re)connected to LISTEN: look again, wake-ups may have been missed."""
+        self._wake.set()
+        if self._scheduler is not None:
+            self._scheduler.wake()
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Serve until ``stop()`` or SIGTERM/SIGINT, then stop gracefully."""
@@ -198,12 +214,17 @@ class Worker:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self.stop)
                     installed.append(sig)
-        listener = Listener(self.app.dsn, "pgjournal_wake", self._on_wake, self._wake.set)
+        listener = Listener(self.app.dsn, "pgjournal_wake", self._on_wake, self._on_listen)
         await listener.start()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="pgjournal-heartbeat")
+        scheduling = self._start_scheduler(store)
         try:
             await self._claim_loop()
         finally:
+            if scheduling is not None:
+                scheduling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await scheduling
             await self._shutdown()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -257,6 +278,13 @@ class Worker:
         """Which queue each served workflow is on (``pgjournal start`` without
         ``--app`` uses it to enqueue a run where a live worker will take it)."""
         return {w.name: w.queue for w in self.app.workflows.values() if w.queue in self.queues}
+
+    def _start_scheduler(self, store: Store) -> asyncio.Task[None] | None:
+        """The task that fires due schedules of this worker's workflows."""
+        if not self.schedules or not self.app.workflows:
+            return None
+        self._scheduler = Scheduler(self.app, store, self.workflows, self.poll_interval)
+        return asyncio.create_task(self._scheduler.run(), name="pgjournal-scheduler")
 
     # -- claiming ------------------------------------------------------------
 

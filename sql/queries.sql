@@ -178,3 +178,45 @@ FROM {schema}.start_runs(
               ORDER BY k.n) END
 ) WITH ORDINALITY AS s(run_id, created, ord)
 WHERE NOT s.created;
+
+-- -- schedules (migration 0010) ----------------------------------------------------
+
+-- name: declare_schedules
+SELECT {schema}.declare_schedules(%(defs)s::json);
+
+-- name: claim_schedules
+SELECT * FROM {schema}.claim_schedules(%(workflows)s, %(declared)s, %(limit)s);
+
+-- name: fire_schedules
+SELECT {schema}.fire_schedules(%(items)s::json) AS started;
+
+-- name: schedules_next_due
+SELECT next_due, db_now FROM {schema}.schedules_next_due(%(workflows)s, %(declared)s);
+
+-- name: set_schedule
+SELECT {schema}.set_schedule(
+    %(name)s, %(cron)s, %(workflow)s, %(args)s::json, %(kwargs)s::json, %(timezone)s,
+    %(queue)s, %(catchup)s, make_interval(secs => %(catchup_window)s), %(paused)s,
+    %(max_attempts)s, %(max_recoveries)s) AS created;
+
+-- name: pause_schedule
+SELECT {schema}.pause_schedule(%(name)s);
+
+-- name: resume_schedule
+SELECT {schema}.resume_schedule(%(name)s);
+
+-- name: delete_schedule
+SELECT {schema}.delete_schedule(%(name)s);
+
+-- name: trigger_schedule
+SELECT {schema}.trigger_schedule(%(name)s, %(idempotency_key)s) AS run_id;
+
+-- name: backfill_schedule
+SELECT {schema}.backfill_schedule(%(name)s, %(start)s, %(end)s, %(slots)s::timestamptz[])
+    AS started;
+
+-- name: get_schedule
+SELECT * FROM {schema}.schedule_status WHERE name = %(name)s;
+
+-- name: list_schedules
+SELECT * FROM {schema}.schedule_status ORDER BY name;

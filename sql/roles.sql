@@ -56,11 +56,14 @@ DECLARE
         'claim_runs', 'go_hungry', 'journal_step', 'append_chunks', 'wait_signal',
         'sleep_until', 'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
         'register_worker', 'stop_worker', 'journal_page', 'chunk_page', 'journal_outline',
-        'note_run_event', 'spawn_runs', 'wait_children', 'take_units'];
+        'note_run_event', 'spawn_runs', 'wait_children', 'take_units',
+        'declare_schedules', 'claim_schedules', 'fire_schedules', 'schedules_next_due'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
         'start_run', 'start_runs', 'send_signal', 'cancel_run', 'retry_run',
-        'request_result', 'set_queue', 'set_concurrency_limit', 'set_rate_limit', 'fork_run'];
+        'request_result', 'set_queue', 'set_concurrency_limit', 'set_rate_limit', 'fork_run',
+        'set_schedule', 'pause_schedule', 'resume_schedule', 'delete_schedule',
+        'trigger_schedule', 'backfill_schedule'];
     v_api text[] := v_worker || v_client;
     v_ns oid := (SELECT n.oid FROM pg_namespace n WHERE n.nspname = {schema_name});
 BEGIN

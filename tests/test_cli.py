@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_APP = "pgjournal._demo_app:app"
 
 COMMANDS = ["migrate", "worker", "start", "runs", "show", "signal", "cancel", "retry",
-            "queues", "workers", "prune", "roles", "dev", "demo", "fork", "limits"]
+            "queues", "workers", "prune", "roles", "dev", "demo", "fork", "limits",
+            "schedules"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

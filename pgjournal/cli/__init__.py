@@ -7,9 +7,10 @@ Every command reaches the database the same way: ``--dsn``, else
 reads the CLI needs beyond the store are named queries in ``sql/cli.sql``
 (``pgjournal._queries``).
 
-One module per command group (``runs``, ``queues``, ``worker``, ``admin``,
-``limits``, ``dev``), each with a ``register`` that adds its subcommands. Errors a user can
-cause print one line on stderr and exit with status 1.
+One module per command group (``runs``, ``queues``, ``limits``, ``schedules``,
+``worker``, ``admin``, ``dev``), each with a ``register`` that adds its
+subcommands. Errors a user can cause print one line on stderr and exit with
+status 1.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import psycopg
 from .. import __version__
 from .._queries import cli_fetch, cli_query, run_query
 from ..errors import PgJournalError
-from . import admin, dev, limits, queues, runs, worker
+from . import admin, dev, limits, queues, runs, schedules, worker
 from ._common import Formatter, db_parent, json_parent
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for group in (admin, worker, runs, queues, limits, dev):
+    for group in (admin, worker, runs, queues, limits, schedules, dev):
         group.register(add, db, js)
     return parser
 
