@@ -18,9 +18,9 @@ import pytest
 from psycopg.rows import dict_row
 
 import pgjournal
+from pgjournal import UnknownSchedule
 from pgjournal.schedules import (
     CronRule,
-    UnknownSchedule,
     backfill_slots,
     plan_round,
 )
