@@ -31,7 +31,8 @@ WHERE status = ANY (%(statuses)s::text[])
 -- suspended); rows a concurrent transaction holds (e.g. a retry) are skipped
 -- and the status is re-checked under the row lock. created_at <= finished_at,
 -- so the created_at bound lets the runs_created index find the old rows.
--- Steps, chunks, signals and events go with their run (ON DELETE CASCADE).
+-- Steps, chunks and signals go with their run (ON DELETE CASCADE), events by
+-- the trigger runs_forget_events (0007).
 WITH doomed AS (
     SELECT id FROM {schema}.runs
     WHERE status = ANY (%(statuses)s::text[])
