@@ -57,6 +57,18 @@ _claimed: OrderedDict[tuple[uuid.UUID, int], tuple[dict[str, str] | None, Any]] 
 _CLAIMED_MAX = 10_000
 
 
+#: A provider given to ``set_tracer_provider`` (else the global one is used).
+_provider: Any = None
+
+
+def set_tracer_provider(provider: Any) -> None:
+    """Make pgjournal use ``provider`` (an OpenTelemetry ``TracerProvider``)
+    instead of the global one; ``None`` goes back to the global provider.
+    For tests, and for processes that keep pgjournal's spans apart."""
+    global _provider
+    _provider = provider
+
+
 def _otel() -> Any:
     """The ``opentelemetry.trace`` module if tracing is on, else None."""
     if _OFF:
@@ -64,6 +76,8 @@ def _otel() -> Any:
     mod = sys.modules.get("opentelemetry.trace")
     if mod is None:
         return None
+    if _provider is not None:
+        return mod
     provider = mod.get_tracer_provider()
     if isinstance(provider, mod.ProxyTracerProvider | mod.NoOpTracerProvider):
         return None  # the API alone: no provider was configured
@@ -78,7 +92,7 @@ def enabled() -> bool:
 def _tracer(otel: Any) -> Any:
     from . import __version__
 
-    return otel.get_tracer(TRACER_NAME, __version__)
+    return otel.get_tracer(TRACER_NAME, __version__, tracer_provider=_provider)
 
 
 def _propagator() -> Any:
@@ -178,7 +192,8 @@ async def _claim(otel: Any, store: Store, coro: Awaitable[list[Claim]]) -> list[
         attributes={"pgjournal.queue": sorted({c.queue for c in claims}),
                     "pgjournal.claimed": len(claims)})
     try:
-        with otel.use_span(span, end_on_exit=False):
+        with otel.use_span(span, end_on_exit=False, record_exception=False,
+                          set_status_on_exception=False):
             contexts = await _read_contexts(store, [c.run_id for c in claims])
     finally:
         span.end()
@@ -289,7 +304,8 @@ async def _call(otel: Any, kind: str, fn: Callable[..., Awaitable[T]], run: Run,
                                     attributes=_call_attributes(run, kind, name, occurrence))
     token = _call_span.set(span)
     try:
-        with otel.use_span(span, end_on_exit=False):
+        with otel.use_span(span, end_on_exit=False, record_exception=False,
+                          set_status_on_exception=False):
             return await fn(run, *args, **kwargs)
     except BaseException as exc:
         _end_with_exception(otel, span, exc)
