@@ -189,7 +189,7 @@ async def _claim(otel: Any, store: Store, coro: Awaitable[list[Claim]]) -> list[
         return claims  # an idle poll: no span
     span = _tracer(otel).start_span(
         "pgjournal.claim", context=_empty_context(), start_time=began,
-        attributes={"pgjournal.queue": sorted({c.queue for c in claims}),
+        attributes={"pgjournal.queues": sorted({c.queue for c in claims}),
                     "pgjournal.claimed": len(claims)})
     try:
         with otel.use_span(span, end_on_exit=False, record_exception=False,

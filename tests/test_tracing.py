@@ -195,6 +195,30 @@ async def test_children_stream_and_sleep_share_the_trace(
     assert attrs(stream)["pgjournal.replayed"] is False
 
 
+async def test_start_many_is_one_span_parenting_every_run(
+        pgjournal_app: pgjournal.App,
+        provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    prov, exporter = provider
+    app = pgjournal_app
+
+    @app.workflow()
+    async def square(run: pgjournal.Run, x: int) -> int:
+        return await run.step("square", lambda: x * x)  # type: ignore[no-any-return]
+
+    with prov.get_tracer("test").start_as_current_span("caller"):
+        handles = await app.start_many("square", [1, 2, 3])
+    async with serving(app):
+        assert [await h.result(timeout=15) for h in handles] == [1, 4, 9]
+    spans = list(exporter.get_finished_spans())
+    (start,) = by_name(spans, "pgjournal.start")
+    assert attrs(start)["pgjournal.runs"] == 3
+    runs = by_name(spans, "pgjournal.run square")
+    assert sorted(attrs(r)["pgjournal.run_id"] for r in runs) == \
+        sorted(str(h.run_id) for h in handles)
+    assert all(r.parent is not None and r.parent.span_id == start.context.span_id
+               for r in runs)
+
+
 def test_pgjournal_runs_without_opentelemetry(pgjournal_dsn: str,
                                               pgjournal_schema: str) -> None:
     """With ``opentelemetry`` not importable, pgjournal imports and runs a workflow;
