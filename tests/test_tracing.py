@@ -195,6 +195,41 @@ async def test_children_stream_and_sleep_share_the_trace(
     assert attrs(stream)["pgjournal.replayed"] is False
 
 
+async def test_stream_cut_short_then_replayed(
+        pgjournal_app: pgjournal.App,
+        provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    _prov, exporter = provider
+    app = pgjournal_app
+    produced: list[int] = []
+
+    async def numbers() -> Any:
+        for i in range(5):
+            produced.append(i)
+            yield i
+
+    @app.workflow()
+    async def cut(run: pgjournal.Run) -> Any:
+        got = []
+        async for n in run.stream_step("nums", numbers):
+            got.append(n)
+            if n == 1:
+                break
+        await run.wait_signal("go")
+        return got
+
+    handle = await app.start("cut")
+    async with serving(app):
+        await wait_for(lambda: _status_is(handle, "suspended"), 15, what="suspension")
+        await app.signal(handle.run_id, "go")
+        assert await handle.result(timeout=15) == [0, 1]
+    assert produced[:2] == [0, 1] and len(produced) <= 3  # not called again on replay
+    streams = by_name(list(exporter.get_finished_spans()), "pgjournal.stream nums")
+    assert [(attrs(s)["pgjournal.replayed"], attrs(s)["pgjournal.stream.chunks"])
+            for s in streams] == [(False, 2), (True, 2)]
+    assert attrs(streams[0]).get("pgjournal.stream.cut") is True
+    assert all(s.status.status_code is StatusCode.UNSET for s in streams)
+
+
 async def test_start_many_is_one_span_parenting_every_run(
         pgjournal_app: pgjournal.App,
         provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
