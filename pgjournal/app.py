@@ -33,6 +33,7 @@ from .run import DEFAULT_MAX_JOURNAL_BYTES
 from .schedules import DEFAULT_CATCHUP_WINDOW, ScheduleSpec
 from .serializer import DEFAULT_MAX_BYTES, Serializer
 from .store import Store
+from .tracing import start as traced_start
 
 log = logging.getLogger("pgjournal")
 
@@ -428,7 +429,7 @@ class App:
         input_json = self.serializer.dumps({"args": list(args), "kwargs": kwargs},
                                            what=f"input of workflow {target.name!r}")
         store = await self.store()
-        run_id, _created = await store.start_run(
+        run_id, _created = await traced_start(store.start_run,
             uuid.uuid4(), target.name, target.queue, input_json, priority=priority,
             delay=delay or 0.0, idempotency_key=idempotency_key,
             max_attempts=target.max_attempts, max_recoveries=target.max_recoveries,
@@ -533,7 +534,7 @@ class App:
                 payload["kwargs"] = dict(kw)
         inputs = self._dump_inputs(target.name, payloads)
         store = await self.store()
-        started = await store.start_runs(
+        started = await traced_start(store.start_runs,
             _new_run_ids(n), target.name, target.queue, inputs, priority=priority,
             delay=delay or 0.0, idempotency_keys=keys,
             max_attempts=target.max_attempts, max_recoveries=target.max_recoveries,

@@ -45,6 +45,7 @@ from .errors import (
     SerializationError,
     TerminalError,
 )
+from .tracing import replayed, traced, traced_stream
 
 if TYPE_CHECKING:
     from .serializer import Serializer
@@ -331,6 +332,7 @@ class Run:
     async def _await_replay_turn(self, turn: int | None, calls_before: int | None,
                                  what: str) -> None:
         """Hand a journaled result back only when its turn comes (see module doc)."""
+        replayed()
         if turn is None:
             return  # journaled before turns existed: in call order, as it was
         stalled_since = time.monotonic()
@@ -481,6 +483,7 @@ class Run:
 
     # -- the workflow API ------------------------------------------------------------------
 
+    @traced("step")
     async def step(self, name: str, fn: Callable[..., Any], *args: Any, retries: int = 0,
                    backoff: float = 1.0, rate: RateSpec | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and journal its result.
@@ -570,6 +573,7 @@ class Run:
             self._skipped.add(entry["turn"])
             self._progress()
 
+    @traced_stream
     def stream_step(self, name: str, fn: Callable[..., AsyncIterator[Any]], *args: Any,
                     **kwargs: Any) -> AsyncIterator[Any]:
         """Yield the chunks of the async iterator ``fn(*args, **kwargs)`` as they come,
@@ -590,6 +594,7 @@ class Run:
                 await stream.journal_cut(final=True)
         await self._markers_durable()  # before the run is completed or failed
 
+    @traced("signal")
     async def wait_signal(self, name: str, timeout: float | None = None) -> Any:
         """The payload of the next signal ``name`` sent to this run.
 
@@ -638,6 +643,7 @@ class Run:
             if not gate.done():
                 self._open_gate(gate)
 
+    @traced("sleep")
     async def sleep(self, name: str, seconds: float) -> None:
         """A durable timer: the run is suspended (no worker held) until it is due."""
         position, occurrence = self._call(name)
@@ -727,6 +733,7 @@ class Run:
         position, occurrence = self._call(f"rate:{bucket}")
         return position, occurrence, bucket, units
 
+    @traced("rate")
     async def _take_units(self, position: int, occurrence: int, bucket: str,
                           units: float) -> None:
         """Take ``units`` from ``bucket`` (journaled, with the time they are ready),
@@ -860,6 +867,7 @@ class Run:
         return await self._spawn(workflow, calls, queue=queue, keys=keys, timeout=timeout,
                                  concurrency_key=concurrency_key)
 
+    @traced("spawn")
     async def _spawn(self, workflow: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                      *, queue: str | None, keys: list[str] | None,
                      timeout: float | None, concurrency_key: str | None) -> list[ChildRun]:
@@ -955,6 +963,7 @@ class Run:
                                                raise_failures=True)
         child._settle(outcome)
 
+    @traced("children")
     async def _wait_children(self, name: str, kids: list[ChildRun], mode: str,
                              cancel_rest: bool, *, raise_failures: bool) -> Any:
         """Journal the outcomes of ``kids`` once the wait is over, suspending the run

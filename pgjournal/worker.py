@@ -36,6 +36,8 @@ from .listener import Listener
 from .run import Abandoned, Run, Suspended, describe_exception
 from .schedules import WAKE_TOPIC, Scheduler
 from .store import Claim, Store
+from .tracing import attempt as traced_attempt
+from .tracing import claim as traced_claim
 
 log = logging.getLogger("pgjournal.worker")
 
@@ -297,15 +299,15 @@ class Worker:
                 self._wake.clear()
                 try:
                     sent = time.monotonic()
-                    got = self._spawn_all(await self._store.claim(
-                        self.id, self.queues, free, self.lease, workflows=self.workflows), sent)
+                    got = self._spawn_all(await traced_claim(self._store, self._store.claim(
+                        self.id, self.queues, free, self.lease, workflows=self.workflows)), sent)
                     if got < free and not self._hungry:
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
                         sent = time.monotonic()
-                        got += self._spawn_all(await self._store.claim(
+                        got += self._spawn_all(await traced_claim(self._store, self._store.claim(
                             self.id, self.queues, free - got, self.lease, hungry=True,
-                            workflows=self.workflows), sent)
+                            workflows=self.workflows)), sent)
                         self._hungry = got < free
                     elif got == free:
                         self._hungry = False
@@ -400,7 +402,7 @@ class Worker:
                 try:
                     async with asyncio.timeout(wf.timeout):
                         await run.prepare()  # the outline run.patched() needs
-                        output = await wf.fn(run, *args, **kwargs)
+                        output = await traced_attempt(run, wf.fn(run, *args, **kwargs))
                 finally:
                     await run.settle()
             except BaseExceptionGroup as group:
