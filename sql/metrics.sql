@@ -1,0 +1,61 @@
+-- The statements behind the database-wide gauges of `pgjournal metrics` and
+-- `pgjournal.metrics.collect(app)`, by name, in the format of cli.sql:
+-- {schema} is replaced by the quoted schema identifier; values are bind
+-- parameters. One statement per name, each read through partial or small
+-- indexes so a scrape costs the same however long the history grows (no
+-- count over finished runs). bench/metrics_cost.py measures each one on a
+-- schema holding 1,000,000 finished runs; docs/observability.md has the numbers.
+
+-- name: queues
+-- Per queue, the queue_depth view (docs/dba.md): unfinished runs only, through
+-- runs_unfinished_status; the oldest claimable run's age is the queue's lag.
+SELECT queue, queued_due, delayed, running, expired_leases, suspended, claimable,
+       coalesce(extract(epoch FROM oldest_due_age), 0)::float8 AS oldest_due_seconds,
+       concurrency_limit, paused
+FROM {schema}.queue_depth
+ORDER BY queue;
+
+-- name: recent
+-- Status transitions in the last %(window)s seconds, per queue, from the
+-- event log through its index on `at` (run_events_at): runs that ended, by
+-- their final status, and lease takeovers (a running run claimed again with a
+-- new epoch: a crash recovery, or an interruption after a server restart).
+-- Reads only the window's events (and their runs by primary key).
+SELECT r.queue,
+       CASE WHEN e.to_status = 'running' THEN 'takeover' ELSE e.to_status END AS kind,
+       count(*) AS n
+FROM {schema}.run_events e
+JOIN {schema}.runs r ON r.id = e.run_id
+WHERE e.at > now() - make_interval(secs => %(window)s)
+  AND (e.to_status IN ('completed', 'failed', 'cancelled', 'dead')
+       AND e.from_status IS DISTINCT FROM e.to_status
+       OR e.from_status = 'running' AND e.to_status = 'running'
+          AND e.detail IS NULL)
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: workers
+-- Registered workers by state, their slots (concurrency) and the runs they
+-- hold: the worker_health view (the workers table, and running runs through
+-- runs_running / runs_unfinished_status). Stopped workers are forgotten after a day.
+SELECT state, count(*) AS workers,
+       coalesce(sum(concurrency), 0)::bigint AS slots,
+       coalesce(sum(runs_held), 0)::bigint AS busy
+FROM {schema}.worker_health
+GROUP BY state
+ORDER BY state;
+
+-- name: concurrency_keys
+-- Concurrency keys with unfinished runs, and how many of them are at their
+-- limit (the concurrency_keys view: runs_key_running, runs_key_waiting).
+-- Counted, not listed: keys are often tenants, too many for labels.
+SELECT count(*) AS keys,
+       count(*) FILTER (WHERE at_limit) AS at_limit,
+       coalesce(sum(queued), 0)::bigint AS queued_behind
+FROM {schema}.concurrency_keys;
+
+-- name: rate_buckets
+-- Every rate bucket (a small table): capacity and units available now.
+SELECT name, capacity, available
+FROM {schema}.rate_limits
+ORDER BY name;
