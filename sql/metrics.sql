@@ -46,13 +46,23 @@ GROUP BY state
 ORDER BY state;
 
 -- name: concurrency_keys
--- Concurrency keys with unfinished runs, and how many of them are at their
--- limit (the concurrency_keys view: runs_key_running, runs_key_waiting).
--- Counted, not listed: keys are often tenants, too many for labels.
+-- Concurrency keys with unfinished runs, how many of them are at their limit,
+-- and the queued runs that carry a key: what the concurrency_keys view says,
+-- counted, not listed (keys are often tenants, too many for labels). One pass
+-- over the unfinished runs (runs_unfinished_status) and one key_limit() call
+-- per key, where the view calls it twice and counts each key's runs apart.
+WITH k AS (
+    SELECT r.concurrency_key AS key,
+           count(*) FILTER (WHERE r.status = 'running' AND r.due_at > now()) AS running,
+           count(*) FILTER (WHERE r.status = 'queued') AS queued
+    FROM {schema}.runs r
+    WHERE r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'suspended')
+    GROUP BY r.concurrency_key
+)
 SELECT count(*) AS keys,
-       count(*) FILTER (WHERE at_limit) AS at_limit,
-       coalesce(sum(queued), 0)::bigint AS queued_behind
-FROM {schema}.concurrency_keys;
+       count(*) FILTER (WHERE k.running >= {schema}.key_limit(k.key)) AS at_limit,
+       coalesce(sum(k.queued), 0)::bigint AS queued_behind
+FROM k;
 
 -- name: rate_buckets
 -- Every rate bucket (a small table): capacity and units available now.
