@@ -20,19 +20,22 @@ ORDER BY queue;
 -- event log through its index on `at` (run_events_at): runs that ended, by
 -- their final status, and lease takeovers (a running run claimed again with a
 -- new epoch: a crash recovery, or an interruption after a server restart).
--- Reads only the window's events (and their runs by primary key).
-SELECT r.queue,
-       CASE WHEN e.to_status = 'running' THEN 'takeover' ELSE e.to_status END AS kind,
-       count(*) AS n
-FROM {schema}.run_events e
-JOIN {schema}.runs r ON r.id = e.run_id
-WHERE e.at > now() - make_interval(secs => %(window)s)
-  AND (e.to_status IN ('completed', 'failed', 'cancelled', 'dead')
-       AND e.from_status IS DISTINCT FROM e.to_status
-       OR e.from_status = 'running' AND e.to_status = 'running'
-          AND e.detail IS NULL)
-GROUP BY 1, 2
-ORDER BY 1, 2;
+-- Reads only the window's events, and each one's run by primary key (a
+-- correlated lookup, so the plan never turns into a scan of runs).
+SELECT e.queue, e.kind, count(*) AS n
+FROM (
+    SELECT (SELECT r.queue FROM {schema}.runs r WHERE r.id = ev.run_id) AS queue,
+           CASE WHEN ev.to_status = 'running' THEN 'takeover' ELSE ev.to_status END AS kind
+    FROM {schema}.run_events ev
+    WHERE ev.at > now() - make_interval(secs => %(window)s)
+      AND (ev.to_status IN ('completed', 'failed', 'cancelled', 'dead')
+           AND ev.from_status IS DISTINCT FROM ev.to_status
+           OR ev.from_status = 'running' AND ev.to_status = 'running'
+              AND ev.detail IS NULL)
+) AS e
+WHERE e.queue IS NOT NULL
+GROUP BY e.queue, e.kind
+ORDER BY e.queue, e.kind;
 
 -- name: workers
 -- Registered workers by state, their slots (concurrency) and the runs they
