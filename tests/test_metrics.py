@@ -290,6 +290,10 @@ def test_cli_help_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--port" in out and "--host" in out and "127.0.0.1" in out
+    assert "examples:" in out and "pgjournal metrics --once" in out
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    assert "--metrics-port" in capsys.readouterr().out
     args = build_parser().parse_args(["metrics"])
     assert (args.host, args.port) == ("127.0.0.1", 9464)
     args = build_parser().parse_args(["worker", "m:app", "--metrics-port", "9100"])
