@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -333,3 +334,32 @@ def test_cli_once_and_bad_port(pgjournal_dsn: str, pgjournal_schema: str) -> Non
     assert value(parse(res.stdout), "pgjournal_recent_window_seconds") == 300
     res = cli("--port", "70000")
     assert res.returncode == 1 and "is not a TCP port" in res.stderr
+
+
+def test_cli_worker_serves_its_counters(pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PGJOURNAL_DSN", "PGJOURNAL_SCHEMA")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgjournal", "worker", "pgjournal._demo_app:app", "--dsn",
+         pgjournal_dsn, "--schema", pgjournal_schema, "--queue", "agents", "--concurrency",
+         "2", "--metrics-port", "0"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = threading.Timer(30, proc.kill)  # a worker that never says so: fail, not hang
+    deadline.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serves metrics on" in line or len(lines) > 50:
+                break
+        assert "serves metrics on http://127.0.0.1:" in line, "".join(lines)
+        url = line.split(" on ", 1)[1].split()[0]
+        status, ctype, body = get(url)
+        assert status == 200 and ctype == CONTENT_TYPE
+        m = parse(body)
+        assert value(m, "pgjournal_worker_slots", state="free") == 2
+        assert value(m, "pgjournal_worker_slots", state="busy") == 0
+    finally:
+        deadline.cancel()
+        proc.terminate()
+        proc.wait(20)
