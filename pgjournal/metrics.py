@@ -325,7 +325,8 @@ class WorkerMetrics:
         """A write of this worker was fenced off (the run is no longer ours)."""
         if status == "database unavailable":
             return  # not a fencing: the database went away
-        reason = status if status in ("cancelled", "deleted") else "lost"
+        what = status.removeprefix("lost:").removeprefix("now ")
+        reason = next((r for r in ("cancelled", "deleted") if what.startswith(r)), "lost")
         self._bump(self.fenced, reason)
 
     def claim_latency(self, seconds: float) -> None:

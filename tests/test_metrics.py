@@ -78,6 +78,17 @@ def test_text_format_round_trips_through_the_reference_parser() -> None:
     assert not any(name == "empty" for name, _ in samples)
 
 
+def test_fencing_reasons_are_classified() -> None:
+    from pgjournal.metrics import WorkerMetrics
+
+    m = WorkerMetrics(1, lambda: 0)
+    for status in ("cancelled", "now cancelled, before its failure was recorded", "deleted",
+                   "lease not renewed in time", "now running", "lost before completion",
+                   "database unavailable"):
+        m.lease_lost(status)
+    assert m.fenced == {"cancelled": 2, "deleted": 1, "lost": 3}
+
+
 def _setup_known_runs(dsn: str, schema: str) -> dict[str, uuid.UUID]:
     """Queues mq (2 due, the oldest due 60 s ago; 1 delayed), mr (1 running;
     1 completed, 1 failed, 1 cancelled), ms (1 suspended), mk (a key at its
