@@ -33,6 +33,7 @@ from .errors import (
 )
 from .lease import Lease
 from .listener import Listener
+from .metrics import DEFAULT_HOST, WorkerMetrics, bound_address, serve_metrics
 from .run import Abandoned, Run, Suspended, describe_exception
 from .schedules import WAKE_TOPIC, Scheduler
 from .store import Claim, Store
@@ -124,6 +125,9 @@ class Worker:
     ``grace_period``: on stop, how long in-flight runs may finish before their
     leases are released for others. ``schedules``: also fire the due schedules
     of the workflows it registered (see ``pgjournal.schedules``).
+    ``metrics_port``: serve this worker's own counters (``self.metrics``) in
+    the Prometheus text format on ``metrics_host:metrics_port`` (0: a free port,
+    see ``metrics_address``) while it runs.
     """
 
     def __init__(
@@ -137,6 +141,8 @@ class Worker:
         grace_period: float = 30.0,
         heartbeat_interval: float | None = None,
         schedules: bool = True,
+        metrics_port: int | None = None,
+        metrics_host: str = DEFAULT_HOST,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -164,6 +170,10 @@ class Worker:
         self._hungry = False
         self.schedules = schedules
         self._scheduler: Scheduler | None = None
+        self.metrics = WorkerMetrics(concurrency, lambda: len(self._inflight))
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        #: (host, port) of the metrics endpoint while it is served.
+        self.metrics_address: tuple[str, int] | None = None
         if schedules:
             for spec in app.schedules.values():
                 spec.workflow_name(app)  # a schedule on an unregistered function: say so now
@@ -196,6 +206,24 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Serve until ``stop()`` or SIGTERM/SIGINT, then stop gracefully."""
+        if self.metrics_port is None:
+            await self._serve(handle_signals)
+            return
+
+        async def body() -> str:
+            return self.metrics.render()
+
+        server = await serve_metrics(body, port=self.metrics_port, host=self.metrics_host)
+        self.metrics_address = bound_address(server)
+        log.info("worker %s serves metrics on http://%s:%d/metrics", self.id,
+                 *self.metrics_address)
+        try:
+            await self._serve(handle_signals)
+        finally:
+            server.close()
+            self.metrics_address = None
+
+    async def _serve(self, handle_signals: bool) -> None:
         self.app._claim_connections(self.id, self.concurrency)
         try:
             store = await self._start_up()
@@ -299,15 +327,19 @@ class Worker:
                 self._wake.clear()
                 try:
                     sent = time.monotonic()
-                    got = self._spawn_all(await traced_claim(self._store, self._store.claim(
-                        self.id, self.queues, free, self.lease, workflows=self.workflows)), sent)
+                    claims = await traced_claim(self._store, self._store.claim(
+                        self.id, self.queues, free, self.lease, workflows=self.workflows))
+                    self.metrics.claim_latency(time.monotonic() - sent)
+                    got = self._spawn_all(claims, sent)
                     if got < free and not self._hungry:
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
                         sent = time.monotonic()
-                        got += self._spawn_all(await traced_claim(self._store, self._store.claim(
+                        claims = await traced_claim(self._store, self._store.claim(
                             self.id, self.queues, free - got, self.lease, hungry=True,
-                            workflows=self.workflows)), sent)
+                            workflows=self.workflows))
+                        self.metrics.claim_latency(time.monotonic() - sent)
+                        got += self._spawn_all(claims, sent)
                         self._hungry = got < free
                     elif got == free:
                         self._hungry = False
@@ -340,6 +372,7 @@ class Worker:
         # after a pause of this process may already be past its lease.
         lease = Lease(claim.run_id, claim.epoch, self.lease, sent_at=sent_at,
                       confirm=self._confirm, margin=self._margin())
+        self.metrics.run_claimed(claim.workflow)
         task = asyncio.create_task(self._execute(claim, lease), name=f"run:{claim.run_id}")
         self._inflight[claim.run_id] = (task, claim.epoch)
         self._leases[claim.run_id] = lease
@@ -362,6 +395,7 @@ class Worker:
         status = await self._store.fail_run(claim.run_id, claim.epoch,
                                             error or describe_exception(exc),
                                             delay=delay, terminal=terminal)
+        self.metrics.run_failed(claim.workflow, status)
         if status == "queued":
             log.warning("run %s (%s) attempt %d raised %s: %s; retrying in %.1fs",
                         claim.run_id, claim.workflow, claim.attempt, type(exc).__name__,
@@ -388,7 +422,8 @@ class Worker:
             try:
                 data = self.app.serializer.loads(claim.input)
                 args, kwargs = list(data.get("args", [])), dict(data.get("kwargs", {}))
-                run = Run(store, self.app.serializer, claim, lease=lease,
+                run = Run(self.metrics.timed(store, claim), self.app.serializer, claim,
+                          lease=lease,
                           max_journal_bytes=self.app.max_journal_bytes,
                           child_settings=self.app._child_settings)
                 wf.signature.bind(run, *args, **kwargs)
@@ -411,12 +446,14 @@ class Worker:
                 if found is None:
                     raise
                 if isinstance(found, Suspended):
+                    self.metrics.run_suspended(claim.workflow)
                     self._timer_wake(found.until, run)
                 else:
                     self._log_abandoned(claim, found.status)
                 return
             except Suspended as s:
                 log.debug("run %s suspended until %s", claim.run_id, s.until)
+                self.metrics.run_suspended(claim.workflow)
                 self._timer_wake(s.until, run)
                 return
             except Abandoned as a:
@@ -452,6 +489,7 @@ class Worker:
                 await self._fail(claim, exc, terminal=True, wf=wf)
                 return
             if completed:
+                self.metrics.run_completed(claim.workflow)
                 log.debug("run %s completed", claim.run_id)
             else:
                 self._log_abandoned(claim, "lost before completion")
@@ -464,6 +502,7 @@ class Worker:
         if key in self._lost_logged:
             return  # one line per run and lease
         self._lost_logged.add(key)
+        self.metrics.lease_lost(status)
         if status == "cancelled":
             log.info("run %s was cancelled; stopped at a step boundary", claim.run_id)
         elif status == "deleted":
@@ -602,6 +641,7 @@ class Worker:
         if key in self._lost_logged:
             return
         self._lost_logged.add(key)
+        self.metrics.lease_lost(status)
         if status == "cancelled":
             log.info("run %s was cancelled; stopping it", run_id)
         elif status == "deleted":

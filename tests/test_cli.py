@@ -26,7 +26,7 @@ DEMO_APP = "pgjournal._demo_app:app"
 
 COMMANDS = ["migrate", "worker", "start", "runs", "show", "signal", "cancel", "retry",
             "queues", "workers", "prune", "roles", "dev", "demo", "fork", "limits",
-            "schedules"]
+            "schedules", "metrics"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -37,8 +37,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise fail("--lease must be positive")
     for q in args.queue or []:
         validate_identifier(q, "queue name")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise fail(f"--metrics-port {args.metrics_port} is not a TCP port (0-65535)")
     worker = Worker(app, queues=args.queue or None, concurrency=args.concurrency,
-                    lease=args.lease, grace_period=args.grace)
+                    lease=args.lease, grace_period=args.grace,
+                    metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
     async def serve(app: App) -> None:
         await worker.run()
@@ -101,6 +104,12 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
     p.add_argument("--grace", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight runs may finish before their leases "
                         "are released (default 30)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve this worker's own counters (runs claimed/completed/failed, "
+                        "step durations, claim latency, lost leases, slots) for Prometheus "
+                        "on PORT (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default 127.0.0.1: this host only)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log level on stderr (default info)")
