@@ -138,3 +138,18 @@ def spawn_worker(pgjournal_dsn: str, pgjournal_schema: str,
             os.kill(wp.proc.pid, signal.SIGCONT)
             wp.kill()
             wp.proc.wait(10)
+
+
+#: Modules whose tests start servers of their own and never use the session's.
+_OWN_SERVER_MODULES = {"test_chaos", "test_demo", "test_embedded"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``own_server`` the tests that never touch the session's server (they
+    start throwaway servers of their own): CI's second pass, on the machine's
+    existing server, leaves them out, since they would only repeat the first."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in _OWN_SERVER_MODULES or \
+                "pgjournal_server_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.own_server)
