@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..app import App
 
 #: The packages of the ``dashboard`` extra, by import name.
-REQUIRED = ("starlette", "jinja2", "sse_starlette", "uvicorn")
+REQUIRED = ("starlette", "jinja2", "sse_starlette", "uvicorn", "python_multipart")
 INSTALL_HINT = "pip install 'pgjournal[dashboard]'"
 
 

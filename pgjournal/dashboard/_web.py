@@ -29,8 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._output import between, compact, human_seconds, shorten, to_json
 from ..app import App
 from ..connect import mask_dsn, open_pool
-from ..errors import PgJournalError
-from ..errors import SerializationError
+from ..errors import PgJournalError, SerializationError
 from ..store import translate_error
 from . import _security as sec
 from ._data import (
@@ -194,7 +193,6 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,  # every value is escaped; step outputs are user data
-        undefined=jinja2.StrictUndefined,
     )
     env.filters.update(local=_local, ago=_ago, compact=compact, pretty=_pretty,
                        error=_error, took=_took, interval=_interval, cell=_cell, fp=fingerprint)

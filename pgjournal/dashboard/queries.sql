@@ -51,7 +51,7 @@ LIMIT %(limit)s;
 -- name: filter_choices
 -- Values offered in the filter form's lists (from unfinished runs, settings
 -- and live workers, so it stays cheap however long the history is).
-SELECT 'queue' AS kind, name AS value FROM {schema}.queue_depth
+SELECT 'queue' AS kind, queue AS value FROM {schema}.queue_depth
 UNION
 SELECT 'workflow', jsonb_object_keys(w.workflow_queues) FROM {schema}.worker_health w
 WHERE w.state = 'alive' AND w.workflow_queues IS NOT NULL
