@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -21,12 +22,14 @@ import pytest
 pytest.importorskip("starlette", reason="the dashboard extra is not installed")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
-from starlette.testclient import TestClient  # noqa: E402
+with warnings.catch_warnings():  # starlette 1.x would rather have httpx2
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
 
-import pgjournal  # noqa: E402
-from pgjournal.dashboard import create_app  # noqa: E402
+import pgjournal
+from pgjournal.dashboard import create_app
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT
 
 TOKEN = "t0ken-for-tests"
 ORIGIN = "http://testserver"

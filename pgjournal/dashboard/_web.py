@@ -335,7 +335,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         children = await dash.fetch("children", run=run_id, limit=CHILDREN_SHOWN)
         counts = {r["status"]: r["n"] for r in await dash.fetch("children_counts", run=run_id)}
         run["last_position"] = steps[-1]["position"] if steps else None
-        return render(request, "run.html", page="runs", run=run, steps=steps, chunks=chunks,
+        return render(request, "run.html", page="run", run=run, steps=steps, chunks=chunks,
                       children=children, children_counts=counts,
                       children_total=sum(counts.values()),
                       signals=await dash.fetch("signals", run=run_id),
@@ -430,8 +430,8 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             rows = await dash.act([("retry", {"run": run}), note(request, sess, run, "retry")])
         except PgJournalError as exc:
             return redirect(request, back, f"not retried: {exc}", error=True)
-        return redirect(request, back, f"run {rows[0]['status']} again (attempt n+1; "
-                        "journaled steps are kept)")
+        return redirect(request, back, f"run {rows[0]['status']} again (a new attempt; its "
+                        "journaled steps are kept, not redone)")
 
     @action
     async def cancel(request: Request, sess: sec.Session, form: Any) -> Response:
