@@ -23,7 +23,7 @@ pytest.importorskip("starlette", reason="the dashboard extra is not installed")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 import pgjournal

@@ -38,7 +38,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 import pgjournal  # noqa: E402
 from pgjournal.dashboard import create_app  # noqa: E402
 
-from .conftest import ROOT, serving  # noqa: E402
+from .conftest import ROOT, serving, wait_for  # noqa: E402
 from .test_dashboard import (  # noqa: E402
     TOKEN,
     XSS_ATTR,
@@ -101,8 +101,11 @@ class Server:
                                                timeout_graceful_shutdown=1))
         async with serving(self.app, concurrency=4, lease=5):
             task = asyncio.create_task(server.serve(sockets=[self.sock]))
-            while not server.started:
-                await asyncio.sleep(0.02)
+
+            async def started() -> bool:
+                return bool(server.started)
+
+            await wait_for(started, 30, 0.02, "the dashboard to listen")
             self._ready.set()
             await self._stop.wait()
             server.should_exit = True
