@@ -31,7 +31,6 @@ from ..app import App
 from ..connect import mask_dsn, open_pool
 from ..errors import PgJournalError, SerializationError
 from ..store import translate_error
-from . import _security as sec
 from ._data import (
     BULK_LIMIT,
     CANCELLABLE,
@@ -45,6 +44,7 @@ from ._data import (
     query,
 )
 from ._live import Live, Subscriber
+from ._security import COOKIE, Session, new_cookie, read_cookie, same_origin, token_matches
 
 log = logging.getLogger("pgjournal.dashboard")
 HERE = Path(__file__).parent
@@ -233,8 +233,8 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
 
-    def session(request: Request) -> sec.Session | None:
-        return sec.read_cookie(dash.token, request.cookies.get(sec.COOKIE))
+    def session(request: Request) -> Session | None:
+        return read_cookie(dash.token, request.cookies.get(COOKIE))
 
     def render(request: Request, name: str, status_code: int = 200,
                **context: Any) -> Response:
@@ -261,13 +261,13 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                                 max_age=60)
         return response
 
-    async def check_post(request: Request) -> tuple[sec.Session, Any]:
+    async def check_post(request: Request) -> tuple[Session, Any]:
         """The session of an allowed POST and its form; ``Forbidden`` otherwise."""
         if dash.read_only:
             raise Forbidden("this dashboard is read-only" + (
                 "" if dash.token else " (no token configured: set "
                 "PGJOURNAL_DASHBOARD_TOKEN or --token)"))
-        if not sec.same_origin(dict(request.headers), request.url.scheme,
+        if not same_origin(dict(request.headers), request.url.scheme,
                                request.headers.get("host", "")):
             raise Forbidden("cross-origin request refused")
         sess = session(request)
@@ -280,12 +280,12 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             raise Forbidden("missing or wrong CSRF token (reload the page)")
         return sess, form
 
-    def actor(request: Request, sess: sec.Session) -> str:
+    def actor(request: Request, sess: Session) -> str:
         who = sess.name or "dashboard"
         client = request.client.host if request.client else "?"
         return f"{who} ({client})"
 
-    def action(handler: Callable[[Request, sec.Session, Any], Awaitable[Response]]
+    def action(handler: Callable[[Request, Session, Any], Awaitable[Response]]
                ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
@@ -378,37 +378,37 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         if dash.read_only:
             return PlainTextResponse("403 Forbidden: this dashboard is read-only\n",
                                      status_code=403)
-        if not sec.same_origin(dict(request.headers), request.url.scheme,
+        if not same_origin(dict(request.headers), request.url.scheme,
                                request.headers.get("host", "")):
             return PlainTextResponse("403 Forbidden: cross-origin request refused\n",
                                      status_code=403)
         form = await request.form()
         given, name = form.get("token"), form.get("name")
         target = safe_next(request, form.get("next"))
-        if not isinstance(given, str) or not sec.token_matches(dash.token, given):
+        if not isinstance(given, str) or not token_matches(dash.token, given):
             await asyncio.sleep(0.5)  # slows down guessing
             return render(request, "login.html", status_code=403, page="login",
                           next=target, error="wrong token")
         assert dash.token is not None
         who = name.strip()[:80] if isinstance(name, str) else ""
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(sec.COOKIE, sec.new_cookie(dash.token, who),
+        response.set_cookie(COOKIE, new_cookie(dash.token, who),
                             path=base(request) or "/", httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", max_age=12 * 3600)
         return response
 
     async def logout(request: Request) -> Response:
-        if not sec.same_origin(dict(request.headers), request.url.scheme,
+        if not same_origin(dict(request.headers), request.url.scheme,
                                request.headers.get("host", "")):
             return PlainTextResponse("403 Forbidden: cross-origin request refused\n",
                                      status_code=403)
         response = RedirectResponse(base(request) + "/", status_code=303)
-        response.delete_cookie(sec.COOKIE, path=base(request) or "/")
+        response.delete_cookie(COOKIE, path=base(request) or "/")
         return response
 
     # -- actions ----------------------------------------------------------------------
 
-    def note(request: Request, sess: sec.Session, run: uuid.UUID, what: str,
+    def note(request: Request, sess: Session, run: uuid.UUID, what: str,
              **extra: Any) -> tuple[str, dict[str, Any]]:
         detail = {"event": "dashboard_action", "action": what, "by": actor(request, sess),
                   **extra}
@@ -421,7 +421,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             return None
 
     @action
-    async def retry(request: Request, sess: sec.Session, form: Any) -> Response:
+    async def retry(request: Request, sess: Session, form: Any) -> Response:
         run = run_of(request)
         if run is None:
             return PlainTextResponse("404 not a run id\n", status_code=404)
@@ -434,7 +434,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                         "journaled steps are kept, not redone)")
 
     @action
-    async def cancel(request: Request, sess: sec.Session, form: Any) -> Response:
+    async def cancel(request: Request, sess: Session, form: Any) -> Response:
         run = run_of(request)
         if run is None:
             return PlainTextResponse("404 not a run id\n", status_code=404)
@@ -453,7 +453,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             " with its unfinished child runs" if children else ""))
 
     @action
-    async def signal(request: Request, sess: sec.Session, form: Any) -> Response:
+    async def signal(request: Request, sess: Session, form: Any) -> Response:
         run = run_of(request)
         if run is None:
             return PlainTextResponse("404 not a run id\n", status_code=404)
@@ -478,7 +478,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         return redirect(request, back, f"signal {name!r} sent (#{rows[0]['signal_id']})")
 
     @action
-    async def bulk(request: Request, sess: sec.Session, form: Any) -> Response:
+    async def bulk(request: Request, sess: Session, form: Any) -> Response:
         what = form.get("action")
         f = RunFilter.from_query(form)
         back = f"{base(request)}/?{urlencode(f.query_items())}"
@@ -512,7 +512,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         return redirect(request, back, message, error=False)
 
     @action
-    async def queue_action(request: Request, sess: sec.Session, form: Any) -> Response:
+    async def queue_action(request: Request, sess: Session, form: Any) -> Response:
         name = request.path_params["name"]
         back = f"{base(request)}/queues"
         what = form.get("action")
