@@ -419,3 +419,40 @@ def test_cli_help_and_package_data() -> None:
     here = Path(pgjournal.__file__).parent / "dashboard"
     for name in ("queries.sql", "templates/run.html", "static/dashboard.js"):
         assert (here / name).is_file(), name
+
+
+def test_mounted_under_a_prefix_in_another_starlette_app(pgjournal_dsn: str,
+                                                         pgjournal_schema: str) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    run = add_run(pgjournal_dsn, pgjournal_schema)
+    app = pgjournal.App(pgjournal_dsn, schema=pgjournal_schema, pool_size=2)
+    dashboard = create_app(app, token=TOKEN)
+    service = Starlette(routes=[
+        Route("/health", lambda _r: PlainTextResponse("ok")),
+        Mount("/ops/pgjournal", dashboard),
+    ])
+    with TestClient(service, base_url=ORIGIN) as c:
+        assert c.get("/health").text == "ok"
+        home = c.get("/ops/pgjournal/")
+        assert home.status_code == 200
+        assert f'href="/ops/pgjournal/runs/{run}"' in home.text
+        assert 'src="/ops/pgjournal/static/dashboard.js"' in home.text
+        assert c.get("/ops/pgjournal/static/dashboard.js").status_code == 200
+        r = c.post("/ops/pgjournal/login", data={"token": TOKEN, "name": "ops",
+                                                 "next": "/ops/pgjournal/queues"},
+                   headers={"origin": ORIGIN}, follow_redirects=False)
+        assert r.headers["location"] == "/ops/pgjournal/queues"
+        assert "Path=/ops/pgjournal" in r.headers["set-cookie"]
+        page = c.get(f"/ops/pgjournal/runs/{run}").text
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+        assert csrf and f'action="/ops/pgjournal/runs/{run}/retry"' in page
+        r = c.post(f"/ops/pgjournal/runs/{run}/retry", data={"csrf": csrf.group(1)},
+                   headers={"origin": ORIGIN}, follow_redirects=False)
+        assert r.headers["location"] == f"/ops/pgjournal/runs/{run}"
+        assert status_of(pgjournal_dsn, pgjournal_schema, run) == "queued"
+    # A mounted dashboard's lifespan does not run: its owner closes it.
+    asyncio.run(dashboard.state.dashboard.close())
+    asyncio.run(app.close())
