@@ -456,3 +456,63 @@ def test_mounted_under_a_prefix_in_another_starlette_app(pgjournal_dsn: str,
     # A mounted dashboard's lifespan does not run: its owner closes it.
     asyncio.run(dashboard.state.dashboard.close())
     asyncio.run(app.close())
+
+
+def test_origin_rules() -> None:
+    from pgjournal.dashboard._security import same_origin
+
+    host = {"host": "ops.example.com"}
+    assert same_origin({**host, "origin": "https://ops.example.com"})  # TLS proxy in front
+    assert same_origin({**host, "origin": "http://ops.example.com"})
+    assert same_origin({**host, "referer": "https://ops.example.com/runs/x"})
+    assert same_origin(host)  # not a browser: the CSRF token decides
+    assert not same_origin({**host, "origin": "https://evil.example"})
+    assert not same_origin({**host, "origin": "https://ops.example.com.evil.example"})
+    assert not same_origin({**host, "origin": "null"})
+    assert not same_origin({**host, "referer": "https://evil.example/ops.example.com"})
+    inner = {"host": "127.0.0.1:8080", "origin": "https://ops.example.com"}
+    assert not same_origin(inner)
+    assert same_origin(inner, ("https://ops.example.com",))
+
+
+def test_the_command_serves_and_stops(pgjournal_dsn: str, pgjournal_schema: str,
+                                      tmp_path: Any) -> None:
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    run = add_run(pgjournal_dsn, pgjournal_schema)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "dashboard.log").open("w+")
+    env = {**os.environ, "PGJOURNAL_DASHBOARD_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgjournal", "--dsn", pgjournal_dsn, "--schema",
+         pgjournal_schema, "dashboard", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/runs/{run}",
+                                            timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, log.read()
+                assert time.monotonic() < deadline, "the dashboard did not answer"
+                time.sleep(0.1)
+        assert str(run) in page and "log in to act" in page
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log.seek(0)
+    out = log.read()
+    assert f"pgjournal dashboard: http://127.0.0.1:{port}/" in out
+    assert "actions need the token" in out

@@ -32,7 +32,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     reader = args.reader_dsn or os.environ.get("PGJOURNAL_DASHBOARD_READER_DSN") or None
     app = App(args.dsn, schema=schema_of(args), pool_size=4)
     asgi = create_app(app, token=token, read_only=args.read_only, reader_dsn=reader,
-                      close_app=True)
+                      allowed_origins=args.allow_origin or (), close_app=True)
     mode = ("read-only" if args.read_only or not token
             else "actions need the token (log in once in the browser)")
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -46,7 +46,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
               "machine; serve it behind TLS (the token and session cookie travel in "
               "every request)", file=sys.stderr)
     uvicorn.run(asgi, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=2, proxy_headers=False)
+                timeout_graceful_shutdown=2)
     return 0
 
 
@@ -75,6 +75,10 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
     p.add_argument("--reader-dsn", metavar="DSN", default=None,
                    help="read through this DSN (e.g. a role granted only SELECT); actions "
                         "use --dsn (default: $PGJOURNAL_DASHBOARD_READER_DSN)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="also accept forms posted from this origin, e.g. "
+                        "https://ops.example.com (behind a proxy that rewrites Host); "
+                        "repeatable")
     p.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default warning)")

@@ -12,7 +12,7 @@ See docs/dashboard.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
 
@@ -44,7 +44,8 @@ def require_extra() -> None:
 
 def create_app(app: App, *, token: str | None = None, read_only: bool = False,
                reader_dsn: str | None = None, poll_interval: float = 1.0,
-               **options: Any) -> Starlette:
+               allowed_origins: tuple[str, ...] | list[str] = (),
+               close_app: bool = False) -> Starlette:
     """The dashboard of ``app``'s schema as an ASGI (Starlette) application.
 
     ``token``: the secret that unlocks the actions (retry, cancel, signal,
@@ -52,12 +53,16 @@ def create_app(app: App, *, token: str | None = None, read_only: bool = False,
     ``read_only=True``. ``reader_dsn``: read through another role (e.g. one
     granted only SELECT); the actions always use ``app``'s connection.
     ``poll_interval``: seconds between the live checks while a page is open.
+    ``allowed_origins``: origins (``https://ops.example.com``) whose forms may
+    POST besides the host the request names (for a proxy that rewrites Host).
+    ``close_app``: close ``app`` when the dashboard's lifespan ends.
     """
     require_extra()
     from ._web import build
 
     return build(app, token=token, read_only=read_only, reader_dsn=reader_dsn,
-                 poll_interval=poll_interval, **options)
+                 poll_interval=poll_interval, allowed_origins=allowed_origins,
+                 close_app=close_app)
 
 
 __all__ = ["INSTALL_HINT", "create_app", "missing_packages", "require_extra"]

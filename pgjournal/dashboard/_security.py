@@ -63,14 +63,20 @@ def token_matches(token: str | None, given: str) -> bool:
         hashlib.sha256(given.encode()).digest(), hashlib.sha256(str(token).encode()).digest())
 
 
-def same_origin(headers: dict[str, str], scheme: str, host: str) -> bool:
-    """Does the POST come from a page of this dashboard? Origin, else Referer;
-    a request with neither (not a browser) is left to the CSRF token."""
+def same_origin(headers: dict[str, str], allowed: tuple[str, ...] = ()) -> bool:
+    """Does the POST come from a page of this dashboard? Origin, else Referer,
+    must name the host the request was sent to (any scheme: a TLS-terminating
+    proxy in front turns https into http), or be one of ``allowed`` (origins
+    such as ``https://ops.example.com``, for a proxy that rewrites Host). A
+    request with neither header (not a browser) is left to the CSRF token."""
     origin = headers.get("origin")
     if origin is None:
-        referer = headers.get("referer")
-        if not referer:
+        origin = headers.get("referer")
+        if not origin:
             return True
-        parts = urlsplit(referer)
-        origin = f"{parts.scheme}://{parts.netloc}"
-    return origin == f"{scheme}://{host}"
+    if origin == "null":
+        return False
+    parts = urlsplit(origin)
+    if f"{parts.scheme}://{parts.netloc}" in allowed:
+        return True
+    return bool(parts.netloc) and parts.netloc.lower() == headers.get("host", "").lower()

@@ -69,8 +69,10 @@ class Dashboard:
     """The state behind one dashboard application (reachable as ``asgi.state.dashboard``)."""
 
     def __init__(self, app: App, *, token: str | None, read_only: bool,
-                 reader_dsn: str | None, poll_interval: float, close_app: bool) -> None:
+                 reader_dsn: str | None, poll_interval: float, close_app: bool,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.allowed_origins = tuple(o.rstrip("/") for o in allowed_origins)
         self.schema = app.schema
         self.token = token or None
         self.read_only = read_only or not self.token
@@ -225,9 +227,11 @@ class SecurityHeaders:
 
 
 def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | None,
-          poll_interval: float, close_app: bool = False) -> Starlette:
+          poll_interval: float, close_app: bool = False,
+          allowed_origins: tuple[str, ...] | list[str] = ()) -> Starlette:
     dash = Dashboard(app, token=token, read_only=read_only, reader_dsn=reader_dsn,
-                     poll_interval=poll_interval, close_app=close_app)
+                     poll_interval=poll_interval, close_app=close_app,
+                     allowed_origins=tuple(allowed_origins))
     templates = Jinja2Templates(env=_environment())
 
     def base(request: Request) -> str:
@@ -267,8 +271,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             raise Forbidden("this dashboard is read-only" + (
                 "" if dash.token else " (no token configured: set "
                 "PGJOURNAL_DASHBOARD_TOKEN or --token)"))
-        if not same_origin(dict(request.headers), request.url.scheme,
-                               request.headers.get("host", "")):
+        if not same_origin(dict(request.headers), dash.allowed_origins):
             raise Forbidden("cross-origin request refused")
         sess = session(request)
         if sess is None or dash.token is None:
@@ -378,8 +381,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         if dash.read_only:
             return PlainTextResponse("403 Forbidden: this dashboard is read-only\n",
                                      status_code=403)
-        if not same_origin(dict(request.headers), request.url.scheme,
-                               request.headers.get("host", "")):
+        if not same_origin(dict(request.headers), dash.allowed_origins):
             return PlainTextResponse("403 Forbidden: cross-origin request refused\n",
                                      status_code=403)
         form = await request.form()
@@ -398,8 +400,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         return response
 
     async def logout(request: Request) -> Response:
-        if not same_origin(dict(request.headers), request.url.scheme,
-                               request.headers.get("host", "")):
+        if not same_origin(dict(request.headers), dash.allowed_origins):
             return PlainTextResponse("403 Forbidden: cross-origin request refused\n",
                                      status_code=403)
         response = RedirectResponse(base(request) + "/", status_code=303)
