@@ -516,3 +516,20 @@ def test_the_command_serves_and_stops(pgjournal_dsn: str, pgjournal_schema: str,
     out = log.read()
     assert f"pgjournal dashboard: http://127.0.0.1:{port}/" in out
     assert "actions need the token" in out
+
+
+def test_login_to_read(client_for: Any, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    run = add_run(pgjournal_dsn, pgjournal_schema)
+    c = client_for(token=TOKEN, read_only=True, login_to_read=True)
+    for page in ("/", f"/runs/{run}", "/queues", "/workers", "/limits", "/schedules"):
+        r = c.get(page, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next="), page
+    assert c.get("/events").status_code == 403
+    assert c.get("/static/dashboard.css").status_code == 200
+    r = c.post("/login", data={"token": TOKEN, "next": f"/runs/{run}"},
+               headers={"origin": ORIGIN}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/runs/{run}"
+    page = c.get(f"/runs/{run}").text
+    assert str(run) in page and 'id="retry"' not in page  # read-only still: no actions
+    with pytest.raises(pgjournal.ConfigurationError, match="token"):
+        create_app(pgjournal.App(pgjournal_dsn, schema=pgjournal_schema), login_to_read=True)

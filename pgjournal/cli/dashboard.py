@@ -32,7 +32,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     reader = args.reader_dsn or os.environ.get("PGJOURNAL_DASHBOARD_READER_DSN") or None
     app = App(args.dsn, schema=schema_of(args), pool_size=4)
     asgi = create_app(app, token=token, read_only=args.read_only, reader_dsn=reader,
-                      allowed_origins=args.allow_origin or (), close_app=True)
+                      allowed_origins=args.allow_origin or (),
+                      login_to_read=args.login_to_read, close_app=True)
     mode = ("read-only" if args.read_only or not token
             else "actions need the token (log in once in the browser)")
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -75,6 +76,9 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
     p.add_argument("--reader-dsn", metavar="DSN", default=None,
                    help="read through this DSN (e.g. a role granted only SELECT); actions "
                         "use --dsn (default: $PGJOURNAL_DASHBOARD_READER_DSN)")
+    p.add_argument("--login-to-read", action="store_true",
+                   help="the pages too need the token (run inputs and outputs may be "
+                        "sensitive)")
     p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="also accept forms posted from this origin, e.g. "
                         "https://ops.example.com (behind a proxy that rewrites Host); "

@@ -45,7 +45,7 @@ def require_extra() -> None:
 def create_app(app: App, *, token: str | None = None, read_only: bool = False,
                reader_dsn: str | None = None, poll_interval: float = 1.0,
                allowed_origins: tuple[str, ...] | list[str] = (),
-               close_app: bool = False) -> Starlette:
+               login_to_read: bool = False, close_app: bool = False) -> Starlette:
     """The dashboard of ``app``'s schema as an ASGI (Starlette) application.
 
     ``token``: the secret that unlocks the actions (retry, cancel, signal,
@@ -55,14 +55,16 @@ def create_app(app: App, *, token: str | None = None, read_only: bool = False,
     ``poll_interval``: seconds between the live checks while a page is open.
     ``allowed_origins``: origins (``https://ops.example.com``) whose forms may
     POST besides the host the request names (for a proxy that rewrites Host).
-    ``close_app``: close ``app`` when the dashboard's lifespan ends.
+    ``login_to_read``: the pages too need a login (run inputs and outputs may
+    be sensitive); needs ``token``. ``close_app``: close ``app`` when the
+    dashboard's lifespan ends.
     """
     require_extra()
     from ._web import build
 
     return build(app, token=token, read_only=read_only, reader_dsn=reader_dsn,
                  poll_interval=poll_interval, allowed_origins=allowed_origins,
-                 close_app=close_app)
+                 login_to_read=login_to_read, close_app=close_app)
 
 
 __all__ = ["INSTALL_HINT", "create_app", "missing_packages", "require_extra"]

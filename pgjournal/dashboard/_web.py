@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._output import between, compact, human_seconds, shorten, to_json
 from ..app import App
 from ..connect import mask_dsn, open_pool
-from ..errors import PgJournalError, SerializationError
+from ..errors import ConfigurationError, PgJournalError, SerializationError
 from ..store import translate_error
 from ._data import (
     BULK_LIMIT,
@@ -70,8 +70,9 @@ class Dashboard:
 
     def __init__(self, app: App, *, token: str | None, read_only: bool,
                  reader_dsn: str | None, poll_interval: float, close_app: bool,
-                 allowed_origins: tuple[str, ...] = ()) -> None:
+                 allowed_origins: tuple[str, ...] = (), login_to_read: bool = False) -> None:
         self.app = app
+        self.login_to_read = login_to_read
         self.allowed_origins = tuple(o.rstrip("/") for o in allowed_origins)
         self.schema = app.schema
         self.token = token or None
@@ -228,10 +229,13 @@ class SecurityHeaders:
 
 def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | None,
           poll_interval: float, close_app: bool = False,
-          allowed_origins: tuple[str, ...] | list[str] = ()) -> Starlette:
+          allowed_origins: tuple[str, ...] | list[str] = (),
+          login_to_read: bool = False) -> Starlette:
+    if login_to_read and not token:
+        raise ConfigurationError("login_to_read needs a token (nobody could log in)")
     dash = Dashboard(app, token=token, read_only=read_only, reader_dsn=reader_dsn,
                      poll_interval=poll_interval, close_app=close_app,
-                     allowed_origins=tuple(allowed_origins))
+                     allowed_origins=tuple(allowed_origins), login_to_read=login_to_read)
     templates = Jinja2Templates(env=_environment())
 
     def base(request: Request) -> str:
@@ -247,6 +251,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         context.setdefault("events_url", "")
         response = templates.TemplateResponse(request, name, {
             "base": base(request), "schema": dash.schema, "read_only": dash.read_only,
+            "login_open": dash.token is not None and (not dash.read_only or dash.login_to_read),
             "session": sess, "can_act": sess is not None and not dash.read_only,
             "csrf": sess.csrf(dash.token) if sess and dash.token else "",
             "flash": _read_flash(flash), "now": datetime.now(UTC),
@@ -298,8 +303,21 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
             return await handler(request, sess, form)
         return endpoint
 
+    def reader(handler: Callable[[Request], Awaitable[Response]]
+               ) -> Callable[[Request], Awaitable[Response]]:
+        """With ``login_to_read``, a page or stream only for a logged-in session."""
+        async def endpoint(request: Request) -> Response:
+            if dash.login_to_read and session(request) is None:
+                if request.url.path.endswith("/events"):
+                    return PlainTextResponse("403 Forbidden: log in first\n", status_code=403)
+                query = urlencode({"next": request.url.path})
+                return RedirectResponse(f"{base(request)}/login?{query}", status_code=303)
+            return await handler(request)
+        return endpoint
+
     # -- pages ------------------------------------------------------------------------
 
+    @reader
     async def runs_page(request: Request) -> Response:
         f = RunFilter.from_query(request.query_params)
         params = f.params()
@@ -322,6 +340,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                       workflows=[c["value"] for c in choices if c["kind"] == "workflow"],
                       bulk_limit=BULK_LIMIT, filter_query=urlencode(f.query_items()))
 
+    @reader
     async def run_page(request: Request) -> Response:
         try:
             run_id = uuid.UUID(request.path_params["run_id"])
@@ -347,19 +366,23 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                       retryable=run["status"] in RETRYABLE,
                       cancellable=run["status"] in CANCELLABLE)
 
+    @reader
     async def queues_page(request: Request) -> Response:
         return render(request, "queues.html", page="queues",
                       rows=await dash.fetch("queues"))
 
+    @reader
     async def workers_page(request: Request) -> Response:
         return render(request, "workers.html", page="workers",
                       rows=await dash.fetch("workers"))
 
+    @reader
     async def limits_page(request: Request) -> Response:
         return render(request, "limits.html", page="limits",
                       keys=await dash.fetch("concurrency_keys"),
                       buckets=await dash.fetch("rate_limits"))
 
+    @reader
     async def schedules_page(request: Request) -> Response:
         return render(request, "schedules.html", page="schedules",
                       rows=await dash.fetch("schedules"))
@@ -378,7 +401,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                       next=safe_next(request, request.query_params.get("next")))
 
     async def login(request: Request) -> Response:
-        if dash.read_only:
+        if dash.token is None or (dash.read_only and not dash.login_to_read):
             return PlainTextResponse("403 Forbidden: this dashboard is read-only\n",
                                      status_code=403)
         if not same_origin(dict(request.headers), dash.allowed_origins):
@@ -546,6 +569,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
 
     # -- live -------------------------------------------------------------------------
 
+    @reader
     async def events(request: Request) -> Response:
         runs: dict[uuid.UUID, str] = {}
         for item in (request.query_params.get("runs") or "").split(",")[:500]:
