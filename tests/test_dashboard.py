@@ -323,12 +323,13 @@ def test_reader_dsn_reads_through_another_role(client_for: Any, pgjournal_dsn: s
                                                pgjournal_schema: str) -> None:
     run = add_run(pgjournal_dsn, pgjournal_schema)
     role = f"dash_reader_{uuid.uuid4().hex[:8]}"
-    sql(pgjournal_dsn, pgjournal_schema, f"CREATE ROLE {role} LOGIN")
+    sql(pgjournal_dsn, pgjournal_schema, f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
     try:
         sql(pgjournal_dsn, pgjournal_schema,
             f'GRANT USAGE ON SCHEMA "{pgjournal_schema}" TO {role}; '
             f'GRANT SELECT ON ALL TABLES IN SCHEMA "{pgjournal_schema}" TO {role}')
-        reader = psycopg.conninfo.make_conninfo(pgjournal_dsn, user=role)
+        reader = psycopg.conninfo.make_conninfo(pgjournal_dsn, user=role,
+                                                password=f"pw-{role}")
         c = client_for(token=TOKEN, reader_dsn=reader)
         for page in ("/", f"/runs/{run}", "/queues", "/workers", "/limits", "/schedules"):
             assert c.get(page).status_code == 200, page
