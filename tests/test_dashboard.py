@@ -285,8 +285,11 @@ def test_filters_keyset_pages_and_bulk(client_for: Any, pgjournal_dsn: str,
     assert "since: " in c.get("/?since=banana").text  # said, not a 500
     # Bulk retry of what the filter shows (the old one is outside the time window).
     csrf = login(c)
-    r = c.post("/bulk", headers={"origin": ORIGIN},
-               data={"csrf": csrf, "action": "retry", "workflow": "flaky", "since": "2d"})
+    form = {"csrf": csrf, "action": "retry", "workflow": "flaky", "since": "2d"}
+    r = c.post("/bulk", headers={"origin": ORIGIN}, data=form)  # asks first
+    assert "3 runs (failed, dead, cancelled) match" in r.text and 'id="confirm"' in r.text
+    assert status_of(pgjournal_dsn, pgjournal_schema, failed[0]) == "failed"
+    r = c.post("/bulk", headers={"origin": ORIGIN}, data={**form, "confirm": "yes"})
     assert "3 runs retried" in r.text
     for run in failed:
         assert status_of(pgjournal_dsn, pgjournal_schema, run) == "queued"
@@ -294,8 +297,11 @@ def test_filters_keyset_pages_and_bulk(client_for: Any, pgjournal_dsn: str,
         assert note["bulk"] is True and note["action"] == "retry"
     assert status_of(pgjournal_dsn, pgjournal_schema, old) == "failed"
     r = c.post("/bulk", headers={"origin": ORIGIN},
-               data={"csrf": csrf, "action": "cancel", "key": "tenant-7"})
+               data={"csrf": csrf, "action": "cancel", "key": "tenant-7", "confirm": "yes"})
     assert "3 runs cancelled" in r.text
+    r = c.post("/bulk", headers={"origin": ORIGIN},
+               data={"csrf": csrf, "action": "cancel", "key": "tenant-7"})
+    assert "No run matching these filters can be cancelled" in r.text
 
 
 def test_user_values_are_escaped(client_for: Any, pgjournal_dsn: str,

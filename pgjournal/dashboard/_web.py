@@ -516,6 +516,11 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         statuses = list(RETRYABLE if what == "retry" else CANCELLABLE)
         ids = [r["id"] for r in await dash.fetch("bulk_ids", statuses=statuses,
                                                  limit=BULK_LIMIT, **params)]
+        if form.get("confirm") != "yes":
+            # First click: say what would change, and ask again.
+            return render(request, "confirm.html", page="runs", action=what, f=f,
+                          count=len(ids), statuses=statuses, bulk_limit=BULK_LIMIT,
+                          back=back)
         done, failed = 0, 0
         for run in ids:  # one short transaction each: no long lock on many runs
             step = (("retry", {"run": run}) if what == "retry"
