@@ -26,7 +26,7 @@ DEMO_APP = "pgjournal._demo_app:app"
 
 COMMANDS = ["migrate", "worker", "start", "runs", "show", "signal", "cancel", "retry",
             "queues", "workers", "prune", "roles", "dev", "demo", "fork", "limits",
-            "schedules", "metrics"]
+            "schedules", "metrics", "dashboard"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ import psycopg
 from .. import __version__
 from .._queries import cli_fetch, cli_query, run_query
 from ..errors import PgJournalError
-from . import admin, dev, limits, metrics, queues, runs, schedules, worker
+from . import admin, dashboard, dev, limits, metrics, queues, runs, schedules, worker
 from ._common import Formatter, db_parent, json_parent
 
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for group in (admin, worker, runs, queues, limits, schedules, dev, metrics):
+    for group in (admin, worker, runs, queues, limits, schedules, dev, metrics, dashboard):
         group.register(add, db, js)
     return parser
 
