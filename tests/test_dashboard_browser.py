@@ -31,6 +31,7 @@ pytest.importorskip("uvicorn", reason="the dashboard extra is not installed")
 
 import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -158,7 +159,18 @@ def artifacts(tmp_path: Path) -> Path:
 
 def wait_until(driver: webdriver.Chrome, check: Callable[[webdriver.Chrome], Any],
                what: str, timeout: float = 15) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check, message=what)
+    """Wait for ``check``; an element the live updates replaced meanwhile is read
+    again on the next poll (StaleElementReferenceException is not a failure)."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(check, message=what)
+
+
+def text_of(driver: webdriver.Chrome, by: str, selector: str) -> str:
+    """The text of an element that live updates may replace while it is read."""
+    text: str = wait_until(driver, lambda d: d.find_element(by, selector).text + "\0",
+                           f"the text of {selector}")
+    return text[:-1]
 
 
 def wait_db(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -206,8 +218,8 @@ def test_retry_a_failed_run_and_watch_it_complete_live(
         # Open it: the timeline shows the failed step and its error.
         rows[0].find_element(By.CSS_SELECTOR, "td.id a").click()
         wait_until(browser, lambda d: d.find_elements(By.ID, "run-status"), "the run page")
-        assert browser.find_element(By.ID, "run-status").text == "failed"
-        steps = browser.find_element(By.CSS_SELECTOR, "table.steps").text
+        assert text_of(browser, By.ID, "run-status") == "failed"
+        steps = text_of(browser, By.CSS_SELECTOR, "table.steps")
         assert "fetch" in steps and "think" in steps and "the model timed out" in steps
 
         # Retry; the page then follows the run without being reloaded.
@@ -217,7 +229,7 @@ def test_retry_a_failed_run_and_watch_it_complete_live(
                                                                   ".flash").text,
                    "the retry's confirmation")
         browser.execute_script("window.__same_page = 42;")
-        assert browser.find_element(By.ID, "run-status").text in ("queued", "running")
+        assert text_of(browser, By.ID, "run-status") in ("queued", "running")
         wait_until(browser, lambda d: "on" in d.find_element(By.ID, "live-state")
                    .get_attribute("class"), "the live stream to connect")
         t0 = time.monotonic()
@@ -229,8 +241,8 @@ def test_retry_a_failed_run_and_watch_it_complete_live(
         # The refreshed section shows the new steps and output, and who retried.
         wait_until(browser, lambda d: "summarise" in d.find_element(
             By.CSS_SELECTOR, "table.steps").text, "the new step in the timeline")
-        assert "durable agents: 3 pages" in browser.find_element(By.ID, "output").text
-        assert "retry by ada" in browser.find_element(By.CSS_SELECTOR, "table.events").text
+        assert "durable agents: 3 pages" in text_of(browser, By.ID, "output")
+        assert "retry by ada" in text_of(browser, By.CSS_SELECTOR, "table.events")
         [note] = actions_of(pgjournal_dsn, pgjournal_schema, failed)
         assert note["by"].startswith("ada")
         print(f"completed on the page {live_seconds:.2f}s after the worker was released")
