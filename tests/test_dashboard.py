@@ -540,3 +540,17 @@ def test_login_to_read(client_for: Any, pgjournal_dsn: str, pgjournal_schema: st
     assert str(run) in page and 'id="retry"' not in page  # read-only still: no actions
     with pytest.raises(pgjournal.ConfigurationError, match="token"):
         create_app(pgjournal.App(pgjournal_dsn, schema=pgjournal_schema), login_to_read=True)
+
+
+def test_metrics_endpoint_serves_the_gauges(client_for: Any, pgjournal_dsn: str,
+                                            pgjournal_schema: str) -> None:
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute(f'SELECT * FROM "{pgjournal_schema}".start_run(gen_random_uuid(), '
+                         "'wf', 'metered_q', '{}'::json)")
+    r = client_for().get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    line = [x for x in r.text.splitlines()
+            if x.startswith("pgjournal_queue_runs{") and 'queue="metered_q"' in x
+            and 'state="due"' in x]
+    assert line and line[0].endswith(" 3"), r.text[:2000]

@@ -603,6 +603,17 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
 
         return EventSourceResponse(stream(), ping=15, headers={"cache-control": "no-store"})
 
+    @reader
+    async def metrics(request: Request) -> Response:
+        """The database-wide Prometheus gauges (as ``pgjournal metrics`` serves them)."""
+        from ..metrics import collect
+
+        try:
+            text = await collect(dash.app)
+        except PgJournalError as exc:
+            return PlainTextResponse(f"scrape failed: {exc}\n", status_code=503)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         try:
@@ -626,6 +637,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/events", events),
+        Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     asgi = Starlette(routes=routes, lifespan=lifespan)
