@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._exceptions import describe_exception, rebuild_exception
+from ._unwind import Abandoned, Suspended
 from .children import ChildRun, ChildSettings, child_id
 from .errors import (
     DatabaseUnavailable,
@@ -67,25 +68,6 @@ REPLAY_STALL_SECONDS = 30.0
 RATE_LOCAL_WAIT_SECONDS = 1.0
 #: Default journal budget of one run (``App(max_journal_bytes=...)``).
 DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
-
-
-class Suspended(BaseException):
-    """Unwinds a workflow whose run was suspended (signal wait, durable sleep).
-
-    A ``BaseException`` so that a workflow's ``except Exception`` cannot swallow it.
-    """
-
-    def __init__(self, until: datetime | None) -> None:
-        super().__init__(until)
-        self.until = until
-
-
-class Abandoned(BaseException):
-    """Unwinds a workflow whose worker lost the run (lease moved on, cancelled, DB gone)."""
-
-    def __init__(self, status: str) -> None:
-        super().__init__(status)
-        self.status = status
 
 
 #: ``rate=`` of a step: (bucket, units) or (bucket, units, usage_from_result).

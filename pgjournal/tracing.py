@@ -35,6 +35,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ._unwind import Abandoned, Suspended
+
 if TYPE_CHECKING:
     from .run import Run
     from .store import Claim, Store
@@ -103,8 +105,6 @@ def _propagator() -> Any:
 
 def _unwinding(exc: BaseException) -> str | None:
     """'suspended' or 'abandoned' for how a run unwinds (inside groups too), else None."""
-    from .run import Abandoned, Suspended
-
     if isinstance(exc, Suspended):
         return "suspended"
     if isinstance(exc, Abandoned):

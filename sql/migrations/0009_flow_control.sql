@@ -227,7 +227,7 @@ BEGIN
         tokens = least(EXCLUDED.capacity, rate_buckets.tokens + greatest(0, extract(
             epoch FROM now() - rate_buckets.updated_at)) * rate_buckets.refill_per_second),
         capacity = EXCLUDED.capacity, refill_per_second = EXCLUDED.refill_per_second,
-        updated_at = now();
+        updated_at = greatest(now(), rate_buckets.updated_at);
 END $$;
 
 -- Take p_units from bucket p_bucket for the run's entry at p_position (fenced),
@@ -247,6 +247,7 @@ DECLARE
     v_b rate_buckets%ROWTYPE;
     v_now_tokens double precision;
     v_ready timestamptz;
+    v_t timestamptz;
 BEGIN
     v_lost := check_lease(p_run, p_epoch, 'update');
     IF v_lost IS NOT NULL THEN
@@ -259,14 +260,19 @@ BEGIN
             'refill_per_second) or `pgjournal limits rate`', p_bucket, quote_literal(p_bucket)
             USING ERRCODE = 'PJ404';
     END IF;
-    v_now_tokens := least(v_b.capacity, v_b.tokens + greatest(0, extract(
-        epoch FROM now() - v_b.updated_at)) * v_b.refill_per_second);
+    -- The bucket's clock never goes back: now() is when this transaction
+    -- started, and a take that started earlier may have locked the bucket
+    -- first and moved it on. Reckoning from the later of the two keeps every
+    -- ready_at where the refill really pays the debt back.
+    v_t := greatest(now(), v_b.updated_at);
+    v_now_tokens := least(v_b.capacity, v_b.tokens + extract(
+        epoch FROM v_t - v_b.updated_at) * v_b.refill_per_second);
     v_now_tokens := least(v_b.capacity, v_now_tokens - p_units);
-    v_ready := now() + make_interval(secs => greatest(0, -v_now_tokens) / v_b.refill_per_second);
+    v_ready := v_t + make_interval(secs => greatest(0, -v_now_tokens) / v_b.refill_per_second);
     IF p_units < 0 THEN
         v_ready := now();
     END IF;
-    UPDATE rate_buckets SET tokens = v_now_tokens, updated_at = now() WHERE name = p_bucket;
+    UPDATE rate_buckets SET tokens = v_now_tokens, updated_at = v_t WHERE name = p_bucket;
     INSERT INTO steps (run_id, position, name, occurrence, kind, status, output, attempt,
                        lease_epoch, turn, calls_before)
     VALUES (p_run, p_position, p_name, p_occurrence, 'rate', 'completed',
