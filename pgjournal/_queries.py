@@ -6,13 +6,12 @@ not import each other: each imports this module.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
-from ._sql import sql_dir, validate_identifier
+from ._sql import named_queries, schema_query
 from .store import translate_error
 
 if TYPE_CHECKING:
@@ -21,30 +20,10 @@ if TYPE_CHECKING:
 Row = dict[str, Any]
 
 
-@cache
-def _cli_texts() -> dict[str, str]:
-    """The named statements of ``sql/cli.sql`` (same format as ``queries.sql``)."""
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in (sql_dir() / "cli.sql").read_text().splitlines():
-        if line.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip().rstrip(";")
-            name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.lstrip().startswith("--"):
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip().rstrip(";")
-    return queries
-
-
 def cli_query(name: str, schema: str, **literals: Any) -> sql.Composed:
     """Named query ``name`` for ``schema`` (validated, quoted); ``literals`` fill
     other placeholders as SQL literals (only for SQL printed for people)."""
-    ident = sql.Identifier(validate_identifier(schema))
-    parts = {k: sql.Literal(v) for k, v in literals.items()}
-    return sql.SQL(_cli_texts()[name]).format(schema=ident, **parts)
+    return schema_query(named_queries("cli.sql")[name], schema, **literals)
 
 
 async def run_query(conn: psycopg.AsyncConnection[Row], name: str, schema: str, /,

@@ -40,10 +40,9 @@ def sql_dir() -> Path:
     raise FileNotFoundError("pgjournal's sql/ directory is missing from the installation")
 
 
-@cache
-def named_queries(filename: str = "queries.sql") -> dict[str, str]:
-    """The ``-- name: x`` blocks of one file in ``sql/``, by name."""
-    text = (sql_dir() / filename).read_text()
+def parse_named_queries(text: str) -> dict[str, str]:
+    """The ``-- name: x`` blocks of a SQL file's text, by name (comment lines
+    inside a block are left out; a trailing semicolon is dropped)."""
     queries: dict[str, str] = {}
     name: str | None = None
     lines: list[str] = []
@@ -52,11 +51,25 @@ def named_queries(filename: str = "queries.sql") -> dict[str, str]:
             if name:
                 queries[name] = "\n".join(lines).strip().rstrip(";")
             name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.startswith("--"):
+        elif name is not None and not line.lstrip().startswith("--"):
             lines.append(line)
     if name:
         queries[name] = "\n".join(lines).strip().rstrip(";")
     return queries
+
+
+@cache
+def named_queries(filename: str = "queries.sql") -> dict[str, str]:
+    """The ``-- name: x`` blocks of one file in ``sql/``, by name."""
+    return parse_named_queries((sql_dir() / filename).read_text())
+
+
+def schema_query(text: str, schema: str, **literals: object) -> sql.Composed:
+    """``text`` with ``{schema}`` as the quoted, validated schema identifier (and
+    other placeholders as SQL literals: only for SQL printed for people)."""
+    ident = sql.Identifier(validate_identifier(schema))
+    parts = {k: sql.Literal(v) for k, v in literals.items()}
+    return sql.SQL(text).format(schema=ident, **parts)
 
 
 class Queries:

@@ -28,12 +28,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from ._sql import sql_dir, validate_identifier
+from ._sql import named_queries, schema_query
 
 if TYPE_CHECKING:
     from .app import App
@@ -138,32 +137,13 @@ class Histogram:
 # -- database-wide gauges -------------------------------------------------------------
 
 
-@cache
-def _texts() -> dict[str, str]:
-    """The named statements of ``sql/metrics.sql`` (the format of ``cli.sql``)."""
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in (sql_dir() / "metrics.sql").read_text().splitlines():
-        if line.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip().rstrip(";")
-            name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.lstrip().startswith("--"):
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip().rstrip(";")
-    return queries
-
-
 def metrics_query(name: str, schema: str) -> sql.Composed:
     """The named statement of ``sql/metrics.sql`` for ``schema``."""
-    ident = sql.Identifier(validate_identifier(schema))
-    return sql.SQL(_texts()[name]).format(schema=ident)
+    return schema_query(named_queries("metrics.sql")[name], schema)
 
 
 def query_names() -> list[str]:
-    return list(_texts())
+    return list(named_queries("metrics.sql"))
 
 
 async def fetch_rows(app: App, *, window: float = DEFAULT_WINDOW

@@ -12,7 +12,7 @@ from typing import Any
 from psycopg import sql
 
 from .._output import parse_duration
-from .._sql import validate_identifier
+from .._sql import parse_named_queries, schema_query
 
 Row = dict[str, Any]
 STATUSES = ("queued", "running", "suspended", "completed", "failed", "cancelled", "dead")
@@ -26,24 +26,12 @@ BULK_LIMIT = 1000
 
 @cache
 def _texts() -> dict[str, str]:
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in (Path(__file__).with_name("queries.sql")).read_text().splitlines():
-        if line.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip().rstrip(";")
-            name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.lstrip().startswith("--"):
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip().rstrip(";")
-    return queries
+    """The named statements of ``queries.sql`` beside this module."""
+    return parse_named_queries(Path(__file__).with_name("queries.sql").read_text())
 
 
 def query(name: str, schema: str) -> sql.Composed:
-    ident = sql.Identifier(validate_identifier(schema))
-    return sql.SQL(_texts()[name]).format(schema=ident)
+    return schema_query(_texts()[name], schema)
 
 
 class FilterError(ValueError):
