@@ -715,27 +715,15 @@ class App:
         rule = sch.CronRule(cron, timezone)
         sch.validate_policy(catchup)
         window = sch.validate_window(catchup_window)
-        if callable(workflow):
-            found = [w for w in self.workflows.values() if w.fn is workflow]
-            if not found:
-                raise ConfigurationError(
-                    f"{getattr(workflow, '__name__', workflow)!r} is not registered with "
-                    "this app; decorate it with @app.workflow()")
-            wf_name = found[0].name
-        else:
-            wf_name = workflow
-        wf = self.workflows.get(wf_name)
-        if wf is None and self.workflows:
-            raise UnknownWorkflow(self._unknown_workflow_message(wf_name))
-        queue = validate_identifier(queue or (wf.queue if wf else "default"), "queue name")
+        target = self._start_target(workflow, queue)
         store = await self.store()
         return await store.set_schedule(
-            name=name, cron=rule.cron.strip(), workflow=wf_name,
+            name=name, cron=rule.cron.strip(), workflow=target.name,
             args=self.serializer.dumps(list(args), what=f"args of schedule {name!r}"),
             kwargs=self.serializer.dumps(dict(kwargs or {}), what=f"kwargs of schedule {name!r}"),
-            timezone=timezone, queue=queue, catchup=catchup, catchup_window=window,
-            paused=paused, max_attempts=wf.max_attempts if wf else None,
-            max_recoveries=wf.max_recoveries if wf else None)
+            timezone=timezone, queue=target.queue, catchup=catchup, catchup_window=window,
+            paused=paused, max_attempts=target.max_attempts,
+            max_recoveries=target.max_recoveries)
 
     async def pause_schedule(self, name: str) -> None:
         """Stop firing ``name``; slots while paused are never caught up."""

@@ -140,3 +140,17 @@ def paint_status(status: str, colour: bool) -> str:
 def plural(n: int, word: str) -> str:
     """``1 run``, ``5 runs``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def parse_limit(text: str, *, lift: str) -> int | None:
+    """A concurrency limit typed on the command line: a number >= 1, or ``none``
+    (``off``) to lift it. ``lift`` says how else to stop, for the error message."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise fail(f"limit {text!r} is not a number (or 'none')") from None
+    if value < 1:
+        raise fail(f"a concurrency limit must be at least 1; {lift}")
+    return value

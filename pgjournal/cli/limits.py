@@ -8,7 +8,7 @@ from typing import Any
 
 from .._output import human_seconds, paint, table, use_colour
 from ..app import App
-from ._common import Add, fail, print_json, with_app
+from ._common import Add, fail, parse_limit, print_json, with_app
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
@@ -81,15 +81,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def _limit(text: str) -> int | None:
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise fail(f"limit {text!r} is not a number (or 'none')") from None
-    if value < 1:
-        raise fail("a concurrency limit must be at least 1 (or 'none' to lift it)")
-    return value
+    return parse_limit(text, lift="or 'none' to lift it")
 
 
 def _rate(text: str) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from ._common import (
     Add,
     Row,
     fail,
+    parse_limit,
     plural,
     print_json,
     with_app,
@@ -91,16 +92,8 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 
 def _parse_limit(text: str) -> int | None:
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise fail(f"limit {text!r} is not a number (or 'none')") from None
-    if value < 1:
-        raise fail("a concurrency limit must be at least 1; to stop a queue use "
-                   "`pgjournal queues pause`, to lift the limit use 'none'")
-    return value
+    return parse_limit(text, lift="to stop a queue use `pgjournal queues pause`, to lift "
+                                   "the limit use 'none'")
 
 
 def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:
