@@ -2,6 +2,16 @@
 
 NOTIFY is only a wake-up hint in pgjournal: whoever listens also polls, so a
 notification lost while reconnecting costs latency, never correctness.
+
+A connection that only waits for notifications never notices a half-open
+socket (a NAT or load balancer that dropped it silently, a server host that
+vanished): it would wait forever for wake-ups that no longer come. So the
+listener pings (``SELECT 1``) after every ``ping_interval`` seconds without a
+notification, and a ping not answered within ``ping_timeout`` counts as a lost
+connection. TCP keepalives are on as well.
+
+LISTEN needs a session: it must not go through a pooler in transaction mode
+(the ``listen_dsn`` of an ``App`` is a direct connection).
 """
 
 from __future__ import annotations
@@ -28,8 +38,13 @@ class Listener:
     """
 
     def __init__(self, dsn: str, channel: str, on_notify: Callable[[str], None],
-                 on_connect: Callable[[], None] | None = None) -> None:
+                 on_connect: Callable[[], None] | None = None, *,
+                 ping_interval: float = 30.0, ping_timeout: float = 10.0) -> None:
         self._dsn = dsn
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        #: Pings answered (for tests and curiosity).
+        self.pings = 0
         self._channel = channel
         self._on_notify = on_notify
         self._on_connect = on_connect
@@ -56,15 +71,28 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await connect_async(self._dsn, autocommit=True)
+                # pooler="none": the LISTEN DSN is a direct connection, whatever
+                # PGJOURNAL_POOLER says about the main one.
+                conn = await connect_async(self._dsn, autocommit=True, pooler="none",
+                                           keepalives=1, keepalives_idle=30,
+                                           keepalives_interval=10, keepalives_count=3)
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                 delay = 0.1
                 self.ready.set()
                 if self._on_connect:
                     self._on_connect()
-                async for note in conn.notifies():
-                    self._on_notify(note.payload)
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                while True:
+                    heard = False
+                    async for note in conn.notifies(timeout=self.ping_interval):
+                        heard = True
+                        self._on_notify(note.payload)
+                    if not heard:  # quiet for ping_interval: is the other end still there?
+                        async with asyncio.timeout(self.ping_timeout):
+                            await conn.execute("SELECT 1")
+                        self.pings += 1
+            except (psycopg.OperationalError, DatabaseUnavailable, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError(f"no answer to a ping within {self.ping_timeout:g}s")
                 self.ready.clear()
                 log.warning("listener on %s lost its connection (%s); reconnecting in %.1fs",
                             self._channel, str(exc).splitlines()[0] if str(exc) else exc, delay)
