@@ -1,8 +1,8 @@
 """A real PgBouncer in transaction pooling mode in front of the test server.
 
-``pgbouncer`` (the fixture) starts ``pgbouncer`` from ``PATH`` (or
-``/usr/sbin``) with a generated config and userlist in a temporary
-directory, listening on a free port on 127.0.0.1 and pointing at the
+``pgbouncer`` (the fixture; import ``pgbouncer_fixture`` to use it) starts
+``pgbouncer`` from ``PATH`` (or ``/usr/sbin``) with a generated config and
+userlist in a temporary directory, listening on a free port on 127.0.0.1 and pointing at the
 session's PostgreSQL (whatever ``pgjournal_dsn`` is). Tests that use it skip,
 saying why, where the binary is missing (Debian: ``apt-get install pgbouncer``).
 """
@@ -125,8 +125,8 @@ def start_bouncer(direct_dsn: str, workdir: Path) -> tuple[subprocess.Popen[byte
     return proc, Bouncer(bouncer_dsn, direct_dsn, port, log)
 
 
-@pytest.fixture
-def pgbouncer(pgjournal_dsn: str, tmp_path: Path) -> Iterator[Bouncer]:
+@pytest.fixture(name="pgbouncer")
+def pgbouncer_fixture(pgjournal_dsn: str, tmp_path: Path) -> Iterator[Bouncer]:
     """PgBouncer in transaction mode in front of the test's server; stopped after."""
     # Not under tmp_path: as root PgBouncer runs as nobody, who cannot enter
     # pytest's private temporary directories.
