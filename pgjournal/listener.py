@@ -8,7 +8,9 @@ socket (a NAT or load balancer that dropped it silently, a server host that
 vanished): it would wait forever for wake-ups that no longer come. So the
 listener pings (``SELECT 1``) after every ``ping_interval`` seconds without a
 notification, and a ping not answered within ``ping_timeout`` counts as a lost
-connection. TCP keepalives are on as well.
+connection: the socket is shut down under the waiting ping (no cancel
+request, which could wait on the same dead path). TCP keepalives and
+``tcp_user_timeout`` are on as well.
 
 LISTEN needs a session: it must not go through a pooler in transaction mode
 (the ``listen_dsn`` of an ``App`` is a direct connection).
@@ -19,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -66,6 +71,22 @@ class Listener:
                 await self._task
             self._task = None
 
+    async def _ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """``SELECT 1``, or ``TimeoutError`` after ``ping_timeout`` (the
+        connection is then unusable: its socket is shut down)."""
+        ping = asyncio.ensure_future(conn.execute("SELECT 1"))
+        done, _ = await asyncio.wait({ping}, timeout=self.ping_timeout)
+        if done:
+            ping.result()
+            return
+        # shutdown() on a duplicate of the descriptor: the socket reads EOF and
+        # psycopg's wait ends with an error; the descriptor itself stays psycopg's.
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):  # not CancelledError: stop() must stop
+            await asyncio.wait_for(ping, 5)
+        raise TimeoutError(f"no answer to a ping within {self.ping_timeout:g}s")
+
     async def _loop(self) -> None:
         delay = 0.1
         while True:
@@ -75,7 +96,10 @@ class Listener:
                 # PGJOURNAL_POOLER says about the main one.
                 conn = await connect_async(self._dsn, autocommit=True, pooler="none",
                                            keepalives=1, keepalives_idle=30,
-                                           keepalives_interval=10, keepalives_count=3)
+                                           keepalives_interval=10, keepalives_count=3,
+                                           # a ping the other end never acknowledges
+                                           # fails in the kernel, with no cancel dance
+                                           tcp_user_timeout=int(self.ping_timeout * 1000))
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                 delay = 0.1
                 self.ready.set()
@@ -87,12 +111,9 @@ class Listener:
                         heard = True
                         self._on_notify(note.payload)
                     if not heard:  # quiet for ping_interval: is the other end still there?
-                        async with asyncio.timeout(self.ping_timeout):
-                            await conn.execute("SELECT 1")
+                        await self._ping(conn)
                         self.pings += 1
             except (psycopg.OperationalError, DatabaseUnavailable, TimeoutError) as exc:
-                if isinstance(exc, TimeoutError):
-                    exc = TimeoutError(f"no answer to a ping within {self.ping_timeout:g}s")
                 self.ready.clear()
                 log.warning("listener on %s lost its connection (%s); reconnecting in %.1fs",
                             self._channel, str(exc).splitlines()[0] if str(exc) else exc, delay)

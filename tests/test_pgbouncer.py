@@ -171,3 +171,67 @@ async def test_listener_pings_when_quiet_and_still_hears(pgjournal_dsn: str) -> 
         await wait_for(got, 10, what="the notification")
     finally:
         await listener.stop()
+
+
+class _Proxy:
+    """A TCP forwarder that can go silent: open connections stay open but
+    nothing passes any more (a half-open socket); new ones are forwarded."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.silenced: set[asyncio.StreamWriter] = set()
+        self.live: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def go_silent(self) -> None:
+        self.silenced.update(self.live)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    tag: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if tag in self.silenced:
+                    continue  # swallowed: the other end hears nothing, no FIN
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.live.append(writer)
+        await asyncio.gather(self._pipe(reader, up_writer, writer),
+                             self._pipe(up_reader, writer, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.live:
+            writer.close()
+
+
+async def test_listener_reconnects_from_a_half_open_socket(pgjournal_dsn: str) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(pgjournal_dsn)
+    proxy = _Proxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+    port = await proxy.start()
+    info.update(host="127.0.0.1", port=port)
+    connects: list[int] = []
+    listener = Listener(psycopg.conninfo.make_conninfo(**info), "pgjournal_half_open",
+                        lambda _p: None, lambda: connects.append(1),
+                        ping_interval=0.2, ping_timeout=0.5)
+    await listener.start()
+    try:
+        assert connects == [1]
+        proxy.go_silent()
+
+        async def reconnected() -> bool:
+            return len(connects) >= 2
+        await wait_for(reconnected, 20, what="the listener to notice and reconnect")
+    finally:
+        await listener.stop()
+        await proxy.close()
