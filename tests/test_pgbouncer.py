@@ -82,10 +82,13 @@ async def test_runs_complete_through_pgbouncer_by_polling(
     assert "prepared statement" not in worker.output()
     assert _xacts(pgbouncer, dbname) > before + 100  # it all went through PgBouncer
 
-    # No session state left behind: server connections held in a transaction
-    # each (so PgBouncer hands out distinct ones) all have the defaults.
+    # No session state left behind: as many client connections as PgBouncer
+    # has server connections, each holding one in a transaction (so together
+    # they cover every one of them), all see the defaults.
+    servers = [r for r in pgbouncer.show("SERVERS") if r["database"] == dbname]
+    assert servers
     conns = [await psycopg.AsyncConnection.connect(pgbouncer.dsn, prepare_threshold=None)
-             for _ in range(6)]
+             for _ in servers]
     try:
         for conn in conns:
             cur = await conn.execute("SHOW statement_timeout")
