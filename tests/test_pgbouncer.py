@@ -49,7 +49,12 @@ def _xacts(bouncer: Bouncer, dbname: str) -> int:
                if r["database"] == dbname)
 
 
-def test_pooler_settings() -> None:
+def test_pooler_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGJOURNAL_LISTEN_DSN", raising=False)
+    monkeypatch.setenv("PGJOURNAL_POOLER", "transaction")
+    assert resolve_pooler(None) == "transaction"
+    assert resolve_pooler("none") == "none"  # the argument wins
+    assert resolve_listen_dsn(None, "main", "transaction") is None
     assert resolve_pooler("Transaction") == "transaction"
     assert resolve_pooler("") == "none"
     with pytest.raises(ConfigurationError, match="statement mode"):
