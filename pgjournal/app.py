@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from ._sql import validate_identifier
-from .connect import resolve_dsn
+from .connect import resolve_dsn, resolve_listen_dsn, resolve_pooler
 from .errors import (
     Cancelled,
     ConfigurationError,
@@ -175,6 +175,14 @@ class App:
     (with a WARNING; an error under ``PGJOURNAL_REQUIRE_DSN=1``). ``schema=None``
     uses ``PGJOURNAL_SCHEMA``, else ``pgjournal``.
     Connections open lazily on first use; ``async with app`` closes them.
+
+    Behind a connection pooler in transaction mode (PgBouncer ``pool_mode =
+    transaction`` and the like) pass ``pooler="transaction"`` (or set
+    ``PGJOURNAL_POOLER=transaction``): no session state is then kept on
+    pooled connections. LISTEN needs a session of its own, so it goes over
+    ``listen_dsn`` (or ``PGJOURNAL_LISTEN_DSN``), a direct connection to the
+    server; without one, workers and result waiters poll every
+    ``poll_interval``. See docs/deploy.md.
     """
 
     def __init__(
@@ -187,6 +195,8 @@ class App:
         pool_size: int = 10,
         poll_interval: float = 1.0,
         max_journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         # Like the CLI: argument, else PGJOURNAL_SCHEMA, else "pgjournal" (so a
         # worker started with PGJOURNAL_SCHEMA=other serves that schema).
@@ -194,6 +204,9 @@ class App:
             schema = os.environ.get("PGJOURNAL_SCHEMA") or "pgjournal"
         self.schema = validate_identifier(schema)
         self._dsn = dsn
+        #: "none", "session" or "transaction" (see ``pgjournal.connect.resolve_pooler``).
+        self.pooler = resolve_pooler(pooler)
+        self._listen_dsn = listen_dsn
         self.serializer = Serializer(allow_pickle=allow_pickle, max_bytes=max_value_bytes)
         self.pool_size = pool_size
         if max_journal_bytes <= 0:
@@ -303,6 +316,12 @@ class App:
             self._dsn = resolve_dsn(None)
         return self._dsn
 
+    @property
+    def listen_dsn(self) -> str | None:
+        """Where LISTEN connects, or ``None`` when there is no LISTEN (a
+        transaction-mode pooler and no ``listen_dsn``): then everybody polls."""
+        return resolve_listen_dsn(self._listen_dsn, self.dsn, self.pooler)
+
     async def store(self) -> Store:
         """The app's store, opened (and the schema version checked) on first use."""
         if self._store is None:
@@ -313,7 +332,8 @@ class App:
                     dsn = await asyncio.to_thread(lambda: self.dsn)
                     self._store = await Store.open(dsn, schema=self.schema,
                                                    max_size=self._pool_target(),
-                                                   serializer=self.serializer)
+                                                   serializer=self.serializer,
+                                                   pooler=self.pooler)
                     self._guard_loop_end()
         return self._store
 
@@ -782,10 +802,13 @@ class App:
 
     async def _wait_result(self, run_id: uuid.UUID) -> Any:
         store = await self.store()
-        if self._done_listener is None:
-            self._done_listener = Listener(self.dsn, "pgjournal_done", self._on_done,
+        listen_dsn = await asyncio.to_thread(lambda: self.listen_dsn)
+        if self._done_listener is None and listen_dsn is not None:
+            self._done_listener = Listener(listen_dsn, "pgjournal_done", self._on_done,
                                            self._wake_all_waiters)
             await self._done_listener.start()
+        # Without LISTEN the poll is all there is: at poll_interval, not 5x it.
+        recheck = self.poll_interval * (5 if listen_dsn is not None else 1)
         loop = asyncio.get_running_loop()
         waiters = self._waiters.setdefault(run_id, set())
         fut: asyncio.Future[None] | None = None
@@ -814,7 +837,7 @@ class App:
                 if status in ("failed", "dead"):
                     raise RunFailed(str(run_id), row["error"], status)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(fut), self.poll_interval * 5)
+                    await asyncio.wait_for(asyncio.shield(fut), recheck)
                 waiters.discard(fut)
         finally:
             if fut is not None:

@@ -2,6 +2,15 @@
 
 DSN resolution, in order: the ``dsn`` argument, ``PGJOURNAL_DSN``, else the
 embedded development server (started on demand, reused across runs).
+
+Poolers: with ``pooler="transaction"`` (or ``PGJOURNAL_POOLER=transaction``)
+the DSN points at a connection pooler in transaction mode (PgBouncer's
+``pool_mode = transaction``, Supavisor, RDS Proxy...): consecutive
+transactions of one client connection may run on different server sessions,
+so connections opened here keep no session state. psycopg's server-side
+prepared statements are off (``prepare_threshold=None``), nothing runs a
+session ``SET``, and LISTEN goes over ``listen_dsn`` (a direct connection)
+or not at all (workers and waiters then poll). See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -22,6 +31,48 @@ log = logging.getLogger("pgjournal")
 
 _PASSWORD_URL = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+POOLERS = ("none", "session", "transaction")
+
+
+def resolve_pooler(pooler: str | None = None) -> str:
+    """The pooler mode: argument, then ``PGJOURNAL_POOLER``, else ``"none"``.
+
+    ``"none"`` (a direct connection) and ``"session"`` (a pooler that gives each
+    client its own server session for as long as it is connected) behave the
+    same; ``"transaction"`` turns off everything that needs a session.
+    """
+    if pooler is None:
+        pooler = os.environ.get("PGJOURNAL_POOLER", "").strip().lower() or "none"
+    mode = pooler.strip().lower()
+    if mode == "":
+        mode = "none"
+    if mode not in POOLERS:
+        raise ConfigurationError(
+            f"unknown pooler mode {pooler!r}: use one of {', '.join(POOLERS)} (a pooler in "
+            "statement mode cannot run pgjournal: it needs multi-statement transactions)")
+    return mode
+
+
+def resolve_listen_dsn(listen_dsn: str | None, dsn: str, pooler: str) -> str | None:
+    """Where LISTEN goes: ``listen_dsn``, then ``PGJOURNAL_LISTEN_DSN``; else the
+    main DSN, unless that is a transaction-mode pooler (then ``None``: no LISTEN,
+    a pooler would hand the session that listens to somebody else)."""
+    if listen_dsn:
+        return listen_dsn
+    env = os.environ.get("PGJOURNAL_LISTEN_DSN")
+    if env:
+        return env
+    return None if pooler == "transaction" else dsn
+
+
+def _pooler_kwargs(kwargs: dict[str, Any], pooler: str | None) -> dict[str, Any]:
+    if resolve_pooler(pooler) == "transaction":
+        # PgBouncer 1.18 and most poolers do not carry protocol-level prepared
+        # statements from one transaction to the next server connection.
+        kwargs["prepare_threshold"] = None
+    return kwargs
 
 
 def mask_dsn(dsn: str) -> str:
@@ -80,18 +131,24 @@ def describe_connect_error(dsn: str, exc: BaseException) -> str:
     return f"cannot connect to {mask_dsn(dsn)}: {mask_dsn(reason)} ({hint})"
 
 
-def connect_sync(dsn: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
-    """A synchronous connection with dict rows, or ``DatabaseUnavailable``."""
+def connect_sync(dsn: str, *, pooler: str | None = None,
+                 **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
+    """A synchronous connection with dict rows, or ``DatabaseUnavailable``.
+    ``pooler``: see ``resolve_pooler`` (``None``: ``PGJOURNAL_POOLER``)."""
     kwargs.setdefault("connect_timeout", 10)
+    _pooler_kwargs(kwargs, pooler)
     try:
         return psycopg.connect(dsn, row_factory=dict_row, **kwargs)
     except (psycopg.Error, ValueError) as exc:
         raise DatabaseUnavailable(describe_connect_error(dsn, exc)) from None
 
 
-async def connect_async(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
-    """An async connection with dict rows, or ``DatabaseUnavailable``."""
+async def connect_async(dsn: str, *, pooler: str | None = None,
+                        **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
+    """An async connection with dict rows, or ``DatabaseUnavailable``.
+    ``pooler``: see ``resolve_pooler`` (``None``: ``PGJOURNAL_POOLER``)."""
     kwargs.setdefault("connect_timeout", 10)
+    _pooler_kwargs(kwargs, pooler)
     try:
         return await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row, **kwargs)
     except (psycopg.Error, ValueError) as exc:
@@ -139,10 +196,12 @@ async def _check_if_unsound(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, name: str = "pgjournal"
+    dsn: str, *, min_size: int = 1, max_size: int = 10, name: str = "pgjournal",
+    pooler: str | None = None,
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]:
-    """Open a pool after one probe connection, so a bad DSN fails fast and clearly."""
-    probe = await connect_async(dsn)
+    """Open a pool after one probe connection, so a bad DSN fails fast and clearly.
+    ``pooler``: see ``resolve_pooler`` (``None``: ``PGJOURNAL_POOLER``)."""
+    probe = await connect_async(dsn, pooler=pooler)
     await probe.close()
     pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
         dsn,
@@ -150,7 +209,7 @@ async def open_pool(
         max_size=max_size,
         name=name,
         open=False,
-        kwargs={"row_factory": dict_row, "autocommit": True},
+        kwargs=_pooler_kwargs({"row_factory": dict_row, "autocommit": True}, pooler),
         reconnect_timeout=300,
         # After a server restart the pool holds dead connections: check the
         # ones whose socket shows it before handing them out, so no first use fails.

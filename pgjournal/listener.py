@@ -2,6 +2,18 @@
 
 NOTIFY is only a wake-up hint in pgjournal: whoever listens also polls, so a
 notification lost while reconnecting costs latency, never correctness.
+
+A connection that only waits for notifications never notices a half-open
+socket (a NAT or load balancer that dropped it silently, a server host that
+vanished): it would wait forever for wake-ups that no longer come. So the
+listener pings (``SELECT 1``) after every ``ping_interval`` seconds without a
+notification, and a ping not answered within ``ping_timeout`` counts as a lost
+connection: the socket is shut down under the waiting ping (no cancel
+request, which could wait on the same dead path). TCP keepalives and
+``tcp_user_timeout`` are on as well.
+
+LISTEN needs a session: it must not go through a pooler in transaction mode
+(the ``listen_dsn`` of an ``App`` is a direct connection).
 """
 
 from __future__ import annotations
@@ -9,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -28,8 +43,13 @@ class Listener:
     """
 
     def __init__(self, dsn: str, channel: str, on_notify: Callable[[str], None],
-                 on_connect: Callable[[], None] | None = None) -> None:
+                 on_connect: Callable[[], None] | None = None, *,
+                 ping_interval: float = 30.0, ping_timeout: float = 10.0) -> None:
         self._dsn = dsn
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        #: Pings answered (for tests and curiosity).
+        self.pings = 0
         self._channel = channel
         self._on_notify = on_notify
         self._on_connect = on_connect
@@ -51,20 +71,49 @@ class Listener:
                 await self._task
             self._task = None
 
+    async def _ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """``SELECT 1``, or ``TimeoutError`` after ``ping_timeout`` (the
+        connection is then unusable: its socket is shut down)."""
+        ping = asyncio.ensure_future(conn.execute("SELECT 1"))
+        done, _ = await asyncio.wait({ping}, timeout=self.ping_timeout)
+        if done:
+            ping.result()
+            return
+        # shutdown() on a duplicate of the descriptor: the socket reads EOF and
+        # psycopg's wait ends with an error; the descriptor itself stays psycopg's.
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):  # not CancelledError: stop() must stop
+            await asyncio.wait_for(ping, 5)
+        raise TimeoutError(f"no answer to a ping within {self.ping_timeout:g}s")
+
     async def _loop(self) -> None:
         delay = 0.1
         while True:
             conn = None
             try:
-                conn = await connect_async(self._dsn, autocommit=True)
+                # pooler="none": the LISTEN DSN is a direct connection, whatever
+                # PGJOURNAL_POOLER says about the main one.
+                conn = await connect_async(self._dsn, autocommit=True, pooler="none",
+                                           keepalives=1, keepalives_idle=30,
+                                           keepalives_interval=10, keepalives_count=3,
+                                           # a ping the other end never acknowledges
+                                           # fails in the kernel, with no cancel dance
+                                           tcp_user_timeout=int(self.ping_timeout * 1000))
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                 delay = 0.1
                 self.ready.set()
                 if self._on_connect:
                     self._on_connect()
-                async for note in conn.notifies():
-                    self._on_notify(note.payload)
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                while True:
+                    heard = False
+                    async for note in conn.notifies(timeout=self.ping_interval):
+                        heard = True
+                        self._on_notify(note.payload)
+                    if not heard:  # quiet for ping_interval: is the other end still there?
+                        await self._ping(conn)
+                        self.pings += 1
+            except (psycopg.OperationalError, DatabaseUnavailable, TimeoutError) as exc:
                 self.ready.clear()
                 log.warning("listener on %s lost its connection (%s); reconnecting in %.1fs",
                             self._channel, str(exc).splitlines()[0] if str(exc) else exc, delay)

@@ -99,12 +99,13 @@ class Store:
         max_size: int = 10,
         serializer: Serializer | None = None,
         check: bool = True,
+        pooler: str | None = None,
     ) -> Store:
         """Open a pool on ``dsn`` (see ``resolve_dsn``) and check the schema version."""
         validate_identifier(schema)
         dsn = resolve_dsn(dsn)
         pool = await open_pool(dsn, min_size=min_size, max_size=max_size,
-                               name=f"pgjournal:{mask_dsn(dsn)}")
+                               name=f"pgjournal:{mask_dsn(dsn)}", pooler=pooler)
         store = cls(pool, schema=schema, serializer=serializer)
         if check:
             try:

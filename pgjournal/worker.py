@@ -244,8 +244,9 @@ class Worker:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self.stop)
                     installed.append(sig)
-        listener = Listener(self.app.dsn, "pgjournal_wake", self._on_wake, self._on_listen)
-        await listener.start()
+        listener = self._listener()
+        if listener is not None:
+            await listener.start()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="pgjournal-heartbeat")
         scheduling = self._start_scheduler(store)
         try:
@@ -259,7 +260,8 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            await listener.stop()
+            if listener is not None:
+                await listener.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if self._hb_conn is not None:
@@ -545,18 +547,32 @@ class Worker:
         lease.mark_lost("lease not renewed in time: its row stayed locked")
         return False
 
+    def _listener(self) -> Listener | None:
+        """The LISTEN connection for wake-ups, or ``None`` (said once in the log)
+        when there is none: a transaction-mode pooler and no ``listen_dsn``."""
+        listen_dsn = self.app.listen_dsn
+        if listen_dsn is None:
+            log.info("worker %s: no LISTEN (pooler=%s and no listen_dsn): polling every "
+                     "%.2fs for new runs", self.id, self.app.pooler, self.poll_interval)
+            return None
+        return Listener(listen_dsn, "pgjournal_wake", self._on_wake, self._on_listen)
+
     async def _heartbeat_conn(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         """The worker's own connection for heartbeats: they never queue behind
         journal writes for a pool connection. Statements on it time out below
         the heartbeat interval."""
         if self._hb_conn is None or self._hb_conn.closed:
             self._hb_conn = None
-            conn = await connect_async(self.app.dsn, autocommit=True,
+            conn = await connect_async(self.app.dsn, autocommit=True, pooler=self.app.pooler,
                                        connect_timeout=max(2, int(self.heartbeat_interval)))
-            timeout_ms = max(100, int(self.heartbeat_interval * 800))
-            await conn.execute(f"SET statement_timeout = {timeout_ms}")
+            if self.app.pooler != "transaction":  # else SET LOCAL per beat, see _beat
+                await conn.execute(f"SET statement_timeout = {self._hb_timeout_ms}")
             self._hb_conn = conn
         return self._hb_conn
+
+    @property
+    def _hb_timeout_ms(self) -> int:
+        return max(100, int(self.heartbeat_interval * 800))
 
     async def _drop_heartbeat_conn(self) -> None:
         conn, self._hb_conn = self._hb_conn, None
@@ -598,7 +614,14 @@ class Worker:
         sent = time.monotonic()
         async with asyncio.timeout(self.heartbeat_interval):
             conn = await self._heartbeat_conn()
-            lost = await self._store.heartbeat(self.id, items, self.lease, conn=conn)
+            if self.app.pooler == "transaction":
+                # No session SET through a pooler: it would stay on a server
+                # connection that other clients get next.
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL statement_timeout = {self._hb_timeout_ms}")
+                    lost = await self._store.heartbeat(self.id, items, self.lease, conn=conn)
+            else:
+                lost = await self._store.heartbeat(self.id, items, self.lease, conn=conn)
         if self._hb_failing:
             self._hb_failing = False
             log.info("heartbeats resumed")

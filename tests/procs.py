@@ -48,7 +48,9 @@ def effect(run_id: str, step: str) -> str:
         while True:  # the database may be restarting under us (server-crash tests)
             try:
                 if _conn is None or _conn.closed:
-                    _conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+                    # No prepared statements: the DSN may be a transaction-mode pooler.
+                    _conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                                            prepare_threshold=None)
                 _conn.execute(
                     f'INSERT INTO "{schema}".test_effects (run_id, step, pid) '
                     "VALUES (%s, %s, %s)",
