@@ -66,6 +66,33 @@ def hot_done_before_cold(dsn: str, schema: str, hot: str) -> int:
                                WHERE c.concurrency_key <> %s)""", hot, hot)[0][0])
 
 
+async def both_workers_up(dsn: str, schema: str) -> None:
+    """Two worker processes registered (both can take part before runs exist)."""
+    async def up() -> bool:
+        return _q(dsn, schema, "SELECT count(*) FROM S.workers WHERE stopped_at IS NULL")[0][0] \
+            >= 2
+    await wait_for(up, 60, what="both worker processes to register")
+
+
+def ready_times(dsn: str, schema: str) -> list[tuple[datetime, float]]:
+    """When each take's units were ready, as the database reckoned them (journaled
+    with the take): the bucket's own accounting, which no worker delay bends."""
+    return [(t, float(u)) for t, u in _q(dsn, schema, """
+        SELECT (output->>'ready_at')::timestamptz, (output->>'units')::float
+        FROM S.steps WHERE kind = 'rate' AND name LIKE 'rate:%%' ORDER BY 1""")]
+
+
+def started_before_ready(dsn: str, schema: str, started: str) -> list[Any]:
+    """Steps that started before their take's units were ready (``started``: the
+    SQL of a step's start, over ``s`` the step entry of run ``s.run_id``)."""
+    return _q(dsn, schema, f"""
+        SELECT s.run_id, s.name FROM S.steps s
+        JOIN S.steps r ON r.run_id = s.run_id AND r.kind = 'rate'
+                      AND r.position = s.position - 1
+        WHERE s.kind = 'step'
+          AND {started} < (r.output->>'ready_at')::timestamptz - interval '5 ms'""")
+
+
 def check_rate_windows(starts: list[tuple[datetime, float]], capacity: float,
                        refill: float, slack: float = 0.05) -> None:
     """No window [t_i, t_j] holds more units than capacity + refill * (t_j - t_i)."""
@@ -173,10 +200,9 @@ async def test_rate_bucket_paces_steps_across_runs_and_corrects_usage(
     async with serving(app, concurrency=8):
         for h in runs:
             await h.result(timeout=60)
-        starts = [(t, 50.0) for (t,) in _q(
-            pgjournal_dsn, pgjournal_schema,
-            "SELECT s.started_at FROM S.steps s WHERE s.kind = 'step' ORDER BY 1")]
+        starts = ready_times(pgjournal_dsn, pgjournal_schema)
         check_rate_windows(starts, 100, 100)
+        assert started_before_ready(pgjournal_dsn, pgjournal_schema, "s.started_at") == []
         span = (starts[-1][0] - starts[0][0]).total_seconds()
         assert span >= (400 - 100) / 100 - 0.1
         # The longest waits were spent suspended (no worker held), not in a slot.
@@ -205,10 +231,10 @@ async def test_parallel_rate_limited_steps_wait_in_the_worker(
     h = await app.start("parallel_llm", 6)   # 240 units: 80 at once, then 200/s
     async with serving(app):
         assert await h.result(timeout=30) == list(range(6))
-    starts = [(t, 40.0) for (t,) in _q(
-        pgjournal_dsn, pgjournal_schema,
-        "SELECT started_at FROM S.steps WHERE kind = 'step' ORDER BY 1")]
+    starts = ready_times(pgjournal_dsn, pgjournal_schema)
+    assert len(starts) == 6
     check_rate_windows(starts, 80, 200)
+    assert started_before_ready(pgjournal_dsn, pgjournal_schema, "s.started_at") == []
 
 
 async def test_unknown_bucket_fails_the_step_clearly(flow_app: pgjournal.App) -> None:
@@ -226,11 +252,12 @@ async def test_key_limit_holds_across_worker_processes(
     its limit run at once (from run_events), and cold keys are not held up."""
     app = pgjournal_app
     await app.set_concurrency_limit("k-*", 2)
-    hot = [await app.start("keyed", 0.2, concurrency_key="k-hot") for _ in range(40)]
-    cold = [await app.start("keyed", 0.2, concurrency_key=f"k-{i}") for i in range(6)]
     with RunningSampler(pgjournal_dsn, pgjournal_schema) as sampler:
         spawn_worker(concurrency=6)
         spawn_worker(concurrency=6)
+        await both_workers_up(pgjournal_dsn, pgjournal_schema)
+        hot = [await app.start("keyed", 0.2, concurrency_key="k-hot") for _ in range(40)]
+        cold = [await app.start("keyed", 0.2, concurrency_key=f"k-{i}") for i in range(6)]
         for h in cold:
             assert await h.result(timeout=60) == "done"
         hot_done = hot_done_before_cold(pgjournal_dsn, pgjournal_schema, "k-hot")
@@ -251,16 +278,24 @@ async def test_rate_limit_holds_across_worker_processes(
     app = pgjournal_app
     capacity, refill, units, n = 100.0, 200.0, 20, 50   # 1,000 units: >= 4.5 s
     await app.set_rate_limit("api", capacity=capacity, refill_per_second=refill)
+    spawn_worker(concurrency=8)
+    spawn_worker(concurrency=8)
+    await both_workers_up(pgjournal_dsn, pgjournal_schema)
     runs = [await app.start("metered", "api", units) for _ in range(n)]
-    spawn_worker(concurrency=8)
-    spawn_worker(concurrency=8)
     for h in runs:
         assert await h.result(timeout=120) == "call"
-    starts = [(t, float(units)) for (t,) in _q(
-        pgjournal_dsn, pgjournal_schema,
-        "SELECT at FROM S.test_effects WHERE step = 'call' ORDER BY at")]
+    # The bucket's accounting, from the times the database journaled with each
+    # take; and no step called before its units were ready (its side effect's
+    # own database time against its take's ready_at).
+    starts = ready_times(pgjournal_dsn, pgjournal_schema)
     assert len(starts) == n
     check_rate_windows(starts, capacity, refill)
+    early = _q(pgjournal_dsn, pgjournal_schema, """
+        SELECT e.run_id FROM S.test_effects e
+        JOIN S.steps r ON r.run_id::text = e.run_id AND r.kind = 'rate'
+        WHERE e.step = 'call' AND e.at < (r.output->>'ready_at')::timestamptz
+                                          - interval '5 ms'""")
+    assert early == []
     span = (starts[-1][0] - starts[0][0]).total_seconds()
     minimum = (n * units - capacity) / refill
     assert minimum - 0.1 <= span <= 2 * minimum + 3, (span, minimum)
