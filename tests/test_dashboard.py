@@ -554,3 +554,13 @@ def test_metrics_endpoint_serves_the_gauges(client_for: Any, pgjournal_dsn: str,
             if x.startswith("pgjournal_queue_runs{") and 'queue="metered_q"' in x
             and 'state="due"' in x]
     assert line and line[0].endswith(" 3"), r.text[:2000]
+
+
+def test_the_command_refuses_a_bad_dsn_or_schema_at_once(pgjournal_dsn: str) -> None:
+    for extra, says in ((["--dsn", "postgresql://nobody@127.0.0.1:1/x"], "cannot connect"),
+                        (["--dsn", pgjournal_dsn, "--schema", "never_migrated_here"],
+                         "pgjournal migrate")):
+        res = subprocess.run([sys.executable, "-m", "pgjournal", "dashboard", "--port", "0",
+                              *extra], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, res.stderr
+        assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..app import App
-from ._common import Add, schema_of
+from ._common import Add, schema_of, with_app
 
 LOOPBACK = ("localhost",)
 
@@ -30,6 +30,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("PGJOURNAL_DASHBOARD_TOKEN") or None
     reader = args.reader_dsn or os.environ.get("PGJOURNAL_DASHBOARD_READER_DSN") or None
+    async def reachable(checked: App) -> None:
+        await checked.store()  # connects and checks the schema version
+
+    # A wrong DSN or a schema not migrated is one clear line now, not an error
+    # page at the first request.
+    with_app(args, reachable)
     app = App(args.dsn, schema=schema_of(args), pool_size=4)
     asgi = create_app(app, token=token, read_only=args.read_only, reader_dsn=reader,
                       allowed_origins=args.allow_origin or (),
