@@ -333,9 +333,12 @@ class Worker:
                         self.id, self.queues, free, self.lease, workflows=self.workflows))
                     self.metrics.claim_latency(time.monotonic() - sent)
                     got = self._spawn_all(claims, sent)
-                    if got < free and not self._hungry:
+                    if got < free and (got > 0 or not self._hungry):
                         # Going idle: ask for NOTIFYs, and claim once more under
                         # the queue locks so no enqueue slips between the two.
+                        # Also after a claim that got some but not all: a key's
+                        # runs may have been cut to its room, and the runs of
+                        # other keys behind them are claimable now.
                         sent = time.monotonic()
                         claims = await traced_claim(self._store, self._store.claim(
                             self.id, self.queues, free - got, self.lease, hungry=True,
