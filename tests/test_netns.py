@@ -1,0 +1,316 @@
+"""A worker host that loses the network (issue 14, part 3).
+
+Three hosts in network namespaces on one bridge: the database in ``db``,
+worker processes in ``w1`` and ``w2`` (the test process reaches the database
+over the bridge from the root namespace). ``w1`` owns a few runs when its link
+is cut for longer than its lease, its processes running on. The test shows,
+from the database:
+
+- ``w2`` takes every run of ``w1`` over within 1 s of the lease's expiry
+  (so within lease + 1 s of the cut), on the database's clock;
+- when the link comes back, nothing ``w1`` sends for those runs gets in: no
+  journal entry with its epoch after the takeover (its in-flight step writes
+  are refused by the fence), and it says it lost those leases;
+- no step committed in the journal was executed again afterwards, by either
+  host, and the journal has no duplicate (run_id, name, occurrence);
+- ``w1`` then claims and completes new runs.
+
+Skipped, with the reason, where namespaces cannot be made (not root, no
+iproute2, no namespace support) or there are no PostgreSQL binaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgjournal.migrations import migrate
+
+from . import netns
+from .conftest import ROOT, Effects, wait_for
+from .procs_netns import build_app
+
+pytestmark = pytest.mark.own_server
+
+SCHEMA = "netns"
+LEASE = 3.0
+#: The takeover bound past the lease's expiry: the other worker polls every
+#: 0.2 s (``poll_interval``) and needs one claim round trip; the rest is slack
+#: for a loaded 2-CPU machine.
+TAKEOVER_BOUND = 1.0
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    out: Path          # stdout/stderr: the worker's log
+    effects: Path      # its local record of step executions
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def notes(self) -> list[dict[str, Any]]:
+        if not self.effects.exists():
+            return []
+        return [json.loads(line) for line in self.effects.read_text().splitlines() if line]
+
+
+@dataclass
+class Cluster:
+    net: netns.Network
+    hosts: dict[str, netns.Host]
+    server: netns.NamespacedServer
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn
+
+    def spawn_worker(self, host: str, *, concurrency: int) -> Proc:
+        name = f"{host}-{len(self.procs)}"
+        out, notes = self.tmp / f"{name}.log", self.tmp / f"{name}.effects"
+        args = self.hosts[host].exec(
+            sys.executable, "-m", "tests.procs_netns", self.dsn, SCHEMA, "--log", str(notes),
+            "--concurrency", str(concurrency), "--lease", str(LEASE))
+        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                stdout=out.open("wb"), stderr=subprocess.STDOUT)
+        p = Proc(name, proc, out, notes)
+        self.procs.append(p)
+        return p
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"cannot build hosts in network namespaces: {reason}")
+    net = netns.Network()
+    server: netns.NamespacedServer | None = None
+    c: Cluster | None = None
+    try:
+        hosts = {name: net.add_host(name) for name in ("db", "w1", "w2")}
+        server = netns.NamespacedServer(hosts["db"])
+        server.start()
+        server.wait_reachable()
+        c = Cluster(net, hosts, server, tmp_path)
+        yield c
+    finally:
+        # Whatever happened: links up (a cut host's processes must be able to die
+        # cleanly), workers killed, server stopped, namespaces and links deleted.
+        for host in net.hosts.values():
+            with contextlib.suppress(Exception):
+                net.restore(host)
+        for p in (c.procs if c is not None else []):
+            if p.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.proc.wait(10)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.cleanup()
+        net.close()
+
+
+class Db:
+    """The test's own connection (root namespace, over the bridge)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        return self.conn.execute(query.replace("{s}", f'"{SCHEMA}"'), params).fetchall()
+
+    def one(self, query: str, *params: Any) -> Any:
+        rows = self.rows(query, *params)
+        return rows[0][0] if rows else None
+
+    def now(self) -> datetime:
+        value: datetime = self.one("SELECT clock_timestamp()")
+        return value
+
+
+async def registered(db: Db, p: Proc) -> uuid.UUID:
+    """The worker id of process ``p`` once it has registered."""
+    async def check() -> Any:
+        if p.proc.poll() is not None:
+            raise AssertionError(f"worker {p.name} exited:\n{p.output()}")
+        return db.one("SELECT id FROM {s}.workers WHERE pid = %s AND stopped_at IS NULL",
+                      p.pid)
+    found: uuid.UUID = await wait_for(check, 30, what=f"worker {p.name} to register")
+    return found
+
+
+async def test_host_cut_off_past_its_lease_is_fenced_and_comes_back(
+        cluster: Cluster) -> None:
+    migrate(cluster.dsn, schema=SCHEMA)
+    Effects(cluster.dsn, SCHEMA)  # creates <schema>.test_effects
+    db = Db(cluster.dsn)
+    app = build_app(cluster.dsn, SCHEMA)
+    try:
+        await _scenario(cluster, db, app)
+    finally:
+        await app.close()
+        db.conn.close()
+
+
+async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
+    net, w1_host = cluster.net, cluster.hosts["w1"]
+
+    # -- w1 owns four runs, each past its first steps ---------------------------------
+    w1 = cluster.spawn_worker("w1", concurrency=4)
+    w1_id = await registered(db, w1)
+    handles = [await app.start("ticker", 16, 0.25) for _ in range(4)]
+    ids = [h.run_id for h in handles]
+
+    async def all_running_on_w1() -> bool:
+        rows = db.rows(
+            "SELECT r.worker_id, r.lease_epoch, (SELECT count(*) FROM {s}.steps s "
+            "WHERE s.run_id = r.id) FROM {s}.runs r WHERE r.id = ANY(%s) "
+            "AND r.status = 'running'", ids)
+        return len(rows) == 4 and all(w == w1_id and e == 1 and n >= 2 for w, e, n in rows)
+
+    await wait_for(all_running_on_w1, 30, what="w1 to own all four runs, 2 steps in")
+    w2 = cluster.spawn_worker("w2", concurrency=8)
+    w2_id = await registered(db, w2)
+
+    # -- cut w1 off; it keeps running ----------------------------------------------------
+    cut_at = db.now()
+    net.cut(w1_host)
+    expiry: dict[uuid.UUID, datetime] = {}   # w1's lease expiry, last seen before takeover
+
+    async def taken_over() -> bool:
+        rows = db.rows("SELECT id, lease_epoch, worker_id, due_at FROM {s}.runs "
+                       "WHERE id = ANY(%s)", ids)
+        for run_id, epoch, worker, due_at in rows:
+            if epoch == 1 and worker == w1_id:
+                expiry[run_id] = due_at
+        return all(epoch > 1 for _r, epoch, _w, _d in rows)
+
+    await wait_for(taken_over, 30, what="w2 to take over w1's runs")
+    assert w1.proc.poll() is None, "the cut-off worker died"
+    takeover: dict[uuid.UUID, datetime] = {}
+    for run_id in ids:
+        (at, worker, epoch), = db.rows(
+            "SELECT at, worker_id, lease_epoch FROM {s}.run_events WHERE run_id = %s "
+            "AND to_status = 'running' AND lease_epoch > 1 ORDER BY id LIMIT 1", run_id)
+        assert (worker, epoch) == (w2_id, 2), "a run was not taken over by w2 directly"
+        takeover[run_id] = at
+        assert run_id in expiry
+        late = (at - expiry[run_id]).total_seconds()
+        assert 0 < late <= TAKEOVER_BOUND, \
+            f"run {run_id} taken over {late:.3f}s after its lease expired"
+        since_cut = (at - cut_at).total_seconds()
+        assert since_cut <= LEASE + TAKEOVER_BOUND, \
+            f"run {run_id} taken over {since_cut:.3f}s after the cut"
+
+    # Keep the cut until w2 has journaled a step of each run with its own epoch.
+    async def w2_progressed() -> bool:
+        n = db.one("SELECT count(DISTINCT run_id) FROM {s}.steps WHERE run_id = ANY(%s) "
+                   "AND lease_epoch = 2", ids)
+        return bool(n == 4)
+
+    await wait_for(w2_progressed, 30, what="w2 to journal a step of every run")
+    restore_at = db.now()
+    net.restore(w1_host)
+    assert (restore_at - cut_at).total_seconds() > LEASE, "the cut was not longer than the lease"
+    assert w1.proc.poll() is None, "the cut-off worker died"
+
+    # -- the link is back ---------------------------------------------------------------
+    for h in handles:
+        assert await h.result(timeout=60) == 16
+
+    async def w1_gave_up() -> bool:
+        out = w1.output()
+        return all(f"lost the lease of run {r}" in out for r in ids)
+
+    await wait_for(w1_gave_up, 30, what="w1 to say it lost the lease of every run")
+
+    async def w1_steps_returned() -> bool:
+        notes = w1.notes()
+        started = {(n["run"], n["label"]) for n in notes if n["ev"] == "start"}
+        ended = {(n["run"], n["label"]) for n in notes if n["ev"] == "end"}
+        return started == ended
+
+    # Its step functions that hung on the network during the cut have returned
+    # (and gone on to their journal writes).
+    await wait_for(w1_steps_returned, 30, what="w1's hung step functions to return")
+
+    # -- w1 then serves new runs ----------------------------------------------------------
+    w2.proc.send_signal(signal.SIGTERM)
+    assert w2.proc.wait(30) == 0, w2.output()
+    fresh = [await app.start("ticker", 3, 0.0) for _ in range(3)]
+    for h in fresh:
+        assert await h.result(timeout=60) == 3
+    for h in fresh:
+        claims = db.rows("SELECT worker_id FROM {s}.run_events WHERE run_id = %s "
+                         "AND to_status = 'running'", h.run_id)
+        assert claims == [(w1_id,)]
+        outputs = [o for (o,) in db.rows("SELECT output FROM {s}.steps WHERE run_id = %s "
+                                         "ORDER BY position", h.run_id)]
+        assert outputs == [f"tick{i}@{w1.pid}" for i in range(3)]
+    assert w1.proc.poll() is None
+
+    # -- what the database holds for the runs of the cut -----------------------------------
+    assert db.rows("SELECT run_id, name, occurrence FROM {s}.steps GROUP BY 1, 2, 3 "
+                   "HAVING count(*) > 1") == []
+    starts = [(n, "w1") for n in w1.notes() if n["ev"] == "start"] + \
+             [(n, "w2") for n in w2.notes() if n["ev"] == "start"]
+    refused = 0
+    for run_id in ids:
+        assert db.one("SELECT status FROM {s}.runs WHERE id = %s", run_id) == "completed"
+        steps = db.rows("SELECT position, name, occurrence, lease_epoch, output, created_at "
+                        "FROM {s}.steps WHERE run_id = %s ORDER BY position", run_id)
+        assert [(p, n, o) for p, n, o, *_ in steps] == [(i, "tick", i) for i in range(16)]
+        for _p, _n, occ, epoch, output, created in steps:
+            label, pid = output.split("@")
+            assert label == f"tick{occ}"
+            if epoch == 1:  # w1's writes: all before the takeover, and made by w1
+                assert created < takeover[run_id] and int(pid) == w1.pid, steps
+            else:
+                assert epoch == 2 and created > takeover[run_id] and int(pid) == w2.pid, steps
+        journaled = {f"tick{occ}": created for _p, _n, occ, _e, _o, created in steps}
+        mine = [(n, host) for n, host in starts if n["run"] == str(run_id)]
+        for note, host in mine:
+            started = datetime.fromtimestamp(note["t"], tz=takeover[run_id].tzinfo)
+            # No step of a committed journal entry started after its commit.
+            assert started < journaled[note["label"]], \
+                f"{host} ran {note['label']} of {run_id} again after it was journaled"
+            if host == "w1":  # w1 starts nothing once the run is no longer its own
+                assert started < takeover[run_id], \
+                    f"w1 started {note['label']} of {run_id} after the takeover"
+        w1_labels = [n["label"] for n, host in mine if host == "w1"]
+        w2_labels = [n["label"] for n, host in mine if host == "w2"]
+        assert len(w1_labels) == len(set(w1_labels)) and len(w2_labels) == len(set(w2_labels))
+        # A step w1 started but did not journal ran again on w2 (at most once each).
+        w1_journaled = {f"tick{occ}" for _p, _n, occ, e, _o, _c in steps if e == 1}
+        w1_unjournaled = set(w1_labels) - w1_journaled
+        assert set(w2_labels) == {f"tick{i}" for i in range(16)} - w1_journaled
+        refused += len(w1_unjournaled)
+        # The database saw w1's side effect of those (delivered once the link was back).
+        effect_pids = db.rows("SELECT step, pid FROM {s}.test_effects WHERE run_id = %s",
+                              str(run_id))
+        assert sorted(effect_pids) == sorted(
+            [(lb, w1.pid) for lb in w1_labels] + [(lb, w2.pid) for lb in w2_labels])
+    # w1 was inside steps when it was cut: their results, written once the link
+    # was back, were refused by the fence (not journaled with its epoch above).
+    assert refused >= 1, "w1 had no step in flight when it was cut: nothing was fenced"
