@@ -15,6 +15,13 @@ pausing between them. Each execution of the step function
 Times are ``time.time()``: every namespace shares the machine's one clock
 (network namespaces do not virtualise time), the one PostgreSQL's ``now()``
 reads too, so they compare with database timestamps.
+
+Holding a run (only in a process started with ``PGJ_NETNS_GATES=<dir>``): with
+``hold_at=i`` and ``gate=g`` the run waits at occurrence ``i`` until the file
+``<dir>/<g>`` exists; ``hold="inside"`` waits inside the step function, after
+its start note and before its side effect (a step in flight: its journal write
+comes after the gate opens), ``hold="between"`` waits in the workflow before
+the step (noted as ``{"ev": "held"}``; the step must then pass the lease guard).
 """
 
 from __future__ import annotations
@@ -47,10 +54,23 @@ def _note(ev: str, run_id: str, label: str) -> None:
         os.close(fd)
 
 
-def effect(run_id: str, label: str) -> str:
+def wait_gate(run_id: str, label: str, gate: str, *, between: bool) -> None:
+    """Wait for ``<PGJ_NETNS_GATES>/<gate>`` (nothing without that variable)."""
+    gates = os.environ.get("PGJ_NETNS_GATES")
+    if not gates or not gate:
+        return
+    if between:
+        _note("held", run_id, label)
+    path = os.path.join(gates, gate)
+    while not os.path.exists(path):
+        time.sleep(0.02)
+
+
+def effect(run_id: str, label: str, gate: str = "") -> str:
     global _conn
     dsn, schema, _ = _target
     _note("start", run_id, label)
+    wait_gate(run_id, label, gate, between=False)
     with _lock:
         for attempt in range(100):
             try:
@@ -75,9 +95,15 @@ def build_app(dsn: str, schema: str, log_path: str = "/dev/null") -> pgjournal.A
     app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
 
     @app.workflow(max_recoveries=20)
-    async def ticker(run: pgjournal.Run, n: int, pause: float) -> int:
+    async def ticker(run: pgjournal.Run, n: int, pause: float, hold_at: int = -1,
+                     hold: str = "inside", gate: str = "") -> int:
+        rid = str(run.id)
         for i in range(n):
-            await run.step("tick", effect, str(run.id), f"tick{i}")
+            label, held = f"tick{i}", gate if i == hold_at else ""
+            if held and hold == "between":
+                await asyncio.to_thread(wait_gate, rid, label, held, between=True)
+            inside = held if hold == "inside" else ""
+            await run.step("tick", effect, rid, label, inside)
             await asyncio.sleep(pause)
         return n
 
@@ -92,7 +118,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lease", type=float, default=3.0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(created).3f %(asctime)s %(name)s %(message)s")
     app = build_app(args.dsn, args.schema, args.log)
     worker = pgjournal.Worker(app, queues=["default"], concurrency=args.concurrency,
                               lease=args.lease, grace_period=5.0)

@@ -51,6 +51,8 @@ LEASE = 3.0
 #: 0.2 s (``poll_interval``) and needs one claim round trip; the rest is slack
 #: for a loaded 2-CPU machine.
 TAKEOVER_BOUND = 1.0
+#: Steps per run of the cut (the runs are held at tick3 on w1).
+N = 8
 
 
 @dataclass
@@ -85,13 +87,15 @@ class Cluster:
     def dsn(self) -> str:
         return self.server.dsn
 
-    def spawn_worker(self, host: str, *, concurrency: int) -> Proc:
+    def spawn_worker(self, host: str, *, concurrency: int,
+                     env: dict[str, str] | None = None) -> Proc:
         name = f"{host}-{len(self.procs)}"
         out, notes = self.tmp / f"{name}.log", self.tmp / f"{name}.effects"
         args = self.hosts[host].exec(
             sys.executable, "-m", "tests.procs_netns", self.dsn, SCHEMA, "--log", str(notes),
             "--concurrency", str(concurrency), "--lease", str(LEASE))
-        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(args, cwd=ROOT, env=full_env,
                                 stdout=out.open("wb"), stderr=subprocess.STDOUT)
         p = Proc(name, proc, out, notes)
         self.procs.append(p)
@@ -173,27 +177,43 @@ async def test_host_cut_off_past_its_lease_is_fenced_and_comes_back(
         db.conn.close()
 
 
+def _noted(p: Proc, ev: str, run_id: Any, label: str) -> bool:
+    return any(n["ev"] == ev and n["run"] == str(run_id) and n["label"] == label
+               for n in p.notes())
+
+
 async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
     net, w1_host = cluster.net, cluster.hosts["w1"]
+    gates = cluster.tmp / "gates"
+    gates.mkdir()
 
-    # -- w1 owns four runs, each past its first steps ---------------------------------
-    w1 = cluster.spawn_worker("w1", concurrency=4)
+    # -- w1 owns four runs, three steps in, each held at tick3 -------------------------
+    # Two are inside tick3 (a step in flight: its result will be written after the
+    # link is back), two wait in workflow code before it (tick3 must then pass the
+    # lease guard). Only w1 holds runs at gates; w2 runs straight through.
+    w1 = cluster.spawn_worker("w1", concurrency=4, env={"PGJ_NETNS_GATES": str(gates)})
     w1_id = await registered(db, w1)
-    handles = [await app.start("ticker", 16, 0.25) for _ in range(4)]
+    inside = [await app.start("ticker", N, 0.05, hold_at=3, hold="inside", gate="cut")
+              for _ in range(2)]
+    between = [await app.start("ticker", N, 0.05, hold_at=3, hold="between", gate="cut")
+               for _ in range(2)]
+    handles = inside + between
     ids = [h.run_id for h in handles]
 
-    async def all_running_on_w1() -> bool:
+    async def w1_holds_all() -> bool:
         rows = db.rows(
             "SELECT r.worker_id, r.lease_epoch, (SELECT count(*) FROM {s}.steps s "
             "WHERE s.run_id = r.id) FROM {s}.runs r WHERE r.id = ANY(%s) "
             "AND r.status = 'running'", ids)
-        return len(rows) == 4 and all(w == w1_id and e == 1 and n >= 2 for w, e, n in rows)
+        return (len(rows) == 4 and all(row == (w1_id, 1, 3) for row in rows)
+                and all(_noted(w1, "start", h.run_id, "tick3") for h in inside)
+                and all(_noted(w1, "held", h.run_id, "tick3") for h in between))
 
-    await wait_for(all_running_on_w1, 30, what="w1 to own all four runs, 2 steps in")
+    await wait_for(w1_holds_all, 30, what="w1 to own all four runs, held at tick3")
     w2 = cluster.spawn_worker("w2", concurrency=8)
     w2_id = await registered(db, w2)
 
-    # -- cut w1 off; it keeps running ----------------------------------------------------
+    # -- cut w1 off; its processes keep running ----------------------------------------
     cut_at = db.now()
     net.cut(w1_host)
     expiry: dict[uuid.UUID, datetime] = {}   # w1's lease expiry, last seen before takeover
@@ -207,7 +227,6 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         return all(epoch > 1 for _r, epoch, _w, _d in rows)
 
     await wait_for(taken_over, 30, what="w2 to take over w1's runs")
-    assert w1.proc.poll() is None, "the cut-off worker died"
     takeover: dict[uuid.UUID, datetime] = {}
     for run_id in ids:
         (at, worker, epoch), = db.rows(
@@ -215,7 +234,6 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
             "AND to_status = 'running' AND lease_epoch > 1 ORDER BY id LIMIT 1", run_id)
         assert (worker, epoch) == (w2_id, 2), "a run was not taken over by w2 directly"
         takeover[run_id] = at
-        assert run_id in expiry
         late = (at - expiry[run_id]).total_seconds()
         assert 0 < late <= TAKEOVER_BOUND, \
             f"run {run_id} taken over {late:.3f}s after its lease expired"
@@ -223,21 +241,22 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         assert since_cut <= LEASE + TAKEOVER_BOUND, \
             f"run {run_id} taken over {since_cut:.3f}s after the cut"
 
-    # Keep the cut until w2 has journaled a step of each run with its own epoch.
+    # The cut lasts until w2 has journaled a step of every run with its own epoch.
     async def w2_progressed() -> bool:
         n = db.one("SELECT count(DISTINCT run_id) FROM {s}.steps WHERE run_id = ANY(%s) "
                    "AND lease_epoch = 2", ids)
         return bool(n == 4)
 
     await wait_for(w2_progressed, 30, what="w2 to journal a step of every run")
+    assert w1.proc.poll() is None, f"the cut-off worker died:\n{w1.output()}"
     restore_at = db.now()
     net.restore(w1_host)
     assert (restore_at - cut_at).total_seconds() > LEASE, "the cut was not longer than the lease"
-    assert w1.proc.poll() is None, "the cut-off worker died"
 
-    # -- the link is back ---------------------------------------------------------------
+    # -- the link is back: w1's held runs go on and hit the fence ----------------------
+    (gates / "cut").touch()
     for h in handles:
-        assert await h.result(timeout=60) == 16
+        assert await h.result(timeout=60) == N
 
     async def w1_gave_up() -> bool:
         out = w1.output()
@@ -245,72 +264,67 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
 
     await wait_for(w1_gave_up, 30, what="w1 to say it lost the lease of every run")
 
-    async def w1_steps_returned() -> bool:
-        notes = w1.notes()
-        started = {(n["run"], n["label"]) for n in notes if n["ev"] == "start"}
-        ended = {(n["run"], n["label"]) for n in notes if n["ev"] == "end"}
-        return started == ended
-
-    # Its step functions that hung on the network during the cut have returned
-    # (and gone on to their journal writes).
-    await wait_for(w1_steps_returned, 30, what="w1's hung step functions to return")
-
-    # -- w1 then serves new runs ----------------------------------------------------------
+    # -- w1 then serves new runs, with all four of its slots --------------------------
+    # Four new runs held at once on w1 (concurrency 4) mean that none of the old
+    # runs is still in flight there: w1 stopped them all.
     w2.proc.send_signal(signal.SIGTERM)
     assert w2.proc.wait(30) == 0, w2.output()
-    fresh = [await app.start("ticker", 3, 0.0) for _ in range(3)]
+    fresh = [await app.start("ticker", 2, 0.0, hold_at=0, hold="between", gate="fresh")
+             for _ in range(4)]
+
+    async def w1_holds_fresh() -> bool:
+        return all(_noted(w1, "held", h.run_id, "tick0") for h in fresh)
+
+    await wait_for(w1_holds_fresh, 30, what="w1 to claim four new runs at once")
+    (gates / "fresh").touch()
     for h in fresh:
-        assert await h.result(timeout=60) == 3
-    for h in fresh:
+        assert await h.result(timeout=60) == 2
         claims = db.rows("SELECT worker_id FROM {s}.run_events WHERE run_id = %s "
                          "AND to_status = 'running'", h.run_id)
         assert claims == [(w1_id,)]
         outputs = [o for (o,) in db.rows("SELECT output FROM {s}.steps WHERE run_id = %s "
                                          "ORDER BY position", h.run_id)]
-        assert outputs == [f"tick{i}@{w1.pid}" for i in range(3)]
+        assert outputs == [f"tick0@{w1.pid}", f"tick1@{w1.pid}"]
     assert w1.proc.poll() is None
 
-    # -- what the database holds for the runs of the cut -----------------------------------
+    # -- what the database and the hosts' own records say about the cut runs -----------
     assert db.rows("SELECT run_id, name, occurrence FROM {s}.steps GROUP BY 1, 2, 3 "
                    "HAVING count(*) > 1") == []
-    starts = [(n, "w1") for n in w1.notes() if n["ev"] == "start"] + \
-             [(n, "w2") for n in w2.notes() if n["ev"] == "start"]
-    refused = 0
-    for run_id in ids:
+    starts = [(n, w1) for n in w1.notes() if n["ev"] == "start"] + \
+             [(n, w2) for n in w2.notes() if n["ev"] == "start"]
+    everything = [f"tick{i}" for i in range(N)]
+    for h in handles:
+        run_id = h.run_id
         assert db.one("SELECT status FROM {s}.runs WHERE id = %s", run_id) == "completed"
         steps = db.rows("SELECT position, name, occurrence, lease_epoch, output, created_at "
                         "FROM {s}.steps WHERE run_id = %s ORDER BY position", run_id)
-        assert [(p, n, o) for p, n, o, *_ in steps] == [(i, "tick", i) for i in range(16)]
+        assert [(p, n, o) for p, n, o, *_ in steps] == [(i, "tick", i) for i in range(N)]
+        # Fencing: w1's entries (tick0-2) all precede the takeover; everything after
+        # it is w2's. w1's result of tick3, written after the link came back, is not
+        # there: the fence refused it.
         for _p, _n, occ, epoch, output, created in steps:
-            label, pid = output.split("@")
-            assert label == f"tick{occ}"
-            if epoch == 1:  # w1's writes: all before the takeover, and made by w1
-                assert created < takeover[run_id] and int(pid) == w1.pid, steps
-            else:
-                assert epoch == 2 and created > takeover[run_id] and int(pid) == w2.pid, steps
+            expected = (1, w1.pid) if occ < 3 else (2, w2.pid)
+            assert (epoch, output) == (expected[0], f"tick{occ}@{expected[1]}"), steps
+            assert (created < takeover[run_id]) == (epoch == 1), steps
         journaled = {f"tick{occ}": created for _p, _n, occ, _e, _o, created in steps}
-        mine = [(n, host) for n, host in starts if n["run"] == str(run_id)]
-        for note, host in mine:
+        tried = {p.name: [n["label"] for n, q in starts if q is p and n["run"] == str(run_id)]
+                 for p in (w1, w2)}
+        for note, p in starts:
+            if note["run"] != str(run_id):
+                continue
             started = datetime.fromtimestamp(note["t"], tz=takeover[run_id].tzinfo)
-            # No step of a committed journal entry started after its commit.
+            # No step function started once its journal entry had committed.
             assert started < journaled[note["label"]], \
-                f"{host} ran {note['label']} of {run_id} again after it was journaled"
-            if host == "w1":  # w1 starts nothing once the run is no longer its own
+                f"{p.name} ran {note['label']} of {run_id} again after it was journaled"
+            if p is w1:  # w1 starts nothing once the run is no longer its own
                 assert started < takeover[run_id], \
                     f"w1 started {note['label']} of {run_id} after the takeover"
-        w1_labels = [n["label"] for n, host in mine if host == "w1"]
-        w2_labels = [n["label"] for n, host in mine if host == "w2"]
-        assert len(w1_labels) == len(set(w1_labels)) and len(w2_labels) == len(set(w2_labels))
-        # A step w1 started but did not journal ran again on w2 (at most once each).
-        w1_journaled = {f"tick{occ}" for _p, _n, occ, e, _o, _c in steps if e == 1}
-        w1_unjournaled = set(w1_labels) - w1_journaled
-        assert set(w2_labels) == {f"tick{i}" for i in range(16)} - w1_journaled
-        refused += len(w1_unjournaled)
-        # The database saw w1's side effect of those (delivered once the link was back).
-        effect_pids = db.rows("SELECT step, pid FROM {s}.test_effects WHERE run_id = %s",
+        if h in inside:  # w1 was inside tick3; w2 ran it again (never journaled by w1)
+            assert tried == {w1.name: everything[:4], w2.name: everything[3:]}, tried
+        else:  # w1 held before tick3 never started it: the lease guard stopped it
+            assert tried == {w1.name: everything[:3], w2.name: everything[3:]}, tried
+        # The database saw the same side effects (w1's tick3 arrived after the cut).
+        effect_rows = db.rows("SELECT step, pid FROM {s}.test_effects WHERE run_id = %s",
                               str(run_id))
-        assert sorted(effect_pids) == sorted(
-            [(lb, w1.pid) for lb in w1_labels] + [(lb, w2.pid) for lb in w2_labels])
-    # w1 was inside steps when it was cut: their results, written once the link
-    # was back, were refused by the fence (not journaled with its epoch above).
-    assert refused >= 1, "w1 had no step in flight when it was cut: nothing was fenced"
+        assert sorted(effect_rows) == sorted(
+            [(lb, w1.pid) for lb in tried[w1.name]] + [(lb, w2.pid) for lb in tried[w2.name]])
