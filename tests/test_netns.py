@@ -112,7 +112,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c: Cluster | None = None
     try:
         hosts = {name: net.add_host(name) for name in ("db", "w1", "w2")}
-        server = netns.NamespacedServer(hosts["db"])
+        # track_functions: the test counts the calls of journal_step (refused ones too)
+        server = netns.NamespacedServer(hosts["db"], settings={"track_functions": "pl"})
         server.start()
         server.wait_reachable()
         c = Cluster(net, hosts, server, tmp_path)
@@ -241,13 +242,19 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         assert since_cut <= LEASE + TAKEOVER_BOUND, \
             f"run {run_id} taken over {since_cut:.3f}s after the cut"
 
-    # The cut lasts until w2 has journaled a step of every run with its own epoch.
+    # The cut lasts until w2 has journaled a step of every run with its own epoch,
+    # and longer than the lease.
     async def w2_progressed() -> bool:
         n = db.one("SELECT count(DISTINCT run_id) FROM {s}.steps WHERE run_id = ANY(%s) "
                    "AND lease_epoch = 2", ids)
         return bool(n == 4)
 
     await wait_for(w2_progressed, 30, what="w2 to journal a step of every run")
+
+    async def longer_than_the_lease() -> bool:  # on the database's clock
+        return (db.now() - cut_at).total_seconds() > LEASE + 0.5
+
+    await wait_for(longer_than_the_lease, 30, what="the cut to outlast the lease")
     assert w1.proc.poll() is None, f"the cut-off worker died:\n{w1.output()}"
     restore_at = db.now()
     net.restore(w1_host)
@@ -328,3 +335,19 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
                               str(run_id))
         assert sorted(effect_rows) == sorted(
             [(lb, w1.pid) for lb in tried[w1.name]] + [(lb, w2.pid) for lb in tried[w2.name]])
+
+    # -- every journal write reached the database: 40 entries, and w1's two results
+    # of tick3 (sent after the link came back), which the fence refused ---------------
+    w1.proc.send_signal(signal.SIGTERM)
+    assert w1.proc.wait(30) == 0, w1.output()
+    expected = 4 * N + 4 * 2 + len(inside)
+
+    async def journal_calls() -> int:
+        # Backends report their function counts when they exit (both workers have).
+        calls: int = db.one("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
+                            "WHERE schemaname = %s AND funcname = 'journal_step'", SCHEMA)
+        return calls if calls >= expected else 0
+
+    calls = await wait_for(journal_calls, 30, what=f"{expected} journal_step calls")
+    assert calls == expected
+    assert db.one("SELECT count(*) FROM {s}.steps") == expected - len(inside)
