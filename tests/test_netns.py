@@ -185,14 +185,15 @@ def _noted(p: Proc, ev: str, run_id: Any, label: str) -> bool:
 
 async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
     net, w1_host = cluster.net, cluster.hosts["w1"]
-    gates = cluster.tmp / "gates"
-    gates.mkdir()
+    gates = {name: cluster.tmp / f"gates-{name}" for name in ("w1", "w2")}
+    for d in gates.values():
+        d.mkdir()
 
     # -- w1 owns four runs, three steps in, each held at tick3 -------------------------
     # Two are inside tick3 (a step in flight: its result will be written after the
     # link is back), two wait in workflow code before it (tick3 must then pass the
-    # lease guard). Only w1 holds runs at gates; w2 runs straight through.
-    w1 = cluster.spawn_worker("w1", concurrency=4, env={"PGJ_NETNS_GATES": str(gates)})
+    # lease guard). Each worker has gates of its own (the same names in its dir).
+    w1 = cluster.spawn_worker("w1", concurrency=4, env={"PGJ_NETNS_GATES": str(gates["w1"])})
     w1_id = await registered(db, w1)
     inside = [await app.start("ticker", N, 0.05, hold_at=3, hold="inside", gate="cut")
               for _ in range(2)]
@@ -211,7 +212,7 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
                 and all(_noted(w1, "held", h.run_id, "tick3") for h in between))
 
     await wait_for(w1_holds_all, 30, what="w1 to own all four runs, held at tick3")
-    w2 = cluster.spawn_worker("w2", concurrency=8)
+    w2 = cluster.spawn_worker("w2", concurrency=8, env={"PGJ_NETNS_GATES": str(gates["w2"])})
     w2_id = await registered(db, w2)
 
     # -- cut w1 off; its processes keep running ----------------------------------------
@@ -242,14 +243,13 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         assert since_cut <= LEASE + TAKEOVER_BOUND, \
             f"run {run_id} taken over {since_cut:.3f}s after the cut"
 
-    # The cut lasts until w2 has journaled a step of every run with its own epoch,
-    # and longer than the lease.
-    async def w2_progressed() -> bool:
-        n = db.one("SELECT count(DISTINCT run_id) FROM {s}.steps WHERE run_id = ANY(%s) "
-                   "AND lease_epoch = 2", ids)
-        return bool(n == 4)
+    # The cut lasts until w2 has replayed every run up to tick3 and holds it there
+    # (inside tick3, or before it), and longer than the lease.
+    async def w2_holds_all() -> bool:
+        return (all(_noted(w2, "start", h.run_id, "tick3") for h in inside)
+                and all(_noted(w2, "held", h.run_id, "tick3") for h in between))
 
-    await wait_for(w2_progressed, 30, what="w2 to journal a step of every run")
+    await wait_for(w2_holds_all, 30, what="w2 to hold every run at tick3")
 
     async def longer_than_the_lease() -> bool:  # on the database's clock
         return (db.now() - cut_at).total_seconds() > LEASE + 0.5
@@ -261,15 +261,34 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
     assert (restore_at - cut_at).total_seconds() > LEASE, "the cut was not longer than the lease"
 
     # -- the link is back: w1's held runs go on and hit the fence ----------------------
-    (gates / "cut").touch()
-    for h in handles:
-        assert await h.result(timeout=60) == N
+    # w2 still holds every run before journaling tick3, so position 3 is free:
+    # only the lease epoch can refuse w1's results of tick3.
+    (gates["w1"] / "cut").touch()
 
     async def w1_gave_up() -> bool:
         out = w1.output()
         return all(f"lost the lease of run {r}" in out for r in ids)
 
     await wait_for(w1_gave_up, 30, what="w1 to say it lost the lease of every run")
+
+    async def journal_calls(expected: int) -> int:
+        # Backends report their function counts when idle (at most ~10 s later) or
+        # when they exit.
+        seen: int = db.one("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
+                           "WHERE schemaname = %s AND funcname = 'journal_step'", SCHEMA)
+        assert seen <= expected, f"{seen} journal_step calls, {expected} expected"
+        return seen if seen == expected else 0
+
+    # w1's twelve entries (tick0-2) and its two results of tick3, sent after the
+    # link came back: the database got them and refused them.
+    refused = 4 * 3 + len(inside)
+    await wait_for(lambda: journal_calls(refused), 30,
+                   what="w1's results of tick3 to reach the database")
+    assert db.rows("SELECT run_id, position, lease_epoch FROM {s}.steps "
+                   "WHERE run_id = ANY(%s) AND position >= 3", ids) == []
+    (gates["w2"] / "cut").touch()
+    for h in handles:
+        assert await h.result(timeout=60) == N
 
     # -- w1 then serves new runs, with all four of its slots --------------------------
     # Four new runs held at once on w1 (concurrency 4) mean that none of the old
@@ -283,7 +302,7 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         return all(_noted(w1, "held", h.run_id, "tick0") for h in fresh)
 
     await wait_for(w1_holds_fresh, 30, what="w1 to claim four new runs at once")
-    (gates / "fresh").touch()
+    (gates["w1"] / "fresh").touch()
     for h in fresh:
         assert await h.result(timeout=60) == 2
         claims = db.rows("SELECT worker_id FROM {s}.run_events WHERE run_id = %s "
@@ -336,20 +355,12 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
         assert sorted(effect_rows) == sorted(
             [(lb, w1.pid) for lb in tried[w1.name]] + [(lb, w2.pid) for lb in tried[w2.name]])
 
-    # -- every journal write reached the database: 40 entries, and w1's two results
-    # of tick3 (sent after the link came back), which the fence refused ---------------
+    # -- no journal write beyond those: 40 entries and the two refused ----------------
     w1.proc.send_signal(signal.SIGTERM)
     assert w1.proc.wait(30) == 0, w1.output()
     expected_calls = 4 * N + 4 * 2 + len(inside)
-
-    async def journal_calls() -> int:
-        # Backends report their function counts when they exit (both workers have).
-        seen: int = db.one("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
-                           "WHERE schemaname = %s AND funcname = 'journal_step'", SCHEMA)
-        return seen if seen >= expected_calls else 0
-
-    total = await wait_for(journal_calls, 30, what=f"{expected_calls} journal_step calls")
-    assert total == expected_calls, f"{total} journal_step calls, {expected_calls} expected"
+    await wait_for(lambda: journal_calls(expected_calls), 30,
+                   what=f"{expected_calls} journal_step calls")
     assert db.one("SELECT count(*) FROM {s}.steps") == expected_calls - len(inside)
 
 
