@@ -104,12 +104,46 @@ def _free_subnet() -> str:
     raise RuntimeError("no free 10.X.Y.0/24 subnet found")
 
 
+def _dead(tag: str) -> bool:
+    """Is the process that made the resources tagged ``tag`` gone?"""
+    try:
+        os.kill(int(tag[:6], 16), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
+def sweep_stale() -> None:
+    """Remove what a killed test run left behind: namespaces and links whose
+    tag names a process that no longer exists (a reused pid only delays it)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "pgj" and len(parts[1]) == 8 and _dead(parts[1]):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            _ip("netns", "del", name, check=False)
+    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
+        fields = line.split(":")
+        name = fields[1].strip().split("@")[0] if len(fields) > 1 else ""
+        if name.startswith("pj") and len(name) > 10 and _dead(name[2:10]):
+            _ip("link", "del", name, check=False)
+
+
 class Network:
-    """A bridge and hosts in namespaces; ``close()`` removes all of it."""
+    """A bridge and hosts in namespaces; ``close()`` removes all of it.
+
+    Names carry this process's pid (``sweep_stale`` removes leftovers of dead
+    processes) and a random part (several networks at once in one process).
+    """
 
     def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
-        self.prefix = f"pj{self.tag}"          # interface names stay under 15 chars
+        sweep_stale()
+        self.tag = f"{os.getpid():06x}{secrets.token_hex(1)}"
+        self.prefix = f"pj{self.tag}"          # interface names stay within 15 chars
         self.subnet = _free_subnet()
         self.bridge = f"{self.prefix}br"
         self.hosts: dict[str, Host] = {}
