@@ -388,10 +388,10 @@ ABANDON_SLACK = 0.25
 
 @pytest.mark.xfail(strict=True, reason=(
     "pgjournal bug: Worker._heartbeat_loop bounds a beat with asyncio.timeout, but on "
-    "a cut network psycopg's handling of that cancellation first tries a cancel "
-    "request (a new connection: connect_timeout) and then waits up to 5 s for the "
-    "query to end, so _abandon_expired runs seconds after the lease's expiry, "
-    "after another worker may have taken the run"))
+    "a cut network psycopg handles that cancellation by sending a cancel request and "
+    "then waiting up to 5 s for the query to end (psycopg 3.3 "
+    "AsyncConnection.wait), so _abandon_expired, which runs after each beat, marks "
+    "the runs lost ~5 s after their leases expired in the database"))
 async def test_cut_off_worker_gives_up_its_runs_by_its_lease_deadline(
         cluster: Cluster) -> None:
     """Worker._heartbeat_loop promises: "A run whose lease could not be renewed
