@@ -275,6 +275,9 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
     restore_at = db.now()
     net.restore(w1_host)
     assert (restore_at - cut_at).total_seconds() > LEASE, "the cut was not longer than the lease"
+    lateness = sorted((takeover[r] - expiry[r]).total_seconds() for r in ids)
+    print(f"takeover {lateness[0]:.3f}-{lateness[-1]:.3f}s after the lease expiry, "
+          f"{max(takeover.values()) - cut_at}s after the cut; cut for {restore_at - cut_at}")
 
     # -- the link is back: w1's held runs go on and hit the fence ----------------------
     # w2 still holds every run before journaling tick3, so position 3 is free:
