@@ -150,11 +150,13 @@ END $$;
 
 -- Create-ahead and tidy-up, safe to call as often as you like (pg_cron, or
 -- `pgjournal maintain`): every history table gets the partitions of the slots
--- from the current one to now() + p_ahead_days (default: the settings'), and
+-- from the current one (or the one of p_since, to prepare a backfill) to
+-- now() + p_ahead_days (default: the settings'), and
 -- rows that landed in a DEFAULT partition (runs created before the oldest or
 -- after the newest partition) move into partitions of their own, at most
 -- p_max_moves slots per call. Returns one row per partition created.
-CREATE FUNCTION maintain(p_ahead_days integer DEFAULT NULL, p_max_moves integer DEFAULT 10)
+CREATE FUNCTION maintain(p_ahead_days integer DEFAULT NULL, p_max_moves integer DEFAULT 10,
+                         p_since timestamptz DEFAULT NULL)
 RETURNS TABLE (table_name text, partition_name text, lower_bound timestamptz,
                upper_bound timestamptz)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -173,7 +175,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('pgjournal.maintain:' || current_schema(), 0));
     SELECT * INTO v_set FROM partition_settings;
     FOREACH v_table IN ARRAY ARRAY['steps', 'stream_chunks', 'run_events'] LOOP
-        v_slot := partition_slot(now(), v_set.width_days);
+        v_slot := partition_slot(least(coalesce(p_since, now()), now()), v_set.width_days);
         v_end := now() + make_interval(days => coalesce(p_ahead_days, v_set.ahead_days));
         WHILE v_slot <= v_end LOOP
             v_hi := v_slot + make_interval(days => v_set.width_days);
@@ -211,7 +213,7 @@ BEGIN
         END LOOP;
     END LOOP;
 END $$;
-COMMENT ON FUNCTION maintain(integer, integer) IS
+COMMENT ON FUNCTION maintain(integer, integer, timestamptz) IS
     'Creates history partitions ahead and moves rows out of the DEFAULT partitions; '
     'call it daily (pg_cron) or with `pgjournal maintain`.';
 
@@ -366,6 +368,11 @@ END $do$;
 CREATE OR REPLACE FUNCTION forget_run_events() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
+    -- prune_history_batch deletes runs whose history goes with its partition
+    -- (dropped whole afterwards): nothing to delete row by row here.
+    IF current_setting('pgjournal.keep_history', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     -- On the partition key too: one partition probed per run, not all of them.
     DELETE FROM run_events e USING gone_runs g
     WHERE e.run_id = g.id AND e.run_created_at = g.created_at;
@@ -953,5 +960,108 @@ BEGIN
     PERFORM notify_wake(v_old.queue);
     RETURN p_new;
 END $function$;
+
+-- -- retention by partition ----------------------------------------------------
+--
+-- `pgjournal prune` first drops whole partitions, then deletes what is left
+-- in batches (sql/cli.sql: prune_batch). A partition range [lo, hi) can go
+-- when it ends before the cutoff and every run created in it has ended (with
+-- one of the statuses pruned) before the cutoff: prune_history_batch deletes
+-- those runs (their rows in runs and signals; the journal, chunks and events
+-- stay for the partition drop), then drop_history_range detaches and drops
+-- the three partitions once no run of the range is left.
+
+-- Ranges whose partitions prune can drop, oldest first, with their runs and size.
+CREATE FUNCTION prunable_partitions(p_cutoff timestamptz, p_statuses text[])
+RETURNS TABLE (lower_bound timestamptz, upper_bound timestamptz, partitions text[],
+               runs bigint, bytes bigint)
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    WITH ranges AS (
+        SELECT h.lower_bound AS lo, h.upper_bound AS hi,
+               array_agg(h.partition_name ORDER BY h.partition_name) AS names
+        FROM (SELECT * FROM history_partitions('steps')
+              UNION ALL SELECT * FROM history_partitions('stream_chunks')
+              UNION ALL SELECT * FROM history_partitions('run_events')) h
+        WHERE NOT h.is_default AND h.upper_bound <= p_cutoff
+        GROUP BY h.lower_bound, h.upper_bound
+        HAVING count(*) = 3
+    )
+    SELECT g.lo, g.hi, g.names,
+           (SELECT count(*) FROM runs r WHERE r.created_at >= g.lo AND r.created_at < g.hi),
+           (SELECT sum(pg_total_relation_size(to_regclass(n)))::bigint FROM unnest(g.names) n)
+    FROM ranges g
+    WHERE NOT EXISTS (
+        SELECT 1 FROM runs r
+        WHERE r.created_at >= g.lo AND r.created_at < g.hi
+          AND NOT (r.status IN ('completed', 'failed', 'cancelled', 'dead')
+                   AND r.status = ANY (p_statuses)
+                   AND r.finished_at < p_cutoff))
+    ORDER BY g.lo
+$$;
+
+-- One batch of the runs of a prunable range: the runs (and their signals) are
+-- deleted, their journal, chunks and events are left to the partition drop.
+-- Same rules as prune_batch: only ended runs, rows another transaction holds
+-- are skipped, the status is checked again under the row lock.
+CREATE FUNCTION prune_history_batch(p_lo timestamptz, p_hi timestamptz,
+                                    p_cutoff timestamptz, p_statuses text[],
+                                    p_batch integer)
+RETURNS integer
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    PERFORM set_config('pgjournal.keep_history', 'on', true);
+    WITH doomed AS (
+        SELECT r.id FROM runs r
+        WHERE r.created_at >= p_lo AND r.created_at < p_hi
+          AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
+          AND r.status = ANY (p_statuses)
+          AND r.finished_at < p_cutoff
+        ORDER BY r.created_at
+        LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM runs r USING doomed
+    WHERE r.id = doomed.id AND r.status IN ('completed', 'failed', 'cancelled', 'dead');
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM set_config('pgjournal.keep_history', '', true);
+    RETURN v_n;
+END $$;
+
+-- Detach and drop the partitions of [p_lo, p_hi) in every history table, if
+-- no run created in that range is left (else nothing happens and NULL is
+-- returned). DETACH without CONCURRENTLY: CONCURRENTLY cannot run in a
+-- transaction and PostgreSQL refuses it while a DEFAULT partition exists. It
+-- takes an ACCESS EXCLUSIVE lock on the three parents for the few
+-- milliseconds of catalog work; p_lock_timeout_ms bounds the wait for it
+-- (an error then: nothing changed, try again).
+CREATE FUNCTION drop_history_range(p_lo timestamptz, p_hi timestamptz,
+                                   p_lock_timeout_ms integer DEFAULT 5000)
+RETURNS text[]
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_names text[] := ARRAY[]::text[];
+    v record;
+BEGIN
+    PERFORM set_config('lock_timeout', p_lock_timeout_ms || 'ms', true);
+    -- The parents first, in the order writers take them, so a run created in
+    -- the range from now on sends its rows to the DEFAULT partitions.
+    LOCK TABLE steps, stream_chunks, run_events IN ACCESS EXCLUSIVE MODE;
+    IF EXISTS (SELECT 1 FROM runs r WHERE r.created_at >= p_lo AND r.created_at < p_hi) THEN
+        RETURN NULL;
+    END IF;
+    FOR v IN
+        SELECT t.name AS tbl, h.partition_name
+        FROM (VALUES ('steps'), ('stream_chunks'), ('run_events')) AS t(name),
+             LATERAL history_partitions(t.name) h
+        WHERE NOT h.is_default AND h.lower_bound = p_lo AND h.upper_bound = p_hi
+    LOOP
+        EXECUTE format('ALTER TABLE %I DETACH PARTITION %I', v.tbl, v.partition_name);
+        EXECUTE format('DROP TABLE %I', v.partition_name);
+        v_names := v_names || v.partition_name;
+    END LOOP;
+    RETURN v_names;
+END $$;
 
 SELECT * FROM maintain();
