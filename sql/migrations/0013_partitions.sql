@@ -961,6 +961,92 @@ BEGIN
     RETURN p_new;
 END $function$;
 
+-- -- the functions that read a run's journal: on the partition key too, so a
+-- replay reads one partition (run-time pruning on the run's created_at), not
+-- one index per partition
+
+-- journal_page
+CREATE OR REPLACE FUNCTION journal_page(p_run uuid, p_after integer, p_limit integer, p_max_bytes bigint)
+ RETURNS TABLE("position" integer, name text, kind text, status text, output json, error jsonb, attempt integer, turn integer, calls_before integer, fingerprint text, bytes bigint)
+ LANGUAGE sql
+ STABLE
+ SET search_path FROM CURRENT
+AS $function$
+    SELECT x.position, x.name, x.kind, x.status, x.output, x.error, x.attempt, x.turn,
+           x.calls_before, x.fingerprint, x.bytes
+    FROM (
+        SELECT s.position, s.name, s.kind, s.status, s.output, s.error, s.attempt, s.turn,
+               s.calls_before, s.fingerprint, b.bytes,
+               sum(b.bytes) OVER (ORDER BY s.position) - b.bytes AS before
+        FROM steps s
+        CROSS JOIN LATERAL (SELECT coalesce(octet_length(s.output::text), 0)
+                                   + coalesce(octet_length(s.error::text), 0)::bigint
+                            AS bytes) b
+        WHERE s.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND s.run_id = p_run AND s.position > p_after
+        ORDER BY s.position
+        LIMIT p_limit
+    ) x
+    WHERE x.before = 0 OR x.before < p_max_bytes
+    ORDER BY x.position;
+$function$;
+
+-- chunk_page
+CREATE OR REPLACE FUNCTION chunk_page(p_run uuid, p_position integer, p_after integer, p_limit integer, p_max_bytes bigint)
+ RETURNS TABLE(seq integer, chunk json, turn integer, calls_before integer, bytes bigint)
+ LANGUAGE sql
+ STABLE
+ SET search_path FROM CURRENT
+AS $function$
+    SELECT x.seq, x.chunk, x.turn, x.calls_before, x.bytes
+    FROM (
+        SELECT k.seq, k.chunk, k.turn, k.calls_before, octet_length(k.chunk::text)::bigint AS bytes,
+               sum(octet_length(k.chunk::text)) OVER (ORDER BY k.seq)
+                   - octet_length(k.chunk::text) AS before
+        FROM stream_chunks k
+        WHERE k.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND k.run_id = p_run AND k.position = p_position AND k.seq > p_after
+        ORDER BY k.seq
+        LIMIT p_limit
+    ) x
+    WHERE x.before = 0 OR x.before < p_max_bytes
+    ORDER BY x.seq;
+$function$;
+
+-- journal_outline
+CREATE OR REPLACE FUNCTION journal_outline(p_run uuid)
+ RETURNS TABLE(turns integer[], last_position integer, entries bigint, bytes bigint, patch_positions integer[], patch_names text[])
+ LANGUAGE sql
+ STABLE
+ SET search_path FROM CURRENT
+AS $function$
+    SELECT
+        (SELECT coalesce(array_agg(t.turn ORDER BY t.turn), '{}'::integer[]) FROM (
+             SELECT s.turn FROM steps s WHERE s.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND s.run_id = p_run AND s.turn IS NOT NULL
+             UNION ALL
+             SELECT k.turn FROM stream_chunks k WHERE k.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND k.run_id = p_run AND k.turn IS NOT NULL
+         ) t),
+        j.last_position, j.entries,
+        j.bytes + (SELECT coalesce(sum(octet_length(k.chunk::text)), 0)::bigint
+                   FROM stream_chunks k WHERE k.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND k.run_id = p_run),
+        j.patch_positions, j.patch_names
+    FROM (
+        SELECT max(s.position) AS last_position, count(*) AS entries,
+               coalesce(sum(coalesce(octet_length(s.output::text), 0)
+                            + coalesce(octet_length(s.error::text), 0)), 0)::bigint AS bytes,
+               coalesce(array_agg(s.position ORDER BY s.position)
+                            FILTER (WHERE s.kind = 'patch'), '{}'::integer[])
+                   AS patch_positions,
+               coalesce(array_agg(s.name ORDER BY s.position)
+                            FILTER (WHERE s.kind = 'patch'), '{}'::text[]) AS patch_names
+        FROM steps s WHERE s.run_created_at = (SELECT r.created_at FROM runs r WHERE r.id = p_run)
+          AND s.run_id = p_run
+    ) j;
+$function$;
+
 -- -- retention by partition ----------------------------------------------------
 --
 -- `pgjournal prune` first drops whole partitions, then deletes what is left
