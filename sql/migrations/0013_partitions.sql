@@ -227,12 +227,15 @@ CREATE TEMP TABLE pgjournal_0013_views ON COMMIT DROP AS
 WITH RECURSIVE deps (oid) AS (
     SELECT rw.ev_class
     FROM pg_depend d JOIN pg_rewrite rw ON rw.oid = d.objid
-    WHERE d.refobjid IN ('steps'::regclass, 'stream_chunks'::regclass,
+    WHERE d.refclassid = 'pg_class'::regclass AND d.classid = 'pg_rewrite'::regclass
+      AND d.refobjid IN ('steps'::regclass, 'stream_chunks'::regclass,
                          'run_events'::regclass)
       AND rw.ev_class <> d.refobjid
     UNION
     SELECT rw.ev_class
-    FROM deps JOIN pg_depend d ON d.refobjid = deps.oid
+    FROM deps JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass
+                                AND d.refobjid = deps.oid
+                                AND d.classid = 'pg_rewrite'::regclass
     JOIN pg_rewrite rw ON rw.oid = d.objid
     WHERE rw.ev_class <> d.refobjid
 )
@@ -1150,4 +1153,6 @@ BEGIN
     RETURN v_names;
 END $$;
 
-SELECT * FROM maintain();
+-- This week's and next week's partitions now (a fresh schema stays quick to
+-- create); `maintain()` creates the rest of ahead_days on its first call.
+SELECT * FROM maintain(p_ahead_days => 7);
