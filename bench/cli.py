@@ -174,7 +174,7 @@ class Bench:
                 self.report.note(f"{name}: not installed ({exc.name or exc}); skipped "
                                  "(pip install -e '.[bench]')")
                 continue
-            dsn = fresh_database(self.admin_dsn, f"bench_{name}")
+            dsn = fresh_database(self.admin_dsn, f"{self.args.db_prefix}{name}")
             adapter = cls(dsn)
             try:
                 await adapter.setup()
@@ -392,6 +392,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke run (small sizes, one repetition; under 2 minutes)")
     p.add_argument("--dsn", help="use this server instead of a throwaway embedded one "
                    "(databases bench_<system> are dropped and recreated on it)")
+    p.add_argument("--db-prefix", default="bench_",
+                   help="database name prefix, one database per system (default bench_)")
     p.add_argument("--systems", default=",".join(ADAPTERS),
                    help="comma-separated, from: " + ", ".join(ADAPTERS))
     p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6",

@@ -61,9 +61,9 @@ def fill(dsn: str, schema: str, finished: int, unfinished: int) -> None:
                  LATERAL (SELECT now() - g * (interval '30 days' / %(n)s)) AS x(t)""",
                      {"n": finished})
         conn.execute(f"""
-            INSERT INTO {s}.run_events (run_id, at, from_status, to_status, attempt,
-                                        lease_epoch)
-            SELECT r.id, e.at, e.f, e.t, 1, e.epoch
+            INSERT INTO {s}.run_events (run_created_at, run_id, at, from_status, to_status,
+                                        attempt, lease_epoch)
+            SELECT r.created_at, r.id, e.at, e.f, e.t, 1, e.epoch
             FROM {s}.runs r,
                  LATERAL (VALUES (r.created_at, NULL, 'queued', 0),
                                  (r.started_at, 'queued', 'running', 1),

@@ -26,6 +26,32 @@ WHERE status = ANY (%(statuses)s::text[])
   AND created_at < now() - make_interval(secs => %(age)s)
   AND finished_at < now() - make_interval(secs => %(age)s);
 
+-- name: prune_cutoff
+-- The one cutoff a whole prune uses: runs must have ended before it.
+SELECT now() - make_interval(secs => %(age)s) AS cutoff;
+
+-- name: prune_partitions
+-- History partitions prune can drop whole (migration 0013): every run created
+-- in their range ended before the cutoff with one of the pruned statuses.
+SELECT lower_bound, upper_bound, partitions, runs, bytes
+FROM {schema}.prunable_partitions(%(cutoff)s, %(statuses)s::text[]);
+
+-- name: prune_partition_batch
+-- One batch of the runs of a droppable range; their journal, chunks and
+-- events stay for the partition drop (prune_history_batch, 0013).
+SELECT {schema}.prune_history_batch(%(lo)s, %(hi)s, %(cutoff)s, %(statuses)s::text[],
+                                    %(batch)s) AS n;
+
+-- name: prune_drop_partitions
+-- Detach and drop the range's partitions once no run of it is left (NULL:
+-- some run is left, e.g. it was retried meanwhile; nothing was dropped).
+SELECT {schema}.drop_history_range(%(lo)s, %(hi)s, %(lock_timeout_ms)s) AS dropped;
+
+-- name: maintain
+-- Create-ahead of the history partitions (migration 0013).
+SELECT table_name, partition_name, lower_bound, upper_bound
+FROM {schema}.maintain(%(ahead)s, %(moves)s);
+
 -- name: prune_batch
 -- One batch of retention. Only ended runs (never queued, running or
 -- suspended); rows a concurrent transaction holds (e.g. a retry) are skipped

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_APP = "pgjournal._demo_app:app"
 
 COMMANDS = ["migrate", "worker", "start", "runs", "show", "signal", "cancel", "retry",
-            "queues", "workers", "prune", "roles", "dev", "demo", "fork", "limits",
+            "queues", "workers", "prune", "maintain", "roles", "dev", "demo", "fork", "limits",
             "schedules", "metrics", "dashboard"]
 
 

@@ -66,8 +66,9 @@ def add_run(dsn: str, schema: str, *, status: str = "failed", workflow: str = "r
 def add_step(dsn: str, schema: str, run: uuid.UUID, position: int, name: str, *,
              status: str = "completed", output: Any = None, error: Any = None) -> None:
     sql(dsn, schema,
-        "INSERT INTO S.steps (run_id, position, name, occurrence, status, output, error, "
-        "lease_epoch) VALUES (%s, %s, %s, 0, %s, %s, %s, 1)",
+        "INSERT INTO S.steps (run_created_at, run_id, position, name, occurrence, status, "
+        "output, error, lease_epoch) VALUES (S.run_bucket(%s), %s, %s, %s, 0, %s, %s, %s, 1)",
+        run,
         run, position, name, status, None if output is None else json.dumps(output),
         None if error is None else json.dumps(error))
 

@@ -34,6 +34,7 @@ from .base import (
 )
 
 SCHEMA = "pgjournal"
+HISTORY_DAYS = 70  # S6 history: runs created over the last 10 weeks
 QUEUE_NAME = "bench"
 WORKFLOW_OF_MODE = {MODE_NOOP: "noop", MODE_STEPS: "three_steps", MODE_RECOVER: "recover"}
 
@@ -137,9 +138,16 @@ class PgjournalAdapter(Adapter):
         return await count_effects(self.dsn)
 
     async def fill_history(self, runs: int, steps_per_run: int) -> None:
-        """Finished runs with their journals and events, as the runtime leaves them."""
+        """Finished runs with their journals and events, as the runtime leaves them.
+
+        The runs are created over the last ``HISTORY_DAYS`` days (oldest first),
+        so their history spreads over the time partitions of migration 0013;
+        ``maintain`` creates those partitions before the load.
+        """
         conn = await self._c()
         s = f'"{SCHEMA}"'
+        await conn.execute(f"SELECT count(*) FROM {s}.maintain(p_since => now() - "
+                           "make_interval(days => %s))", (HISTORY_DAYS,))
         chunk = 100_000
         for start in range(0, runs, chunk):
             n = min(chunk, runs - start)
@@ -149,24 +157,29 @@ class PgjournalAdapter(Adapter):
                 await conn.execute("SET LOCAL session_replication_role = replica")
                 await conn.execute(
                     "CREATE TEMP TABLE fill ON COMMIT DROP AS "
-                    "SELECT gen_random_uuid() AS id FROM generate_series(1, %s)", (n,))
+                    "SELECT gen_random_uuid() AS id, now() - make_interval(secs => "
+                    "(1.0 - (%s + g)::float8 / %s) * %s * 86400) AS at "
+                    "FROM generate_series(1, %s) g", (start, runs, HISTORY_DAYS, n))
                 await conn.execute(
                     f"INSERT INTO {s}.runs (id, workflow, queue, status, input, output, "
-                    f"lease_epoch, started_at, finished_at) "
+                    f"lease_epoch, created_at, updated_at, started_at, finished_at) "
                     f"SELECT id, 'three_steps', %s, 'completed', "
-                    "'{\"args\": [0.0], \"kwargs\": {}}', '\"s1s2s3\"', 1, now(), now() "
+                    "'{\"args\": [0.0], \"kwargs\": {}}', '\"s1s2s3\"', 1, at, at, at, at "
                     "FROM fill", (QUEUE_NAME,))
                 await conn.execute(
-                    f"INSERT INTO {s}.steps (run_id, position, name, occurrence, kind, "
-                    f"status, output, lease_epoch) "
-                    f"SELECT f.id, p, 's' || (p + 1), 0, 'step', 'completed', "
+                    f"INSERT INTO {s}.steps (run_created_at, run_id, position, name, "
+                    f"occurrence, kind, status, output, lease_epoch) "
+                    f"SELECT f.at, f.id, p, 's' || (p + 1), 0, 'step', 'completed', "
                     f"to_jsonb('s' || (p + 1)), 1 FROM fill f, generate_series(0, %s - 1) p",
                     (steps_per_run,))
                 await conn.execute(
-                    f"INSERT INTO {s}.run_events (run_id, from_status, to_status, attempt, "
-                    f"lease_epoch) SELECT id, NULL, 'queued', 1, 0 FROM fill "
-                    f"UNION ALL SELECT id, 'queued', 'running', 1, 1 FROM fill "
-                    f"UNION ALL SELECT id, 'running', 'completed', 1, 1 FROM fill")
+                    f"INSERT INTO {s}.run_events (run_created_at, run_id, from_status, "
+                    f"to_status, attempt, lease_epoch) "
+                    f"SELECT at, id, NULL, 'queued', 1, 0 FROM fill "
+                    f"UNION ALL SELECT at, id, 'queued', 'running', 1, 1 FROM fill "
+                    f"UNION ALL SELECT at, id, 'running', 'completed', 1, 1 FROM fill")
+            if start and start % 1_000_000 == 0:
+                print(f"    filled {start:,} runs", flush=True)
         for table in ("runs", "steps", "run_events"):
             await conn.execute(f"VACUUM ANALYZE {s}.{table}")
 

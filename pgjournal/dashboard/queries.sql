@@ -140,7 +140,9 @@ SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
 -- Who did what from the dashboard: an event without a status change (from =
 -- to = the status after the action), like note_run_event, written in the
 -- action's own transaction.
-INSERT INTO {schema}.run_events (run_id, from_status, to_status, attempt, lease_epoch,
-                                 worker_id, detail)
-SELECT r.id, r.status, r.status, r.attempt, r.lease_epoch, NULL, %(detail)s::jsonb
+-- run_created_at: the partition key of the history (migration 0013).
+INSERT INTO {schema}.run_events (run_created_at, run_id, from_status, to_status, attempt,
+                                 lease_epoch, worker_id, detail)
+SELECT r.created_at, r.id, r.status, r.status, r.attempt, r.lease_epoch, NULL,
+       %(detail)s::jsonb
 FROM {schema}.runs r WHERE r.id = %(run)s;
