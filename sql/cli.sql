@@ -31,14 +31,14 @@ WHERE status = ANY (%(statuses)s::text[])
 SELECT now() - make_interval(secs => %(age)s) AS cutoff;
 
 -- name: prune_partitions
--- History partitions prune can drop whole (migration 0013): every run created
+-- History partitions prune can drop whole (migration 0011): every run created
 -- in their range ended before the cutoff with one of the pruned statuses.
 SELECT lower_bound, upper_bound, partitions, runs, bytes
 FROM {schema}.prunable_partitions(%(cutoff)s, %(statuses)s::text[]);
 
 -- name: prune_partition_batch
 -- One batch of the runs of a droppable range; their journal, chunks and
--- events stay for the partition drop (prune_history_batch, 0013).
+-- events stay for the partition drop (prune_history_batch, 0011).
 SELECT {schema}.prune_history_batch(%(lo)s, %(hi)s, %(cutoff)s, %(statuses)s::text[],
                                     %(batch)s) AS n;
 
@@ -48,7 +48,7 @@ SELECT {schema}.prune_history_batch(%(lo)s, %(hi)s, %(cutoff)s, %(statuses)s::te
 SELECT {schema}.drop_history_range(%(lo)s, %(hi)s, %(lock_timeout_ms)s) AS dropped;
 
 -- name: maintain
--- Create-ahead of the history partitions (migration 0013).
+-- Create-ahead of the history partitions (migration 0011).
 SELECT table_name, partition_name, lower_bound, upper_bound
 FROM {schema}.maintain(%(ahead)s, %(moves)s);
 

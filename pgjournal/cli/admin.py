@@ -203,7 +203,7 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
                    help="only say what would go: the partitions dropped whole, the runs "
                         "deleted in batches")
     p.add_argument("--no-partitions", action="store_true",
-                   help="never drop partitions: delete every run in batches (the pre-0013 "
+                   help="never drop partitions: delete every run in batches (the pre-0011 "
                         "way)")
     p.add_argument("--partition-batch-size", type=int, default=10_000,
                    help="runs deleted per transaction before a partition drop (default "

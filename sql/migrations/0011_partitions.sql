@@ -223,7 +223,7 @@ COMMENT ON FUNCTION maintain(integer, integer, timestamptz) IS
 -- or through other views) are saved, dropped and recreated from their own
 -- definitions, with their comments and grants, around the swap.
 
-CREATE TEMP TABLE pgjournal_0013_views ON COMMIT DROP AS
+CREATE TEMP TABLE pgjournal_0011_views ON COMMIT DROP AS
 WITH RECURSIVE deps (oid) AS (
     SELECT rw.ev_class
     FROM pg_depend d JOIN pg_rewrite rw ON rw.oid = d.objid
@@ -249,25 +249,25 @@ DO $do$
 DECLARE
     v record;
 BEGIN
-    FOR v IN SELECT name FROM pgjournal_0013_views ORDER BY oid DESC LOOP
+    FOR v IN SELECT name FROM pgjournal_0011_views ORDER BY oid DESC LOOP
         EXECUTE format('DROP VIEW IF EXISTS %I CASCADE', v.name);
     END LOOP;
 END $do$;
 
 ALTER TABLE steps DROP CONSTRAINT steps_run_id_fkey;
 ALTER TABLE stream_chunks DROP CONSTRAINT stream_chunks_run_id_fkey;
-ALTER TABLE steps RENAME TO steps_0012;
-ALTER TABLE steps_0012 RENAME CONSTRAINT steps_pkey TO steps_0012_pkey;
-ALTER TABLE steps_0012 RENAME CONSTRAINT steps_one_per_occurrence TO steps_0012_one;
-ALTER TABLE stream_chunks RENAME TO stream_chunks_0012;
-ALTER TABLE stream_chunks_0012 RENAME CONSTRAINT stream_chunks_pkey TO stream_chunks_0012_pkey;
-ALTER TABLE run_events RENAME TO run_events_0012;
-ALTER TABLE run_events_0012 RENAME CONSTRAINT run_events_pkey TO run_events_0012_pkey;
-ALTER INDEX run_events_run RENAME TO run_events_0012_run;
-ALTER INDEX run_events_at RENAME TO run_events_0012_at;
+ALTER TABLE steps RENAME TO steps_0010;
+ALTER TABLE steps_0010 RENAME CONSTRAINT steps_pkey TO steps_0010_pkey;
+ALTER TABLE steps_0010 RENAME CONSTRAINT steps_one_per_occurrence TO steps_0010_one;
+ALTER TABLE stream_chunks RENAME TO stream_chunks_0010;
+ALTER TABLE stream_chunks_0010 RENAME CONSTRAINT stream_chunks_pkey TO stream_chunks_0010_pkey;
+ALTER TABLE run_events RENAME TO run_events_0010;
+ALTER TABLE run_events_0010 RENAME CONSTRAINT run_events_pkey TO run_events_0010_pkey;
+ALTER INDEX run_events_run RENAME TO run_events_0010_run;
+ALTER INDEX run_events_at RENAME TO run_events_0010_at;
 
 CREATE TABLE steps (
-    LIKE steps_0012 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
+    LIKE steps_0010 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
     run_created_at timestamptz NOT NULL,
     CONSTRAINT steps_pkey PRIMARY KEY (run_id, position, run_created_at),
     CONSTRAINT steps_one_per_occurrence UNIQUE (run_id, name, occurrence, run_created_at)
@@ -278,7 +278,7 @@ COMMENT ON TABLE steps IS
     'run_created_at (= runs.created_at of the run).';
 
 CREATE TABLE stream_chunks (
-    LIKE stream_chunks_0012 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
+    LIKE stream_chunks_0010 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
     run_created_at timestamptz NOT NULL,
     CONSTRAINT stream_chunks_pkey PRIMARY KEY (run_id, position, seq, run_created_at)
 ) PARTITION BY RANGE (run_created_at);
@@ -286,7 +286,7 @@ COMMENT ON TABLE stream_chunks IS
     'Chunks of stream steps, in order (seq). Partitioned by run_created_at.';
 
 CREATE TABLE run_events (
-    LIKE run_events_0012 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
+    LIKE run_events_0010 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
     run_created_at timestamptz NOT NULL,
     CONSTRAINT run_events_pkey PRIMARY KEY (id, run_created_at)
 ) PARTITION BY RANGE (run_created_at);
@@ -317,14 +317,14 @@ CROSS JOIN LATERAL (SELECT DISTINCT partition_slot(r.created_at, p.width_days) A
 CROSS JOIN (VALUES ('steps'), ('stream_chunks'), ('run_events')) AS t(name)
 ORDER BY t.name, s.slot;
 
-INSERT INTO steps SELECT o.*, r.created_at FROM steps_0012 o JOIN runs r ON r.id = o.run_id;
+INSERT INTO steps SELECT o.*, r.created_at FROM steps_0010 o JOIN runs r ON r.id = o.run_id;
 INSERT INTO stream_chunks
-SELECT o.*, r.created_at FROM stream_chunks_0012 o JOIN runs r ON r.id = o.run_id;
+SELECT o.*, r.created_at FROM stream_chunks_0010 o JOIN runs r ON r.id = o.run_id;
 -- Events of runs deleted with the triggers off have no run: they keep their time.
 INSERT INTO run_events
-SELECT o.*, coalesce(r.created_at, o.at) FROM run_events_0012 o LEFT JOIN runs r ON r.id = o.run_id;
+SELECT o.*, coalesce(r.created_at, o.at) FROM run_events_0010 o LEFT JOIN runs r ON r.id = o.run_id;
 
-DROP TABLE steps_0012, stream_chunks_0012, run_events_0012;
+DROP TABLE steps_0010, stream_chunks_0010, run_events_0010;
 
 DO $do$
 DECLARE
@@ -336,14 +336,14 @@ BEGIN
     -- In dependency order: a view whose base view is not back yet waits for
     -- the next round.
     LOOP
-        SELECT count(*) INTO v_left FROM pgjournal_0013_views WHERE NOT done;
+        SELECT count(*) INTO v_left FROM pgjournal_0011_views WHERE NOT done;
         EXIT WHEN v_left = 0;
         IF v_left = v_last THEN
-            RAISE EXCEPTION 'migration 0013: could not recreate views %',
-                (SELECT string_agg(name, ', ') FROM pgjournal_0013_views WHERE NOT done);
+            RAISE EXCEPTION 'migration 0011: could not recreate views %',
+                (SELECT string_agg(name, ', ') FROM pgjournal_0011_views WHERE NOT done);
         END IF;
         v_last := v_left;
-        FOR v IN SELECT * FROM pgjournal_0013_views WHERE NOT done ORDER BY oid LOOP
+        FOR v IN SELECT * FROM pgjournal_0011_views WHERE NOT done ORDER BY oid LOOP
             BEGIN
                 EXECUTE format('CREATE VIEW %I %s AS %s', v.name,
                                CASE WHEN v.reloptions IS NULL THEN ''
@@ -361,7 +361,7 @@ BEGIN
                                CASE WHEN g.grantee = 0 THEN 'PUBLIC'
                                     ELSE quote_ident(g.grantee::regrole::text) END);
             END LOOP;
-            UPDATE pgjournal_0013_views SET done = true WHERE oid = v.oid;
+            UPDATE pgjournal_0011_views SET done = true WHERE oid = v.oid;
         END LOOP;
     END LOOP;
 END $do$;
