@@ -290,7 +290,8 @@ async def test_migration_moves_an_existing_populated_schema(
         counts = {t: db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{t}", s)).fetchone()["n"]
                   for t in HISTORY}
         assert all(counts.values()), counts
-        assert pgjournal.migrate(pgjournal_dsn, schema=s) == [13]
+        assert pgjournal.migrate(pgjournal_dsn, schema=s) == [
+            m.version for m in migrations.available() if m.version >= 11]
         assert {t: db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{t}", s)).fetchone()["n"]
                 for t in HISTORY} == counts
         assert key_mismatches(db, s) == 0
