@@ -17,6 +17,11 @@
 --   statements are planned once per session, not again for every call with
 --   new parameter values (the plans do not depend on the values: one index
 --   scan per queue).
+-- * `request_result` on a queued run that is due wakes hungry workers again
+--   (`notify_wake`): its UPDATE of `notify_done` locks the row for a moment,
+--   and a claim woken by the enqueue's NOTIFY at that moment skips the row
+--   (SKIP LOCKED) and finds nothing; without a second NOTIFY, after the
+--   UPDATE commits, the run waited for the poll.
 -- Fencing is unchanged: every claim still increments lease_epoch and commits
 -- before the worker runs anything.
 
@@ -252,3 +257,23 @@ END $$;
 
 ALTER FUNCTION go_hungry(uuid, text[], integer, double precision, text[])
     SET plan_cache_mode = force_generic_plan;
+
+-- -- waiting for a result -----------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION request_result(p_run uuid)
+RETURNS TABLE (status text, output json, error jsonb)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_queue text;
+BEGIN
+    UPDATE runs r SET notify_done = true
+    WHERE r.id = p_run AND NOT r.notify_done
+      AND r.status IN ('queued', 'running', 'suspended')
+    RETURNING CASE WHEN r.status = 'queued' AND r.due_at <= now() THEN r.queue END
+    INTO v_queue;
+    IF v_queue IS NOT NULL THEN
+        -- a claim may have skipped the row while this UPDATE held it
+        PERFORM notify_wake(v_queue);
+    END IF;
+    RETURN QUERY SELECT r.status, r.output, r.error FROM runs r WHERE r.id = p_run;
+END $$;
