@@ -10,7 +10,7 @@
 --   holds; `due_at` is NULL while it runs, so running runs leave
 --   `runs_claimable`. A heartbeat changes only `lease_until` and `leased_at`
 --   (neither indexed nor in an index predicate): a HOT update when the page
---   has room, hence fillfactor 80 on runs.
+--   has room, hence fillfactor 70 on runs.
 -- * The claim finds expired leases through the small partial index
 --   `runs_running (queue) WHERE status = 'running'` (running runs are bounded
 --   by the slots of all workers), filtered by `lease_until`, next to its
@@ -33,7 +33,7 @@ COMMENT ON COLUMN runs.lease_until IS
     'is a HOT update). Meaningless in other statuses.';
 -- Room on each page for the new row versions of heartbeats (HOT needs the
 -- new version on the same page). Applies to pages filled from now on.
-ALTER TABLE runs SET (fillfactor = 80);
+ALTER TABLE runs SET (fillfactor = 70);
 
 UPDATE runs SET lease_until = due_at, due_at = NULL
 WHERE status = 'running' AND source = 'native';
