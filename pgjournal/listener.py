@@ -14,6 +14,15 @@ request, which could wait on the same dead path). TCP keepalives and
 
 LISTEN needs a session: it must not go through a pooler in transaction mode
 (the ``listen_dsn`` of an ``App`` is a direct connection).
+
+``act``: an optional coroutine function called with the listening connection
+and the payloads just heard, right after ``on_notify`` has seen them, on the
+listener's own task. The worker claims there: the connection is already open
+and idle, so a wake-up costs no pool checkout and no task switch before the
+claim. Notifications that arrive while ``act`` runs are kept by psycopg and
+delivered next. An ``act`` that loses the connection makes the listener
+reconnect, like a failed ping; any other error of ``act`` is logged and the
+listener goes on listening.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -33,6 +42,9 @@ from .connect import connect_async
 from .errors import DatabaseUnavailable
 
 log = logging.getLogger("pgjournal.listener")
+
+#: ``act(conn, payloads)``: work to do on the listening connection after a wake-up.
+Act = Callable[[psycopg.AsyncConnection[Any], Sequence[str]], Awaitable[None]]
 
 
 class Listener:
@@ -44,7 +56,8 @@ class Listener:
 
     def __init__(self, dsn: str, channel: str, on_notify: Callable[[str], None],
                  on_connect: Callable[[], None] | None = None, *,
-                 ping_interval: float = 30.0, ping_timeout: float = 10.0) -> None:
+                 ping_interval: float = 30.0, ping_timeout: float = 10.0,
+                 act: Act | None = None) -> None:
         self._dsn = dsn
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -53,6 +66,7 @@ class Listener:
         self._channel = channel
         self._on_notify = on_notify
         self._on_connect = on_connect
+        self._act = act
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -87,6 +101,18 @@ class Listener:
             await asyncio.wait_for(ping, 5)
         raise TimeoutError(f"no answer to a ping within {self.ping_timeout:g}s")
 
+    async def _acting(self, conn: psycopg.AsyncConnection[Any], heard: Sequence[str]) -> None:
+        """``act`` on the listening connection; a lost connection propagates."""
+        assert self._act is not None
+        try:
+            await self._act(conn, heard)
+        except (psycopg.OperationalError, DatabaseUnavailable):
+            raise
+        except Exception:
+            log.exception("listener on %s: acting on a wake-up failed", self._channel)
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the listening connection broke while acting")
+
     async def _loop(self) -> None:
         delay = 0.1
         while True:
@@ -106,13 +132,20 @@ class Listener:
                 if self._on_connect:
                     self._on_connect()
                 while True:
-                    heard = False
-                    async for note in conn.notifies(timeout=self.ping_interval):
-                        heard = True
-                        self._on_notify(note.payload)
+                    heard: list[str] = []
+                    # stop_after=1: back here after the first packet of notifications
+                    # (all of that packet is yielded), so ``act`` can use the connection.
+                    async with contextlib.aclosing(conn.notifies(
+                            timeout=self.ping_interval,
+                            stop_after=None if self._act is None else 1)) as notes:
+                        async for note in notes:
+                            heard.append(note.payload)
+                            self._on_notify(note.payload)
                     if not heard:  # quiet for ping_interval: is the other end still there?
                         await self._ping(conn)
                         self.pings += 1
+                    elif self._act is not None:
+                        await self._acting(conn, heard)
             except (psycopg.OperationalError, DatabaseUnavailable, TimeoutError) as exc:
                 self.ready.clear()
                 log.warning("listener on %s lost its connection (%s); reconnecting in %.1fs",

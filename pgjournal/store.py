@@ -243,13 +243,19 @@ class Store:
 
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
                     lease: float, *, hungry: bool = False,
-                    workflows: Sequence[str] | None = None) -> list[Claim]:
+                    workflows: Sequence[str] | None = None,
+                    conn: psycopg.AsyncConnection[Row] | None = None) -> list[Claim]:
         """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
         sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``).
-        ``workflows``: claim only runs of these (None: any workflow)."""
-        rows = await self.fetch("go_hungry" if hungry else "claim_runs", worker=worker,
-                                queues=list(queues), limit=limit, lease=lease,
-                                workflows=None if workflows is None else list(workflows))
+        ``workflows``: claim only runs of these (None: any workflow).
+        ``conn``: claim on this (autocommit) connection instead of the pool."""
+        params = {"worker": worker, "queues": list(queues), "limit": limit, "lease": lease,
+                  "workflows": None if workflows is None else list(workflows)}
+        query = "go_hungry" if hungry else "claim_runs"
+        if conn is not None:
+            rows = await self.fetch_on(conn, query, **params)
+        else:
+            rows = await self.fetch(query, **params)
         return [
             Claim(r["id"], r["workflow"], r["queue"], r["input"], r["attempt"],
                   r["max_attempts"], r["lease_epoch"], r["recoveries"], r["db_now"],

@@ -168,6 +168,11 @@ class Worker:
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
+        # Held while a claim is in flight (the claim loop's or a wake-up's), so
+        # two claims never count the same free slots.
+        self._claiming = asyncio.Lock()
+        # A wake-up for our queues heard by a listener that claims itself.
+        self._acting = False
         self.schedules = schedules
         self._scheduler: Scheduler | None = None
         self.metrics = WorkerMetrics(concurrency, lambda: len(self._inflight))
@@ -194,9 +199,52 @@ class Worker:
     def _on_wake(self, payload: str) -> None:
         schema, _, queue = payload.partition(":")
         if schema == self.app.schema and queue in self.queues:
-            self._wake.set()
+            if not self._acting:  # else _act_on_wake claims right away
+                self._wake.set()
         elif schema == self.app.schema and queue == WAKE_TOPIC and self._scheduler:
             self._scheduler.wake()
+
+    def _ours(self, payload: str) -> bool:
+        schema, _, queue = payload.partition(":")
+        return schema == self.app.schema and queue in self.queues
+
+    async def _act_on_wake(self, conn: psycopg.AsyncConnection[Any],
+                           payloads: Sequence[str]) -> None:
+        """A run became claimable on one of our queues: claim on the listening
+        connection at once (it is open and idle), instead of waking the claim
+        loop, which would first check a connection out of the pool.
+
+        If the claim loop is claiming already, or nothing is free, it is left
+        to the claim loop. After a claim that got some runs but not all, the
+        claim loop claims again (a key's runs may have been cut to its room,
+        and other runs be claimable behind them) and goes hungry if short.
+        """
+        if not any(self._ours(p) for p in payloads):
+            return
+        store = self._store
+        free = self.concurrency - len(self._inflight)
+        if (store is None or self._stopping.is_set() or free <= 0
+                or self._claiming.locked()):
+            self._wake.set()
+            return
+        async with self._claiming:
+            free = self.concurrency - len(self._inflight)
+            if free <= 0 or self._stopping.is_set():
+                return
+            sent = time.monotonic()
+            try:
+                claims = await traced_claim(store, store.claim(
+                    self.id, self.queues, free, self.lease, workflows=self.workflows,
+                    conn=conn))
+            except BaseException:
+                self._wake.set()  # the claim loop tries, on a pool connection
+                raise
+            self.metrics.claim_latency(time.monotonic() - sent)
+            got = self._spawn_all(claims, sent)
+        if got == free:
+            self._hungry = False  # the claim cleared the flag in the database too
+        elif got > 0:
+            self._wake.set()
 
     def _on_listen(self) -> None:
         """(Re)connected to LISTEN: look again, wake-ups may have been missed."""
@@ -324,30 +372,12 @@ class Worker:
         assert self._store is not None
         backoff = 0.1
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._inflight)
-            if free > 0:
+            if self.concurrency - len(self._inflight) > 0:
                 self._wake.clear()
                 try:
-                    sent = time.monotonic()
-                    claims = await traced_claim(self._store, self._store.claim(
-                        self.id, self.queues, free, self.lease, workflows=self.workflows))
-                    self.metrics.claim_latency(time.monotonic() - sent)
-                    got = self._spawn_all(claims, sent)
-                    if got < free and (got > 0 or not self._hungry):
-                        # Going idle: ask for NOTIFYs, and claim once more under
-                        # the queue locks so no enqueue slips between the two.
-                        # Also after a claim that got some but not all: a key's
-                        # runs may have been cut to its room, and the runs of
-                        # other keys behind them are claimable now.
-                        sent = time.monotonic()
-                        claims = await traced_claim(self._store, self._store.claim(
-                            self.id, self.queues, free - got, self.lease, hungry=True,
-                            workflows=self.workflows))
-                        self.metrics.claim_latency(time.monotonic() - sent)
-                        got += self._spawn_all(claims, sent)
-                        self._hungry = got < free
-                    elif got == free:
-                        self._hungry = False
+                    async with self._claiming:
+                        free = self.concurrency - len(self._inflight)
+                        got = await self._claim_round(free) if free > 0 else 0
                     backoff = 0.1
                 except DatabaseUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
@@ -359,6 +389,32 @@ class Worker:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _claim_round(self, free: int) -> int:
+        """One claim of up to ``free`` runs (and a hungry one if it came back
+        short); how many runs it got. Called with ``_claiming`` held."""
+        assert self._store is not None
+        sent = time.monotonic()
+        claims = await traced_claim(self._store, self._store.claim(
+            self.id, self.queues, free, self.lease, workflows=self.workflows))
+        self.metrics.claim_latency(time.monotonic() - sent)
+        got = self._spawn_all(claims, sent)
+        if got < free and (got > 0 or not self._hungry):
+            # Going idle: ask for NOTIFYs, and claim once more under
+            # the queue locks so no enqueue slips between the two.
+            # Also after a claim that got some but not all: a key's
+            # runs may have been cut to its room, and the runs of
+            # other keys behind them are claimable now.
+            sent = time.monotonic()
+            claims = await traced_claim(self._store, self._store.claim(
+                self.id, self.queues, free - got, self.lease, hungry=True,
+                workflows=self.workflows))
+            self.metrics.claim_latency(time.monotonic() - sent)
+            got += self._spawn_all(claims, sent)
+            self._hungry = got < free
+        elif got == free:
+            self._hungry = False
+        return got
 
     def _spawn_all(self, claims: list[Claim], sent_at: float) -> int:
         for claim in claims:
@@ -558,7 +614,9 @@ class Worker:
             log.info("worker %s: no LISTEN (pooler=%s and no listen_dsn): polling every "
                      "%.2fs for new runs", self.id, self.app.pooler, self.poll_interval)
             return None
-        return Listener(listen_dsn, "pgjournal_wake", self._on_wake, self._on_listen)
+        self._acting = True
+        return Listener(listen_dsn, "pgjournal_wake", self._on_wake, self._on_listen,
+                        act=self._act_on_wake)
 
     async def _heartbeat_conn(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         """The worker's own connection for heartbeats: they never queue behind

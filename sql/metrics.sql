@@ -56,7 +56,8 @@ ORDER BY state;
 -- per key, where the view calls it twice and counts each key's runs apart.
 WITH k AS (
     SELECT r.concurrency_key AS key,
-           count(*) FILTER (WHERE r.status = 'running' AND r.due_at > now()) AS running,
+           count(*) FILTER (WHERE r.status = 'running'
+                                   AND coalesce(r.lease_until, r.due_at) > now()) AS running,
            count(*) FILTER (WHERE r.status = 'queued') AS queued
     FROM {schema}.runs r
     WHERE r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'suspended')

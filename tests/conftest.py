@@ -33,10 +33,11 @@ async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
 
 
 async def lease_expired(store: Any, run_id: Any) -> bool:
-    """True once the run's lease (its due_at while running) lies in the past."""
+    """True once the run's lease (lease_until while running; due_at for rows
+    written the old way) lies in the past."""
     async with store.pool.connection() as conn:
         cur = await conn.execute(
-            f'SELECT status = \'running\' AND due_at < now() AS expired '
+            f'SELECT status = \'running\' AND coalesce(lease_until, due_at) < now() AS expired '
             f'FROM "{store.schema}".runs WHERE id = %s', (run_id,))
         row = await cur.fetchone()
     return bool(row and row["expired"])

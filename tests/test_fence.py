@@ -247,9 +247,10 @@ def test_ended_run_refuses_its_owner(db: Sql, fn: str, how: str) -> None:
 
 def test_stale_heartbeat_does_not_extend_the_new_lease(db: Sql) -> None:
     scene = Scene(db, "takeover")
-    (due,) = db.conn.execute("SELECT due_at FROM runs WHERE id = %s", (scene.run,)).fetchall()
+    (due,) = db.conn.execute("SELECT lease_until FROM runs WHERE id = %s",
+                             (scene.run,)).fetchall()
     db.heartbeat(scene.old_worker, scene.run, scene.stale, lease=0.0)
-    (after,) = db.conn.execute("SELECT due_at FROM runs WHERE id = %s",
+    (after,) = db.conn.execute("SELECT lease_until FROM runs WHERE id = %s",
                                (scene.run,)).fetchall()
     assert after == due
 
@@ -289,8 +290,8 @@ def test_heartbeat_is_not_blocked_by_a_dba_lock_on_one_run(
     assert set(epochs) == {a, b}
 
     def due(run: uuid.UUID) -> Any:
-        return db.conn.execute("SELECT due_at FROM runs WHERE id = %s",
-                               (run,)).fetchone()["due_at"]  # type: ignore[index]
+        return db.conn.execute("SELECT lease_until FROM runs WHERE id = %s",
+                               (run,)).fetchone()["lease_until"]  # type: ignore[index]
 
     before = {a: due(a), b: due(b)}
     with psycopg.connect(pgjournal_dsn) as dba:

@@ -120,11 +120,13 @@ class PgjournalAdapter(Adapter):
         return int(row[0]) if row else 0
 
     async def any_unfinished(self) -> bool:
-        # Unfinished runs are exactly those with a due_at (queued or running
-        # here): the claim index answers this without reading the queue.
+        # Unfinished runs are queued (with a due_at: the claim index) or
+        # running (the runs_running index): no read of the finished ones.
         cur = await (await self._c()).execute(
             f'SELECT EXISTS (SELECT 1 FROM "{SCHEMA}".runs WHERE queue = %s '
-            "AND due_at IS NOT NULL)", (QUEUE_NAME,))
+            "AND due_at IS NOT NULL) OR EXISTS (SELECT 1 FROM "
+            f'"{SCHEMA}".runs WHERE queue = %s AND status = \'running\')',
+            (QUEUE_NAME, QUEUE_NAME))
         row = await cur.fetchone()
         return bool(row and row[0])
 

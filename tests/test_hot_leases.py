@@ -1,0 +1,128 @@
+"""Lease renewals are HOT updates (migration 0013), and the lease still fences.
+
+A running run keeps its lease expiry in ``runs.lease_until``, which no index
+holds, so a heartbeat changes no indexed column: Postgres updates the row
+in place on its page (a heap-only tuple) without new index entries. Before
+0013 the expiry lived in the indexed ``due_at`` and no heartbeat was HOT.
+
+The statistics counters are asynchronous: the session that did the updates
+forces its flush (``pg_stat_force_next_flush``, PostgreSQL 15+), and the
+reader drops its cached snapshot before every read; the test waits for the
+counters to show every update rather than sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from tests.conftest import wait_for
+
+Row = dict[str, Any]
+
+
+@pytest.fixture
+def conn(pgjournal_dsn: str, pgjournal_schema: str) -> Iterator[psycopg.Connection[Row]]:
+    with psycopg.connect(pgjournal_dsn, autocommit=True, row_factory=dict_row) as c:
+        if c.info.server_version < 150000:
+            pytest.skip("pg_stat_force_next_flush() needs PostgreSQL 15")
+        c.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pgjournal_schema)))
+        yield c
+
+
+def _claim_one(conn: psycopg.Connection[Row], lease: float) -> tuple[uuid.UUID, uuid.UUID, int]:
+    worker = uuid.uuid4()
+    conn.execute("SELECT register_worker(%s, 'test', 1, ARRAY['default'], 4)", (worker,))
+    conn.execute("SELECT start_run(%s, 'wf', 'default', '{\"args\": [], \"kwargs\": {}}'::json)",
+                 (uuid.uuid4(),))
+    (row,) = conn.execute("SELECT id, lease_epoch FROM claim_runs(%s, ARRAY['default'], 1, %s)",
+                          (worker, lease)).fetchall()
+    return worker, row["id"], int(row["lease_epoch"])
+
+
+def _counters(conn: psycopg.Connection[Row], schema: str) -> tuple[int, int]:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    (row,) = conn.execute(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+        "WHERE schemaname = %s AND relname = 'runs'", (schema,)).fetchall()
+    return int(row["n_tup_upd"]), int(row["n_tup_hot_upd"])
+
+
+async def test_heartbeats_of_a_running_run_are_hot_updates(
+        conn: psycopg.Connection[Row], pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    worker, run, epoch = _claim_one(conn, lease=3600.0)
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT 1")  # the flush happens when the session goes idle
+    with psycopg.connect(pgjournal_dsn, autocommit=True, row_factory=dict_row) as reader:
+        async def flushed_claim() -> bool:
+            return _counters(reader, pgjournal_schema)[0] >= 1
+        await wait_for(flushed_claim, 10, what="the claim's update in pg_stat_user_tables")
+        upd0, hot0 = _counters(reader, pgjournal_schema)
+
+        beats = 20
+        before = conn.execute("SELECT lease_until FROM runs WHERE id = %s",
+                              (run,)).fetchone()
+        for _ in range(beats):
+            lost = conn.execute("SELECT * FROM heartbeat(%s, ARRAY[%s]::uuid[], "
+                                "ARRAY[%s]::bigint[], 3600)", (worker, run, epoch)).fetchall()
+            assert lost == []  # renewed
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT 1")
+
+        async def flushed() -> bool:
+            return _counters(reader, pgjournal_schema)[0] >= upd0 + beats
+        await wait_for(flushed, 10, what="the heartbeats in pg_stat_user_tables")
+        upd, hot = _counters(reader, pgjournal_schema)
+    assert upd - upd0 == beats
+    assert hot - hot0 == beats, f"{hot - hot0} of {beats} heartbeats were HOT updates"
+    after = conn.execute("SELECT lease_until, due_at, status FROM runs WHERE id = %s",
+                         (run,)).fetchone()
+    assert before is not None and after is not None
+    assert after["status"] == "running" and after["due_at"] is None
+    assert after["lease_until"] > before["lease_until"]  # each beat really renewed it
+
+
+async def test_expired_lease_is_claimed_again_and_fences_the_old_owner(
+        conn: psycopg.Connection[Row]) -> None:
+    """An expired lease_until makes the run claimable (through runs_running, not
+    the claim index); the new claim bumps the epoch and the old owner's
+    heartbeat and writes are refused."""
+    old, run, epoch = _claim_one(conn, lease=0.2)
+    new = uuid.uuid4()
+    conn.execute("SELECT register_worker(%s, 'test', 2, ARRAY['default'], 4)", (new,))
+    # Not claimable while the lease holds.
+    assert conn.execute("SELECT * FROM claim_runs(%s, ARRAY['default'], 1, 30)",
+                        (new,)).fetchall() == []
+
+    async def expired() -> bool:
+        row = conn.execute("SELECT lease_until < now() AS gone FROM runs WHERE id = %s",
+                           (run,)).fetchone()
+        return bool(row and row["gone"])
+    await wait_for(expired, 10, what="the lease to expire")
+    while True:  # the database clock moved past lease_until: claimable now
+        rows = conn.execute("SELECT * FROM claim_runs(%s, ARRAY['default'], 1, 30)",
+                            (new,)).fetchall()
+        if rows:
+            break
+        await asyncio.sleep(0.01)
+    (claimed,) = rows
+    assert claimed["id"] == run and claimed["lease_epoch"] == epoch + 1
+    assert claimed["recoveries"] == 1
+    (lost,) = conn.execute("SELECT * FROM heartbeat(%s, ARRAY[%s]::uuid[], ARRAY[%s]::bigint[], "
+                           "30)", (old, run, epoch)).fetchall()
+    assert (lost["status"], lost["lease_epoch"]) == ("running", epoch + 1)
+    assert conn.execute("SELECT journal_step(%s, %s, 0, 's', 0, 'step', 'completed', "
+                        "'1'::json, NULL, 1, 1, now()) AS lost",
+                        (run, epoch)).fetchone() == {"lost": "running"}
+    # The claim wrote its own event row (0012), once.
+    events = conn.execute("SELECT from_status, to_status, lease_epoch FROM run_events "
+                          "WHERE run_id = %s ORDER BY id", (run,)).fetchall()
+    assert [(e["from_status"], e["to_status"], e["lease_epoch"]) for e in events] == [
+        (None, "queued", 0), ("queued", "running", epoch), ("running", "running", epoch + 1)]
