@@ -163,6 +163,7 @@ class Worker:
         self._lost_logged: set[tuple[uuid.UUID, int]] = set()
         self._hb_conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._hb_failing = False
+        self._stuck_beats: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._store: Store | None = None
@@ -651,9 +652,20 @@ class Worker:
         """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            beat = asyncio.create_task(self._beat())
             try:
-                await self._beat()
+                done, _ = await asyncio.wait({beat}, timeout=self.heartbeat_interval)
+                if not done:
+                    # A black-holed connection: psycopg's handling of the
+                    # cancellation may take seconds; leave it behind.
+                    beat.cancel()
+                    self._stuck_beats.add(beat)
+                    beat.add_done_callback(self._stuck_beat_done)
+                    self._hb_conn = None
+                    raise TimeoutError("heartbeat timed out")
+                beat.result()
             except asyncio.CancelledError:
+                beat.cancel()
                 raise
             except Exception as exc:
                 await self._drop_heartbeat_conn()
@@ -703,6 +715,11 @@ class Worker:
             lease = self._leases.get(run_id)
             if run_id not in not_renewed and lease is not None and lease.epoch == epoch:
                 lease.renewed(sent)
+
+    def _stuck_beat_done(self, task: asyncio.Task[None]) -> None:
+        self._stuck_beats.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the beat was given up already
 
     def _abandon_expired(self) -> None:
         """Give up runs whose lease ran out locally: the database may hand them on.

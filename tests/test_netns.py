@@ -28,8 +28,8 @@ its clock):
 - ``w1`` then holds four new runs at once (so none of the old ones is still in
   flight there) and completes them.
 
-A second test documents a pgjournal bug (xfail, strict): a worker cut off the
-network marks its runs lost seconds after their leases expired.
+A second test: a worker cut off the network marks its runs lost by their
+leases' expiry (a heartbeat stuck on a black-holed connection is left behind).
 
 Skipped, with the reason, where namespaces cannot be made (not root, no
 iproute2, no namespace support) or there are no PostgreSQL binaries.
@@ -389,12 +389,6 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
 ABANDON_SLACK = 0.25
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgjournal bug: Worker._heartbeat_loop bounds a beat with asyncio.timeout, but on "
-    "a cut network psycopg handles that cancellation by sending a cancel request and "
-    "then waiting up to 5 s for the query to end (psycopg 3.3 "
-    "AsyncConnection.wait), so _abandon_expired, which runs after each beat, marks "
-    "the runs lost ~5 s after their leases expired in the database"))
 async def test_cut_off_worker_gives_up_its_runs_by_its_lease_deadline(
         cluster: Cluster) -> None:
     """Worker._heartbeat_loop promises: "A run whose lease could not be renewed
