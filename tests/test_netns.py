@@ -13,7 +13,7 @@ a step in flight; two before it: at the lease guard). ``w2`` starts; ``w1`` is
 cut off for longer than its lease. Asserted, from the database (timestamps on
 its clock):
 
-- ``w2`` takes every run over within 1 s of the lease's expiry (``due_at``
+- ``w2`` takes every run over within 1 s of the lease's expiry (``lease_until``
   last seen while ``w1`` owned it vs. the claim's ``run_events.at``), so within
   lease + 1 s of the cut;
 - the link comes back while ``w2`` holds the runs before journaling that step:
@@ -237,7 +237,7 @@ async def _scenario(cluster: Cluster, db: Db, app: Any) -> None:
     expiry: dict[uuid.UUID, datetime] = {}   # w1's lease expiry, last seen before takeover
 
     async def taken_over() -> bool:
-        rows = db.rows("SELECT id, lease_epoch, worker_id, due_at FROM {s}.runs "
+        rows = db.rows("SELECT id, lease_epoch, worker_id, lease_until FROM {s}.runs "
                        "WHERE id = ANY(%s)", ids)
         for run_id, epoch, worker, due_at in rows:
             if epoch == 1 and worker == w1_id:
@@ -432,7 +432,8 @@ async def test_cut_off_worker_gives_up_its_runs_by_its_lease_deadline(
         found: str = await wait_for(gave_up, 30, what="w1 to give the run up")
         at = float(found.split()[0])  # the record's time (%(created))
         # Still cut: no heartbeat of w1 can have moved the expiry since.
-        expiry: datetime = db.one("SELECT due_at FROM {s}.runs WHERE id = %s", h.run_id)
+        expiry: datetime = db.one("SELECT lease_until FROM {s}.runs WHERE id = %s",
+                                  h.run_id)
         late = at - expiry.timestamp()
         assert late <= ABANDON_SLACK, \
             f"w1 gave the run up {late:.2f}s after its lease expired in the database"
