@@ -19,15 +19,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from pgjournal.embedded import SERVICE_USER, EmbeddedServer, _free_port, bin_dir
+from pgjournal.embedded import (
+    SERVICE_USER,
+    EmbeddedServer,
+    _free_port,
+    bin_dir,
+    throwaway_server,
+)
 from pgjournal.migrations import migrate
 
 from .conftest import ROOT, wait_for
@@ -75,21 +82,41 @@ def _standby_of(primary: EmbeddedServer) -> EmbeddedServer:
     return EmbeddedServer(data, ephemeral=True).start()
 
 
-@pytest.fixture
-def replica(pgjournal_server_factory: Callable[..., EmbeddedServer],
-            ) -> Iterator[tuple[EmbeddedServer, EmbeddedServer, str]]:
-    """(primary, standby, schema): a migrated schema on the primary, replicated."""
-    primary = pgjournal_server_factory(settings={"fsync": "off"})
-    standby = _standby_of(primary)
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[EmbeddedServer, EmbeddedServer]]:
+    """An embedded primary and its hot standby, shared by this module's tests."""
+    primary = throwaway_server(settings={"fsync": "off"})
     try:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        migrate(primary.dsn, schema=schema)
-        with psycopg.connect(standby.dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            assert row == (True,), "the standby is not in recovery"
+        standby = _standby_of(primary)
+        try:
+            with psycopg.connect(standby.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                assert row == (True,), "the standby is not in recovery"
+            yield primary, standby
+        finally:
+            standby.cleanup()
+    finally:
+        primary.cleanup()
+
+
+@pytest.fixture
+def replica(servers: tuple[EmbeddedServer, EmbeddedServer],
+            ) -> Iterator[tuple[EmbeddedServer, EmbeddedServer, str]]:
+    """(primary, standby, schema): a schema of the test's own, migrated on the
+    primary; the standby's WAL replay is running again after the test."""
+    primary, standby = servers
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    migrate(primary.dsn, schema=schema)
+    deadline = time.monotonic() + 60
+    with psycopg.connect(standby.dsn, autocommit=True) as conn:
+        while conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                           (schema,)).fetchone() is None:
+            assert time.monotonic() < deadline, "the schema never reached the standby"
+            time.sleep(0.05)
+    try:
         yield primary, standby, schema
     finally:
-        standby.cleanup()
+        _replay(standby, "resume")
 
 
 def cli(*args: str, expect: int = 0, **env: str) -> subprocess.CompletedProcess[str]:
@@ -204,5 +231,8 @@ async def test_the_dashboard_reads_the_replica(
             page = (await c.get("/")).text
             assert str(first.run_id) in page
             assert str(second.run_id) not in page
+            scraped = (await c.get("/metrics")).text  # the scrape reads the replica too
+            assert re.search(r'^pgjournal_queue_claimable\{queue="q1"\} 1(\.0)?$', scraped,
+                             re.M), scraped
         await asgi.state.dashboard.close()
         _replay(standby, "resume")
