@@ -215,10 +215,21 @@ _DIRECT_ONLY: dict[str, str] = {
 _OWN_SERVER_MODULES = {"test_chaos", "test_demo", "test_embedded"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``own_server`` the tests that never touch the session's server (they
     start throwaway servers of their own): CI's second pass, on the machine's
-    existing server, leaves them out, since they would only repeat the first."""
+    existing server, leaves them out, since they would only repeat the first.
+
+    In the PgBouncer pass, tests that never ask for ``pgjournal_dsn`` (help
+    texts, argument checks, servers of their own) are deselected: nothing of
+    theirs would go through PgBouncer. Those that need a direct connection are
+    skipped with their reason."""
+    if THROUGH_PGBOUNCER:
+        dropped = [item for item in items
+                   if "pgjournal_dsn" not in getattr(item, "fixturenames", ())]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item not in dropped]
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in _OWN_SERVER_MODULES or \
