@@ -136,8 +136,15 @@ async def _on_standby(standby: EmbeddedServer, schema: str, run_id: str) -> bool
 
 
 def _replay(standby: EmbeddedServer, action: str) -> None:
+    """Pause or resume the standby's WAL replay; a pause is awaited until the
+    standby reports it in effect (a request alone may still replay a record)."""
     with psycopg.connect(standby.dsn, autocommit=True) as conn:
         conn.execute(f"SELECT pg_wal_replay_{action}()")
+        deadline = time.monotonic() + 60
+        while action == "pause" and conn.execute(
+                "SELECT pg_get_wal_replay_pause_state()").fetchone() != ("paused",):
+            assert time.monotonic() < deadline, "the standby's replay never paused"
+            time.sleep(0.05)
 
 
 async def test_read_commands_read_the_replica_and_writes_go_to_the_primary(
