@@ -179,6 +179,15 @@ def session_pgbouncer(pgjournal_postgres: TestPostgres,
         patch = pytest.MonkeyPatch()
         patch.setenv("PGJOURNAL_POOLER", "transaction")
         patch.setenv("PGJOURNAL_LISTEN_DSN", pgjournal_postgres.dsn)
+        # The tests' own connections (helpers that poll with plain psycopg.connect)
+        # too: a statement polled 5 times would be prepared on one server
+        # connection and executed on another ("prepared statement does not exist").
+        from psycopg._preparing import PrepareManager
+
+        def never(_self: Any, _value: Any = None) -> None:
+            return None
+
+        patch.setattr(PrepareManager, "prepare_threshold", property(never, never))
         try:
             yield bouncer
         finally:

@@ -269,3 +269,6 @@ def test_the_pgbouncer_pass_goes_through_pgbouncer(
                          prepare_threshold=None) as admin:
         modes = {row[0]: row for row in admin.execute("SHOW CONFIG").fetchall()}
     assert modes["pool_mode"][1] == "transaction"
+    # The tests' own plain connections prepare nothing either.
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        assert conn.prepare_threshold is None
