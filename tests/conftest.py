@@ -1,4 +1,13 @@
-"""Shared helpers: side-effect counting and worker processes."""
+"""Shared helpers: side-effect counting and worker processes; the PgBouncer pass.
+
+``PGJOURNAL_TEST_POOLER=pgbouncer`` runs the tests with a real PgBouncer in
+transaction mode in front of the session's server: ``pgjournal_dsn`` (what
+tests give ``App``, workers, the CLI) is PgBouncer's DSN, ``PGJOURNAL_POOLER``
+is ``transaction`` and ``PGJOURNAL_LISTEN_DSN`` the server itself, for every
+App and every process a test starts. Schemas are still migrated directly, and
+``pgjournal_postgres.dsn`` stays the server itself. Tests that need a direct
+connection are skipped in that pass, each with its reason (``_DIRECT_ONLY``).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from pgjournal.pytest_plugin import TestPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,16 +152,102 @@ def spawn_worker(pgjournal_dsn: str, pgjournal_schema: str,
             wp.proc.wait(10)
 
 
+#: ``PGJOURNAL_TEST_POOLER``: ``pgbouncer`` for the PgBouncer pass, else unset.
+TEST_POOLER = os.environ.get("PGJOURNAL_TEST_POOLER", "").strip().lower()
+if TEST_POOLER not in ("", "none", "pgbouncer"):
+    raise pytest.UsageError(f"PGJOURNAL_TEST_POOLER={TEST_POOLER!r}: expected pgbouncer")
+THROUGH_PGBOUNCER = TEST_POOLER == "pgbouncer"
+
+
+@pytest.fixture(scope="session")
+def session_pgbouncer(pgjournal_postgres: TestPostgres,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The PgBouncer pass's PgBouncer (``None`` outside that pass). While it
+    runs, ``PGJOURNAL_POOLER=transaction`` and ``PGJOURNAL_LISTEN_DSN`` (the
+    server, direct) are in the environment of the tests and their processes."""
+    if not THROUGH_PGBOUNCER:
+        yield None
+        return
+    from .pgbouncer import find_pgbouncer, running_bouncer
+
+    if find_pgbouncer() is None:
+        pytest.fail("PGJOURNAL_TEST_POOLER=pgbouncer but pgbouncer is not installed "
+                    "(Debian: apt-get install pgbouncer)", pytrace=False)
+    log = tmp_path_factory.mktemp("pgbouncer") / "pgbouncer.log"
+    # Room for the heaviest tests' workers (several processes of concurrency 4
+    # to 10) without heartbeats queueing in PgBouncer for longer than a lease.
+    with running_bouncer(pgjournal_postgres.dsn, keep_log=log, pool_size=60) as bouncer:
+        patch = pytest.MonkeyPatch()
+        patch.setenv("PGJOURNAL_POOLER", "transaction")
+        patch.setenv("PGJOURNAL_LISTEN_DSN", pgjournal_postgres.dsn)
+        # The tests' own connections (helpers that poll with plain psycopg.connect)
+        # too: a statement polled 5 times would be prepared on one server
+        # connection and executed on another ("prepared statement does not exist").
+        from psycopg._preparing import PrepareManager
+
+        def never(_self: Any, _value: Any = None) -> None:
+            return None
+
+        patch.setattr(PrepareManager, "prepare_threshold", property(never, never))
+        try:
+            yield bouncer
+        finally:
+            patch.undo()
+
+
+@pytest.fixture
+def pgjournal_dsn(pgjournal_postgres: TestPostgres, session_pgbouncer: Any) -> str:
+    """The DSN tests hand to Apps, workers and the CLI: the server's, or in the
+    PgBouncer pass PgBouncer's (overrides the plugin's fixture)."""
+    if session_pgbouncer is not None:
+        return str(session_pgbouncer.dsn)
+    return pgjournal_postgres.dsn
+
+
+#: Tests skipped in the PgBouncer pass: node id (without parameters) -> why.
+_DIRECT_ONLY: dict[str, str] = {
+    "tests/test_children.py::test_dba_tree_queries_from_the_doc":
+        "the test's DBA connection (tests/test_dba.py's Db) sets search_path for its "
+        "session, as a psql session would",
+    "tests/test_cli.py::test_app_reads_pgjournal_schema_and_psql_opens_on_it":
+        "pgjournal psql passes search_path as a startup option, which PgBouncer refuses "
+        "(docs/deploy.md: point psql at the server directly)",
+    "tests/test_cli.py::test_roles_output_is_ready_for_psql":
+        "it feeds pgjournal roles' SQL to pgjournal psql (search_path as a startup option, "
+        "which PgBouncer refuses)",
+    "tests/test_cli.py::test_demo_refuses_politely_while_another_demo_runs":
+        "the demo's one-at-a-time guard is a session advisory lock (the demo is a local "
+        "tool, not run through a pooler)",
+}
+
+
 #: Modules whose tests start servers of their own and never use the session's.
 _OWN_SERVER_MODULES = {"test_chaos", "test_demo", "test_embedded"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``own_server`` the tests that never touch the session's server (they
     start throwaway servers of their own): CI's second pass, on the machine's
-    existing server, leaves them out, since they would only repeat the first."""
+    existing server, leaves them out, since they would only repeat the first.
+
+    In the PgBouncer pass, tests that never ask for ``pgjournal_dsn`` (help
+    texts, argument checks, servers of their own) are deselected: nothing of
+    theirs would go through PgBouncer. Those that need a direct connection are
+    skipped with their reason."""
+    if THROUGH_PGBOUNCER:
+        dropped = [item for item in items
+                   if "pgjournal_dsn" not in getattr(item, "fixturenames", ())]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item not in dropped]
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in _OWN_SERVER_MODULES or \
                 "pgjournal_server_factory" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.own_server)
+        if THROUGH_PGBOUNCER:
+            reason = _DIRECT_ONLY.get(item.nodeid.split("[", 1)[0]) \
+                or _DIRECT_ONLY.get(item.nodeid.split("::", 1)[0])
+            if reason:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"needs a direct connection (PgBouncer pass): {reason}"))

@@ -25,6 +25,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from pgjournal.pytest_plugin import TestPostgres
+
 
 def find_pgbouncer() -> str | None:
     found = shutil.which("pgbouncer")
@@ -64,7 +66,10 @@ class Bouncer:
             return list(conn.execute(f"SHOW {what}").fetchall())
 
 
-def start_bouncer(direct_dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Bouncer]:
+def start_bouncer(direct_dsn: str, workdir: Path, *, pool_size: int = 20,
+                  ) -> tuple[subprocess.Popen[bytes], Bouncer]:
+    """Start PgBouncer (transaction mode, ``pool_size`` server connections) in
+    front of ``direct_dsn``, its files in ``workdir``; returns when it answers."""
     binary = find_pgbouncer()
     if binary is None:
         pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
@@ -91,7 +96,7 @@ def start_bouncer(direct_dsn: str, workdir: Path) -> tuple[subprocess.Popen[byte
         f"auth_file = {userlist}\n"
         "pool_mode = transaction\n"
         "max_client_conn = 500\n"
-        "default_pool_size = 20\n"
+        f"default_pool_size = {pool_size}\n"
         f"admin_users = {user}\n"
         f"logfile = {log}\n"
         f"pidfile = {workdir / 'pgbouncer.pid'}\n"
@@ -125,21 +130,32 @@ def start_bouncer(direct_dsn: str, workdir: Path) -> tuple[subprocess.Popen[byte
     return proc, Bouncer(bouncer_dsn, direct_dsn, port, log)
 
 
-@pytest.fixture(name="pgbouncer")
-def pgbouncer_fixture(pgjournal_dsn: str, tmp_path: Path) -> Iterator[Bouncer]:
-    """PgBouncer in transaction mode in front of the test's server; stopped after."""
-    # Not under tmp_path: as root PgBouncer runs as nobody, who cannot enter
-    # pytest's private temporary directories.
+@contextlib.contextmanager
+def running_bouncer(direct_dsn: str, *, keep_log: Path | None = None,
+                    pool_size: int = 20) -> Iterator[Bouncer]:
+    """PgBouncer in front of ``direct_dsn`` for the body of the block; stopped
+    after, its log copied to ``keep_log`` when given."""
+    # Not under pytest's tmp_path: as root PgBouncer runs as nobody, who cannot
+    # enter pytest's private temporary directories.
     workdir = Path(tempfile.mkdtemp(prefix="pgjournal-pgbouncer-"))
-    proc, bouncer = start_bouncer(pgjournal_dsn, workdir)
+    proc, bouncer = start_bouncer(direct_dsn, workdir, pool_size=pool_size)
     try:
         yield bouncer
     finally:
-        shutil.copy(bouncer.log, tmp_path / "pgbouncer.log") if bouncer.log.exists() else None
-        shutil.rmtree(workdir, ignore_errors=True)
+        if keep_log is not None and bouncer.log.exists():
+            shutil.copy(bouncer.log, keep_log)
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(name="pgbouncer")
+def pgbouncer_fixture(pgjournal_postgres: TestPostgres, tmp_path: Path) -> Iterator[Bouncer]:
+    """PgBouncer in transaction mode in front of the test's server (always the
+    server itself, also in the PgBouncer pass); stopped after."""
+    with running_bouncer(pgjournal_postgres.dsn, keep_log=tmp_path / "pgbouncer.log") as b:
+        yield b

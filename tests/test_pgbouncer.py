@@ -21,6 +21,7 @@ import pgjournal
 from pgjournal.connect import resolve_listen_dsn, resolve_pooler
 from pgjournal.errors import ConfigurationError
 from pgjournal.listener import Listener
+from pgjournal.pytest_plugin import TestPostgres
 
 from .conftest import ROOT, Effects, wait_for
 from .pgbouncer import Bouncer, pgbouncer_fixture  # noqa: F401  (the fixture)
@@ -161,7 +162,9 @@ async def test_cli_through_pgbouncer(app: pgjournal.App, pgbouncer: Bouncer,
     assert "s1" in shown and "s2" in shown and "completed" in shown
 
 
-async def test_listener_pings_when_quiet_and_still_hears(pgjournal_dsn: str) -> None:
+async def test_listener_pings_when_quiet_and_still_hears(
+        pgjournal_postgres: TestPostgres) -> None:
+    pgjournal_dsn = pgjournal_postgres.dsn  # LISTEN: the server itself, never PgBouncer
     heard: list[str] = []
     listener = Listener(pgjournal_dsn, "pgjournal_ping_test", heard.append,
                         ping_interval=0.1, ping_timeout=2)
@@ -223,8 +226,9 @@ class _Proxy:
             writer.close()
 
 
-async def test_listener_reconnects_from_a_half_open_socket(pgjournal_dsn: str) -> None:
-    info = psycopg.conninfo.conninfo_to_dict(pgjournal_dsn)
+async def test_listener_reconnects_from_a_half_open_socket(
+        pgjournal_postgres: TestPostgres) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(pgjournal_postgres.dsn)
     proxy = _Proxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
     port = await proxy.start()
     info.update(host="127.0.0.1", port=port)
@@ -243,3 +247,28 @@ async def test_listener_reconnects_from_a_half_open_socket(pgjournal_dsn: str) -
     finally:
         await listener.stop()
         await proxy.close()
+
+
+def test_the_pgbouncer_pass_goes_through_pgbouncer(
+        pgjournal_dsn: str, pgjournal_postgres: TestPostgres) -> None:
+    """In CI's PgBouncer pass (``PGJOURNAL_TEST_POOLER=pgbouncer``): what tests
+    hand to Apps, workers and the CLI is PgBouncer in transaction mode, and
+    LISTEN is pointed at the server itself."""
+    from .conftest import THROUGH_PGBOUNCER
+
+    if not THROUGH_PGBOUNCER:
+        pytest.skip("only in the PgBouncer pass (PGJOURNAL_TEST_POOLER=pgbouncer)")
+    import os
+
+    assert pgjournal_dsn != pgjournal_postgres.dsn
+    assert os.environ["PGJOURNAL_POOLER"] == "transaction"
+    assert os.environ["PGJOURNAL_LISTEN_DSN"] == pgjournal_postgres.dsn
+    info = psycopg.conninfo.conninfo_to_dict(pgjournal_dsn)
+    info["dbname"] = "pgbouncer"
+    with psycopg.connect(psycopg.conninfo.make_conninfo(**info), autocommit=True,
+                         prepare_threshold=None) as admin:
+        modes = {row[0]: row for row in admin.execute("SHOW CONFIG").fetchall()}
+    assert modes["pool_mode"][1] == "transaction"
+    # The tests' own plain connections prepare nothing either.
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        assert conn.prepare_threshold is None

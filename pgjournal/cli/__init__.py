@@ -2,10 +2,13 @@
 
 Every command reaches the database the same way: ``--dsn``, else
 ``PGJOURNAL_DSN``, else the embedded development server; ``--schema``, else
-``PGJOURNAL_SCHEMA``, else ``pgjournal``. State changes go through the same
-``App``/``Store`` calls (and so the same SQL functions) as Python code; the
-reads the CLI needs beyond the store are named queries in ``sql/cli.sql``
-(``pgjournal._queries``).
+``PGJOURNAL_SCHEMA``, else ``pgjournal``. The commands that only read (``runs``,
+``show``, ``workers``, the listings of ``queues``, ``limits`` and ``schedules``,
+``metrics``, the dashboard's pages) read from ``--reader-dsn`` /
+``PGJOURNAL_READER_DSN`` (a replica) when given; writes always use the primary.
+State changes go through the same ``App``/``Store`` calls (and so the same SQL
+functions) as Python code; the reads the CLI needs beyond the store are named
+queries in ``sql/cli.sql`` (``pgjournal._queries``).
 
 One module per command group (``runs``, ``queues``, ``limits``, ``schedules``,
 ``worker``, ``admin``, ``dev``), each with a ``register`` that adds its
@@ -26,9 +29,10 @@ import psycopg
 
 from .. import __version__
 from .._queries import cli_fetch, cli_query, run_query
+from ..connect import mask_dsn
 from ..errors import PgJournalError
 from . import admin, dashboard, dev, limits, metrics, queues, runs, schedules, worker
-from ._common import Formatter, db_parent, json_parent
+from ._common import READER_HELP, Formatter, db_parent, json_parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "server)")
     parser.add_argument("--schema", default=None,
                         help="pgjournal schema (default: $PGJOURNAL_SCHEMA, else pgjournal)")
+    parser.add_argument("--reader-dsn", metavar="DSN", default=None, help=READER_HELP)
     parser.add_argument("--version", action="version", version=f"pgjournal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     db, js = db_parent(), json_parent()
@@ -71,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_only_error(args: argparse.Namespace, exc: psycopg.Error) -> str:
+    """A write refused by a read-only server: most likely ``--dsn`` names a standby."""
+    dsn = args.dsn or os.environ.get("PGJOURNAL_DSN") or "the embedded dev server"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"pgjournal: error: {args.command} writes, and the database at {mask_dsn(dsn)} "
+            f"is read-only ({first}): is it a standby? --dsn must name the primary "
+            "(a replica belongs in --reader-dsn)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgjournal`` console script; returns the exit status."""
     parser = build_parser()
@@ -85,7 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("queues limit needs QUEUE and N (a number, or 'none')")
         return int(args.func(args))
     except PgJournalError as exc:
+        if isinstance(exc.__cause__, psycopg.errors.ReadOnlySqlTransaction):
+            print(_read_only_error(args, exc.__cause__), file=sys.stderr)
+            return 1
         print(f"pgjournal: error: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        print(_read_only_error(args, exc), file=sys.stderr)
         return 1
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

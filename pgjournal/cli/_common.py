@@ -47,13 +47,25 @@ def parse_json(text: str, what: str) -> Any:
                    f"{shorten(text, 60)!r}") from None
 
 
+def reader_dsn_of(args: argparse.Namespace) -> str | None:
+    """``--reader-dsn``, else ``PGJOURNAL_READER_DSN``, else ``None`` (read the primary)."""
+    return (getattr(args, "reader_dsn", None) or os.environ.get("PGJOURNAL_READER_DSN")
+            or None)
+
+
 def with_app(args: argparse.Namespace, work: Callable[[App], Coroutine[Any, Any, T]],
-             app: App | None = None) -> T:
-    """Run ``work(app)`` on an app for ``--dsn``/``--schema``, closing it afterwards."""
+             app: App | None = None, *, read_only: bool = False) -> T:
+    """Run ``work(app)`` on an app for ``--dsn``/``--schema``, closing it afterwards.
+
+    ``read_only``: ``work`` only reads, so the app connects to the reader
+    (``--reader-dsn`` / ``PGJOURNAL_READER_DSN``, e.g. a streaming replica) when
+    one is given. Everything else always goes to ``--dsn``, the primary.
+    """
     async def go() -> T:
         nonlocal app
         if app is None:
-            app = App(args.dsn, schema=schema_of(args), pool_size=2)
+            reader = reader_dsn_of(args) if read_only else None
+            app = App(reader or args.dsn, schema=schema_of(args), pool_size=2)
         try:
             return await work(app)
         finally:
@@ -115,6 +127,12 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+READER_HELP = ("DSN the read-only commands (runs, show, workers, queues, limits and "
+               "schedules listings, metrics, the dashboard's pages) read from, e.g. a "
+               "streaming replica; writes always use --dsn (default: "
+               "$PGJOURNAL_READER_DSN, else --dsn)")
+
+
 def db_parent() -> argparse.ArgumentParser:
     """``--dsn``/``--schema`` accepted after the command too (without resetting them)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -124,6 +142,8 @@ def db_parent() -> argparse.ArgumentParser:
                         "server)")
     g.add_argument("--schema", default=argparse.SUPPRESS,
                    help="pgjournal schema (default: $PGJOURNAL_SCHEMA, else pgjournal)")
+    g.add_argument("--reader-dsn", metavar="DSN", default=argparse.SUPPRESS,
+                   help=READER_HELP)
     return p
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..app import App
-from ._common import Add, schema_of, with_app
+from ._common import Add, reader_dsn_of, schema_of, with_app
 
 LOOPBACK = ("localhost",)
 
@@ -29,13 +29,18 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import uvicorn
 
     token = args.token or os.environ.get("PGJOURNAL_DASHBOARD_TOKEN") or None
-    reader = args.reader_dsn or os.environ.get("PGJOURNAL_DASHBOARD_READER_DSN") or None
+    # --reader-dsn / PGJOURNAL_READER_DSN as every read command; the older
+    # PGJOURNAL_DASHBOARD_READER_DSN still works for the dashboard alone.
+    reader = reader_dsn_of(args) or os.environ.get("PGJOURNAL_DASHBOARD_READER_DSN") or None
+
     async def reachable(checked: App) -> None:
         await checked.store()  # connects and checks the schema version
 
     # A wrong DSN or a schema not migrated is one clear line now, not an error
     # page at the first request.
     with_app(args, reachable)
+    if reader:
+        with_app(args, reachable, app=App(reader, schema=schema_of(args), pool_size=1))
     app = App(args.dsn, schema=schema_of(args), pool_size=4)
     asgi = create_app(app, token=token, read_only=args.read_only, reader_dsn=reader,
                       allowed_origins=args.allow_origin or (),
@@ -79,9 +84,6 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
                    help="the secret that unlocks actions (default: "
                         "$PGJOURNAL_DASHBOARD_TOKEN); prefer the variable: arguments "
                         "show in ps")
-    p.add_argument("--reader-dsn", metavar="DSN", default=None,
-                   help="read through this DSN (e.g. a role granted only SELECT); actions "
-                        "use --dsn (default: $PGJOURNAL_DASHBOARD_READER_DSN)")
     p.add_argument("--login-to-read", action="store_true",
                    help="the pages too need the token (run inputs and outputs may be "
                         "sensitive)")

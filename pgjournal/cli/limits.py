@@ -35,7 +35,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
         _limit(args.value)
     elif action == "rate" and args.value and args.value.lower() not in ("none", "off"):
         _rate(args.value)
-    data = with_app(args, go)
+    data = with_app(args, go, read_only=not action)
     if action and not args.json:
         if action == "key":
             n = _limit(args.value)

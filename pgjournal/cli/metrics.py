@@ -22,7 +22,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return await collect(app, window=args.window)
 
     if args.once:
-        sys.stdout.write(with_app(args, once))
+        sys.stdout.write(with_app(args, once, read_only=True))
         return 0
 
     async def serve(app: App) -> None:
@@ -42,7 +42,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         async with server:
             await asyncio.Event().wait()  # until Ctrl-C / SIGTERM
 
-    with_app(args, serve)
+    with_app(args, serve, read_only=True)
     return 0
 
 

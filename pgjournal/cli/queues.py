@@ -54,7 +54,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
     unserved: list[Row] = []
     if action == "limit":
         _parse_limit(args.limit)
-    rows = with_app(args, go)
+    rows = with_app(args, go, read_only=not action)
     if action and not args.json:
         limit = _parse_limit(args.limit) if action == "limit" else None
         print({"pause": f"queue {args.name} paused: workers claim nothing from it",

@@ -122,7 +122,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                                      queue=args.queue, since=since, limit=args.limit,
                                      parent=parent)
 
-    rows = with_app(args, go)
+    rows = with_app(args, go, read_only=True)
     if args.json:
         print_json(rows)
         return 0
@@ -201,7 +201,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "signals": await store.get_signals(run_id),
                 "events": await store.get_events(run_id)}
 
-    data = with_app(args, go)
+    data = with_app(args, go, read_only=True)
     if args.json:
         print_json(data)
         return 0

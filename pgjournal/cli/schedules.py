@@ -75,7 +75,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         started = await store.backfill_schedule(args.name, start, end, slots)
         return (len(slots), started or 0, start, end)
 
-    result = with_app(args, go)
+    result = with_app(args, go, read_only=action == "list")
     if action == "list":
         assert isinstance(result, list)
         return _print_list(result, args.json)

@@ -54,7 +54,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     async def go(app: App) -> list[Row]:
         return await cli_fetch(app, "workers", all=args.all)
 
-    rows = with_app(args, go)
+    rows = with_app(args, go, read_only=True)
     if args.json:
         print_json(rows)
         return 0

@@ -81,6 +81,7 @@ class Dashboard:
         self.close_app = close_app
         self._reader: AsyncConnectionPool[psycopg.AsyncConnection[Row]] | None = None
         self._reader_lock = asyncio.Lock()
+        self._reader_app: App | None = None
         self.live = Live(self.fetch, poll_interval)
 
     async def _pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Row]]:
@@ -92,6 +93,14 @@ class Dashboard:
                     self.reader_dsn, min_size=1, max_size=4,
                     name=f"pgjournal-dashboard-reader:{mask_dsn(self.reader_dsn)}")
             return self._reader
+
+    def metrics_app(self) -> App:
+        """The App the ``/metrics`` scrape reads through: on ``reader_dsn`` when given."""
+        if self.reader_dsn is None:
+            return self.app
+        if self._reader_app is None:
+            self._reader_app = App(self.reader_dsn, schema=self.schema, pool_size=1)
+        return self._reader_app
 
     async def fetch(self, name: str, /, **params: Any) -> list[Row]:
         """A named read (``queries.sql``), on the reader pool when there is one."""
@@ -122,6 +131,9 @@ class Dashboard:
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
+        if self._reader_app is not None:
+            await self._reader_app.close()
+            self._reader_app = None
         if self.close_app:
             await self.app.close()
 
@@ -609,7 +621,7 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         from ..metrics import collect
 
         try:
-            text = await collect(dash.app)
+            text = await collect(dash.metrics_app())
         except PgJournalError as exc:
             return PlainTextResponse(f"scrape failed: {exc}\n", status_code=503)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
