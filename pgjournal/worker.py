@@ -647,8 +647,10 @@ class Worker:
 
         Never stops on an error: every failure is logged (a database outage
         once) and the next beat tries again. A run whose lease could not be
-        renewed before its local deadline is abandoned before the database
-        can hand it to another worker.
+        renewed is given up at the first check after its local deadline (at
+        most two intervals late: a beat that hangs is left behind after one);
+        no step starts past ``deadline - margin`` without a round trip that
+        confirms the lease, so a late give-up never runs a step twice.
         """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
