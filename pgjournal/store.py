@@ -243,14 +243,17 @@ class Store:
 
     async def claim(self, worker: UUID, queues: Sequence[str], limit: int,
                     lease: float, *, hungry: bool = False,
-                    workflows: Sequence[str] | None = None,
+                    workflows: Sequence[str] | None = None, expired: bool = True,
                     conn: psycopg.AsyncConnection[Row] | None = None) -> list[Claim]:
         """Claim up to ``limit`` runs. ``hungry=True``: the worker is about to
         sleep on LISTEN, so it is flagged for wake-ups (see ``go_hungry``).
         ``workflows``: claim only runs of these (None: any workflow).
+        ``expired``: also look for running runs whose lease expired (a scan of
+        the queue's running runs; see migration 0014).
         ``conn``: claim on this (autocommit) connection instead of the pool."""
         params = {"worker": worker, "queues": list(queues), "limit": limit, "lease": lease,
-                  "workflows": None if workflows is None else list(workflows)}
+                  "workflows": None if workflows is None else list(workflows),
+                  "expired": expired}
         query = "go_hungry" if hungry else "claim_runs"
         if conn is not None:
             rows = await self.fetch_on(conn, query, **params)

@@ -13,11 +13,11 @@ SELECT run_id, created FROM {schema}.start_run(
 
 -- name: claim_runs
 SELECT * FROM {schema}.claim_runs(%(worker)s, %(queues)s, %(limit)s, %(lease)s,
-    %(workflows)s);
+    %(workflows)s, %(expired)s);
 
 -- name: go_hungry
 SELECT * FROM {schema}.go_hungry(%(worker)s, %(queues)s, %(limit)s, %(lease)s,
-    %(workflows)s);
+    %(workflows)s, %(expired)s);
 
 -- name: journal_step
 SELECT {schema}.journal_step(
