@@ -90,3 +90,23 @@ def test_tables_show_the_ratio_to_pgjournal() -> None:
     assert "| drain | raw | 100 jobs/s" in text
     assert "| 3.00x |" in text
     assert "200-400" in text
+
+
+def test_claim_cost_bench_runs_both_kinds_of_claim(bench_dsn: str) -> None:
+    """bench/claim_cost.py: every claim gets the run just enqueued, with and
+    without the expired-lease scan, at each count of running runs."""
+    from bench import claim_cost
+
+    rows = claim_cost.main(["--dsn", bench_dsn, "--running", "0,30", "--claims", "6"])
+    assert [r["running"] for r in rows] == [0, 30]
+    assert all(r["with_p50_ms"] > 0 and r["without_p50_ms"] > 0 for r in rows)
+
+
+async def test_wakeup_parts_splits_every_timed_run(bench_dsn: str) -> None:
+    """bench/wakeup_parts.py: a worker process, runs timed from enqueue to body,
+    each split into parts that add up to the whole."""
+    from bench import wakeup_parts
+
+    parts = await wakeup_parts._client(bench_dsn, jobs=5, interval=0.05, async_claim=False)
+    assert set(parts) >= {"enqueue", "claim", "claim -> body", "total"}
+    assert parts["total"]["p50"] >= parts["claim"]["p50"]
