@@ -142,22 +142,26 @@ def _read(conn: psycopg.Connection[Row]) -> int:
     return int(row["n"])
 
 
+def _runs_of_another_worker(conn: psycopg.Connection[Row], n: int) -> int:
+    """``n`` runs held by another live worker (hour-long leases); ``n``."""
+    busy = uuid.uuid4()
+    conn.execute("SELECT register_worker(%s, 'test', 1, ARRAY['default'], %s)", (busy, n))
+    conn.execute("SELECT start_run(gen_random_uuid(), 'wf', 'default', "
+                 "'{\"args\": [], \"kwargs\": {}}'::json) FROM generate_series(1, %s)", (n,))
+    assert len(conn.execute("SELECT * FROM claim_runs(%s, ARRAY['default'], %s, 3600)",
+                            (busy, n)).fetchall()) == n
+    # Without the dead index entries those claims left behind, which the next
+    # index scans would visit (fewer each time, as they get marked dead).
+    conn.execute("VACUUM ANALYZE runs")
+    return n
+
+
 async def test_a_claim_without_the_expired_scan_reads_no_running_run(
         conn: psycopg.Connection[Row]) -> None:
     """0014: ``p_expired => false`` skips the scan of the queue's running runs
     (every claim made it before, costing 1.5x with 2,000 running runs); with
     the default it still happens and still takes an expired lease."""
-    busy = uuid.uuid4()
-    conn.execute("SELECT register_worker(%s, 'test', 1, ARRAY['default'], 500)", (busy,))
-    running = 300
-    conn.execute("SELECT start_run(gen_random_uuid(), 'wf', 'default', "
-                 "'{\"args\": [], \"kwargs\": {}}'::json) FROM generate_series(1, %s)",
-                 (running,))
-    assert len(conn.execute("SELECT * FROM claim_runs(%s, ARRAY['default'], %s, 3600)",
-                            (busy, running)).fetchall()) == running
-    # Without the dead index entries the claims above left behind, which the
-    # next index scans would visit (fewer each time, as they get marked dead).
-    conn.execute("VACUUM ANALYZE runs")
+    running = _runs_of_another_worker(conn, 300)
     # One run whose lease has already expired, and one queued run.
     _, gone_run, gone_epoch = _claim_one(conn, lease=0.001)
     conn.execute("SELECT start_run(%s, 'wf', 'default', '{\"args\": [], \"kwargs\": {}}'::json)",
@@ -242,13 +246,7 @@ async def test_a_worker_looks_for_expired_leases_once_per_poll_interval(
 def test_a_heartbeat_reads_only_the_runs_it_renews(conn: psycopg.Connection[Row]) -> None:
     """0014: a worker's heartbeat finds its runs by id; it used to read every
     running run of every worker (a scan of runs_running hashed for the join)."""
-    others = uuid.uuid4()
-    conn.execute("SELECT register_worker(%s, 'test', 1, ARRAY['default'], 500)", (others,))
-    running = 300
-    conn.execute("SELECT start_run(gen_random_uuid(), 'wf', 'default', "
-                 "'{\"args\": [], \"kwargs\": {}}'::json) FROM generate_series(1, %s)",
-                 (running,))
-    conn.execute("SELECT * FROM claim_runs(%s, ARRAY['default'], %s, 3600)", (others, running))
+    _runs_of_another_worker(conn, 300)
     me, run, epoch = _claim_one(conn, lease=3600.0)
     conn.execute("VACUUM ANALYZE runs")
     reads = []
