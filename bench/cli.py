@@ -415,6 +415,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
     if not args.log_dir:
         args.log_dir = tempfile.mkdtemp(prefix="pgjournal-bench-")
+    try:  # a --log-dir that does not exist yet is made now, not found missing after S6's fill
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--log-dir {args.log_dir}: {exc.strerror}")
     if not args.out:
         here = Path(__file__).resolve().parent
         args.out = str(here / ("results-quick.json" if args.quick else "results.json"))
