@@ -270,3 +270,15 @@ LIMIT %(limit)s;
 -- name: children_counts
 SELECT status, count(*) AS n FROM {schema}.runs WHERE parent_run_id = %(run)s
 GROUP BY status ORDER BY status;
+
+-- name: schema_grantees
+-- Roles other than the schema's owner with USAGE on it: those the roles script
+-- (sql/roles.sql) set up, or a DBA's own. A migration that replaces functions
+-- drops their SECURITY DEFINER and EXECUTE grants, so `pgjournal migrate`
+-- names these roles and asks for the script to be run again.
+SELECT r.rolname AS role
+FROM pg_namespace n
+CROSS JOIN LATERAL aclexplode(n.nspacl) AS a
+JOIN pg_roles r ON r.oid = a.grantee
+WHERE n.nspname = %(schema)s AND a.privilege_type = 'USAGE' AND a.grantee <> n.nspowner
+ORDER BY r.rolname;

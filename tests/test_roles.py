@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import pgjournal
+import pgjournal.migrations
 from pgjournal.roles import roles_sql
 
 from .conftest import ROOT, wait_for
@@ -237,3 +240,38 @@ async def test_worker_role_claims_journals_and_completes(
     kinds = (f'SELECT string_agg(kind, \',\' ORDER BY position) FROM "{pgjournal_schema}".steps '
              "WHERE run_id = %s")
     assert await _one(pgjournal_dsn, kinds, good.run_id) == "step,stream,signal,sleep"
+
+
+def test_migrate_names_the_roles_to_set_up_again(pgjournal_dsn: str, pgjournal_schema: str,
+                                                roles: Roles) -> None:
+    """A migration that replaces functions drops what the roles script set on
+    them (here: the worker can no longer claim); ``pgjournal migrate`` says
+    which roles have rights on the schema and to run the script again, after
+    which the worker claims again."""
+    schema = sql.Identifier(pgjournal_schema)
+    claim = "SELECT * FROM {s}.claim_runs(gen_random_uuid(), ARRAY['default'], 1, 30)"
+    with psycopg.connect(roles.worker_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL(claim).format(s=schema))  # allowed
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        # Replay the newest migration, as an upgrade would apply it.
+        conn.execute(sql.SQL("DELETE FROM {}.migrations WHERE version = %s").format(schema),
+                     (pgjournal.migrations.code_version(),))
+    res = subprocess.run([sys.executable, "-m", "pgjournal", "migrate", "--dsn", pgjournal_dsn,
+                          "--schema", pgjournal_schema], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    (line,) = [x for x in res.stdout.splitlines()
+               if x.startswith(f"roles with rights on schema {pgjournal_schema}: ")]
+    named = line.split(": ", 1)[1].split(". ", 1)[0].split(", ")
+    assert sorted(named) == sorted([roles.worker, roles.reader])
+    assert "pgjournal roles --schema" in res.stdout
+    _denied(roles.worker_dsn, pgjournal_schema, claim)
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        conn.execute(roles_sql(pgjournal_schema, worker_role=roles.worker,
+                               reader_role=roles.reader).encode())
+    with psycopg.connect(roles.worker_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL(claim).format(s=schema))
+    again = subprocess.run([sys.executable, "-m", "pgjournal", "migrate", "--dsn",
+                            pgjournal_dsn, "--schema", pgjournal_schema],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "already up to date" in again.stdout and "roles with rights" not in again.stdout

@@ -29,13 +29,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         sys.stdout.write(migration_script(schema))
         return 0
     applied = migrate(args.dsn, schema=schema)
+    grantees = _grantees(args.dsn, schema) if applied else []
     if args.json:
-        print_json({"schema": schema, "applied": applied})
-    elif applied:
+        print_json({"schema": schema, "applied": applied, "roles_to_reapply": grantees})
+        return 0
+    if applied:
         print(f"schema {schema}: applied migrations {', '.join(map(str, applied))}")
     else:
         print(f"schema {schema}: already up to date")
+    if grantees:
+        # Migrations replace functions, and a replaced function loses the
+        # SECURITY DEFINER and EXECUTE grants the roles script gave it.
+        print(f"roles with rights on schema {schema}: {', '.join(grantees)}. Migrations "
+              "replace functions, which drops what the roles script set on them: run it "
+              f"again, e.g. pgjournal roles --schema {schema} | psql \"$DSN\" (add "
+              "--worker-role/--reader-role if you named the roles yourself)")
     return 0
+
+
+def _grantees(dsn: str | None, schema: str) -> list[str]:
+    """Roles other than the owner with USAGE on ``schema`` (see ``schema_grantees``)."""
+    from .._queries import cli_query
+    from ..connect import connect_sync, resolve_dsn
+
+    with connect_sync(resolve_dsn(dsn)) as conn:
+        rows = conn.execute(cli_query("schema_grantees", schema), {"schema": schema}).fetchall()
+    return [str(r["role"]) for r in rows]
 
 
 def _mb(n: int | None) -> str:

@@ -12,9 +12,10 @@
 -- within lease + poll interval. The default (true) keeps the old behaviour for
 -- callers that do not pass it (older workers during a rolling deploy, a DBA).
 --
--- The functions gain a parameter, so they are dropped and created again (a
--- second overload with a defaulted parameter would make 5-argument calls
--- ambiguous). Everything else in them is as in 0013, but for one setting:
+-- The functions gain a parameter, so the old ones are dropped (a second
+-- overload with a defaulted parameter would make 5-argument calls
+-- ambiguous); IF EXISTS and OR REPLACE let the file run twice (a test
+-- replays it to check what `pgjournal migrate` says about roles). Everything else in them is as in 0013, but for one setting:
 --
 -- claim_from and heartbeat run with enable_seqscan = off (heartbeat also
 -- without bitmap scans), and their statements name the ids they touch
@@ -26,12 +27,12 @@
 -- settings only steer the choice; a table without an index path (the small
 -- settings tables) is still scanned.
 
-DROP FUNCTION go_hungry(uuid, text[], integer, double precision, text[]);
-DROP FUNCTION claim_runs(uuid, text[], integer, double precision, text[]);
-DROP FUNCTION claim_from(uuid, text[], integer, double precision, text[]);
+DROP FUNCTION IF EXISTS go_hungry(uuid, text[], integer, double precision, text[]);
+DROP FUNCTION IF EXISTS claim_runs(uuid, text[], integer, double precision, text[]);
+DROP FUNCTION IF EXISTS claim_from(uuid, text[], integer, double precision, text[]);
 
 -- claim_from of 0013, the expired part behind p_expired.
-CREATE FUNCTION claim_from(
+CREATE OR REPLACE FUNCTION claim_from(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision,
     p_workflows text[] DEFAULT NULL, p_expired boolean DEFAULT true)
 RETURNS SETOF claimed_run
@@ -210,7 +211,7 @@ BEGIN
 END $$;
 
 -- claim_runs of 0013, passing p_expired on.
-CREATE FUNCTION claim_runs(
+CREATE OR REPLACE FUNCTION claim_runs(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision,
     p_workflows text[] DEFAULT NULL, p_expired boolean DEFAULT true)
 RETURNS SETOF claimed_run
@@ -292,7 +293,7 @@ END $$;
 -- go_hungry of 0005: a worker whose claim came back short claims once more
 -- under exclusive queue locks (they pair with notify_wake's), then flags itself
 -- hungry if that claim came back short too.
-CREATE FUNCTION go_hungry(
+CREATE OR REPLACE FUNCTION go_hungry(
     p_worker uuid, p_queues text[], p_limit integer, p_lease_seconds double precision,
     p_workflows text[] DEFAULT NULL, p_expired boolean DEFAULT true)
 RETURNS SETOF claimed_run
