@@ -3,7 +3,7 @@
 -- Since 0013 a running run's lease expiry (`lease_until`) is in no index, so
 -- heartbeats are HOT updates; the price is that finding expired leases reads
 -- every running run of the queue (through `runs_running`). Every claim did
--- that: with 2,000 running runs a claim took 1.5x as long, with 10,000 3.6x
+-- that: with 2,000 running runs a claim took 1.6x as long, with 10,000 3.9x
 -- (bench/claim_cost.py). Expired leases are rare (a worker died or was cut
 -- off) and nobody waits on a NOTIFY for them, so the claim functions take
 -- `p_expired`: false skips that scan (a one-time filter of the generic plan;
