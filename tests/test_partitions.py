@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 import pgjournal
 import pgjournal.errors
 import pgjournal.migrations as migrations
+from pgjournal import _sql
 
 from .conftest import serving
 
@@ -281,8 +282,18 @@ async def test_migration_moves_an_existing_populated_schema(
     try:
         app = pgjournal.App(pgjournal_dsn, schema=s, poll_interval=0.2)
         # The app checks the schema version against the code's: run the
-        # workload on the old schema with the check pointed at it too.
+        # workload on the old schema with the check pointed at it too, and
+        # the claims as the code of that version sent them (p_expired is 0014).
         monkeypatch.setattr(migrations, "code_version", lambda: before[-1].version)
+        current = _sql.named_queries
+
+        def as_before_0014(filename: str = "queries.sql") -> dict[str, str]:
+            queries = dict(current(filename))
+            for name in ("claim_runs", "go_hungry"):
+                queries[name] = queries[name].replace(", %(expired)s", "")
+            return queries
+
+        monkeypatch.setattr(_sql, "named_queries", as_before_0014)
         async with app:
             ids = await run_some(app, 3)
         monkeypatch.undo()
