@@ -33,6 +33,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgjournal._sql import validate_identifier
+from pgjournal.connect import connect_sync
+from pgjournal.errors import ConfigurationError, DatabaseUnavailable
 from pgjournal.migrations import migrate
 
 Row = dict[str, Any]
@@ -89,6 +92,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         counts = [int(x) for x in args.running.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--running: expected comma-separated integers, got {args.running!r}")
+    if not counts or min(counts) < 0:
+        ap.error(f"--running: expected counts of 0 or more, got {args.running!r}")
+    if args.claims < 2:
+        ap.error("--claims must be at least 2 (half with the scan, half without)")
+    try:
+        validate_identifier(args.schema)
+        connect_sync(args.dsn).close()
+    except (ConfigurationError, DatabaseUnavailable) as exc:
+        ap.error(str(exc))
     schema = sql.Identifier(args.schema)
     with psycopg.connect(args.dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))

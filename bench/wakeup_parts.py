@@ -39,6 +39,8 @@ from typing import Any
 import psycopg
 
 import pgjournal
+from pgjournal.connect import connect_sync
+from pgjournal.errors import DatabaseUnavailable
 
 SCHEMA = "bench_wakeup_parts"
 QUEUE = "bench"
@@ -184,12 +186,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.jobs < 1 or args.interval < 0:
+        ap.error("--jobs must be at least 1 and --interval 0 or more")
     if args.worker:
         global _log
         _log = open(args.log, "a")  # noqa: SIM115 - open for the process' lifetime
         asyncio.run(_worker(args.dsn, args.async_claim))
         return
     if args.dsn:
+        try:
+            connect_sync(args.dsn).close()
+        except DatabaseUnavailable as exc:
+            ap.error(str(exc))
         asyncio.run(_client(args.dsn, args.jobs, args.interval, args.async_claim))
         return
     from bench.cli import DURABLE
