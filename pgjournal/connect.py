@@ -76,25 +76,30 @@ def _pooler_kwargs(kwargs: dict[str, Any], pooler: str | None) -> dict[str, Any]
     return kwargs
 
 
-#: TCP settings of pool connections, unless the DSN sets its own. Without
-#: them a worker host cut off from the database keeps a statement in flight
-#: for the kernel's ~15 minutes of retransmissions, holding a pool slot; with
-#: them the connection fails within about a minute (unacknowledged data: 30 s;
-#: a silent peer while waiting for an answer: 30 + 3 x 10 s) and the pool
-#: replaces it. A slow statement is not cut: the server acknowledges it.
-#: The LISTEN connection has tighter ones of its own (its pings).
+#: TCP settings of every connection pgjournal opens (pool, heartbeat, CLI),
+#: unless the DSN or the caller sets its own. Without them a worker host cut
+#: off from the database keeps a statement in flight for the kernel's ~15
+#: minutes of retransmissions, holding a pool slot; with them the connection
+#: fails within about a minute (unacknowledged data: 30 s; a silent peer while
+#: waiting for an answer: 30 + 3 x 10 s) and is replaced. A slow statement is
+#: not cut: the server acknowledges it. The LISTEN connection passes tighter
+#: ones of its own (its pings).
 NETWORK_DEFAULTS: dict[str, int] = {
     "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
     "tcp_user_timeout": 30_000}
 
 
-def network_kwargs(dsn: str) -> dict[str, Any]:
-    """``NETWORK_DEFAULTS`` less what ``dsn`` sets itself."""
+def _network_kwargs(kwargs: dict[str, Any], dsn: str) -> dict[str, Any]:
+    """``kwargs`` with ``NETWORK_DEFAULTS`` added where neither they nor ``dsn``
+    set a value."""
     try:
         given = conninfo_to_dict(dsn)
     except psycopg.Error:
-        return {}
-    return {k: v for k, v in NETWORK_DEFAULTS.items() if k not in given}
+        return kwargs  # the connection attempt reports the bad DSN
+    for key, value in NETWORK_DEFAULTS.items():
+        if key not in given:
+            kwargs.setdefault(key, value)
+    return kwargs
 
 
 def mask_dsn(dsn: str) -> str:
@@ -159,6 +164,7 @@ def connect_sync(dsn: str, *, pooler: str | None = None,
     ``pooler``: see ``resolve_pooler`` (``None``: ``PGJOURNAL_POOLER``)."""
     kwargs.setdefault("connect_timeout", 10)
     _pooler_kwargs(kwargs, pooler)
+    _network_kwargs(kwargs, dsn)
     try:
         return psycopg.connect(dsn, row_factory=dict_row, **kwargs)
     except (psycopg.Error, ValueError) as exc:
@@ -171,6 +177,7 @@ async def connect_async(dsn: str, *, pooler: str | None = None,
     ``pooler``: see ``resolve_pooler`` (``None``: ``PGJOURNAL_POOLER``)."""
     kwargs.setdefault("connect_timeout", 10)
     _pooler_kwargs(kwargs, pooler)
+    _network_kwargs(kwargs, dsn)
     try:
         return await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row, **kwargs)
     except (psycopg.Error, ValueError) as exc:
@@ -231,8 +238,8 @@ async def open_pool(
         max_size=max_size,
         name=name,
         open=False,
-        kwargs=_pooler_kwargs({"row_factory": dict_row, "autocommit": True,
-                               **network_kwargs(dsn)}, pooler),
+        kwargs=_network_kwargs(_pooler_kwargs({"row_factory": dict_row, "autocommit": True},
+                                              pooler), dsn),
         reconnect_timeout=300,
         # After a server restart the pool holds dead connections: check the
         # ones whose socket shows it before handing them out, so no first use fails.

@@ -138,10 +138,11 @@ async def test_worker_rides_out_database_restarts_quietly(
 
 async def test_pool_connections_detect_a_silent_network(pgjournal_dsn: str,
                                                        pgjournal_schema: str) -> None:
-    """Pool connections get TCP keepalives and a user timeout (a host cut off
-    from the database fails its statements in about a minute, not the kernel's
-    ~15), except where the DSN sets its own."""
-    from pgjournal.connect import NETWORK_DEFAULTS
+    """Pool connections (and the worker's heartbeat connection, opened with
+    connect_async) get TCP keepalives and a user timeout (a host cut off from
+    the database fails its statements in about a minute, not the kernel's ~15),
+    except where the DSN sets its own."""
+    from pgjournal.connect import NETWORK_DEFAULTS, connect_async
 
     sep = "&" if "?" in pgjournal_dsn else "?"
     for dsn, idle in ((pgjournal_dsn, "30"), (f"{pgjournal_dsn}{sep}keepalives_idle=7", "7")):
@@ -152,6 +153,11 @@ async def test_pool_connections_detect_a_silent_network(pgjournal_dsn: str,
                 params = conn.info.get_parameters()
         finally:
             await app.close()
-        assert params.get("keepalives_idle") == idle
-        assert params.get("tcp_user_timeout") == str(NETWORK_DEFAULTS["tcp_user_timeout"])
-        assert params.get("keepalives") == "1"
+        direct = await connect_async(dsn)
+        try:
+            for got in (params, direct.info.get_parameters()):
+                assert got.get("keepalives_idle") == idle
+                assert got.get("tcp_user_timeout") == str(NETWORK_DEFAULTS["tcp_user_timeout"])
+                assert got.get("keepalives") == "1"
+        finally:
+            await direct.close()
