@@ -80,4 +80,6 @@ class Lease:
             ok = False
         if not ok:
             self.mark_lost(self.lost or "lease not confirmed in time")
-        return ok
+        # A confirmation that comes back after the worker gave the run up does
+        # not take it back: the worker no longer heartbeats it.
+        return ok and self.lost is None

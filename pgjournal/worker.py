@@ -118,6 +118,11 @@ class _Completer:
                 fut.set_result(run_id in done)
 
 
+#: The shortest time a lease confirmation may take, even for a lease that is
+#: already past its local deadline (the database still decides).
+CONFIRM_FLOOR = 0.25
+
+
 class Worker:
     """Serves ``queues`` (default: the queues of the app's workflows).
 
@@ -608,12 +613,21 @@ class Worker:
         return min(self.heartbeat_interval, self.lease / 2)
 
     async def _confirm(self, lease: Lease) -> bool:
-        """One round trip: extend this run's lease alone, if it is still ours."""
+        """One round trip: extend this run's lease alone, if it is still ours.
+
+        Each try is bounded by what is left of the local lease (at least a
+        short round trip): a confirmation still waiting for a pool connection
+        when the worker gives the run up (a database restart, a cut network)
+        must not be sent later and renew, in the database, a lease the worker
+        no longer heartbeats. That renewal delayed the takeover by a lease and
+        made the next claim count as a crash recovery, not an interruption.
+        """
         assert self._store is not None
         for attempt in range(3):
             sent = time.monotonic()
-            rows = await self._store.heartbeat(self.id, [(lease.run_id, lease.epoch)],
-                                               self.lease)
+            async with asyncio.timeout(max(lease.valid_until - sent, CONFIRM_FLOOR)):
+                rows = await self._store.heartbeat(self.id, [(lease.run_id, lease.epoch)],
+                                                   self.lease)
             if not rows:
                 lease.renewed(sent)
                 return True

@@ -161,3 +161,49 @@ async def test_pool_connections_detect_a_silent_network(pgjournal_dsn: str,
                 assert got.get("keepalives") == "1"
         finally:
             await direct.close()
+
+
+async def test_a_lease_confirmation_that_waits_out_an_outage_is_never_sent(
+        pgjournal_server_factory: Any) -> None:
+    """A step about to start confirms its lease; the server is down, so the
+    confirmation waits for a pool connection. The server comes back only after
+    the lease's local deadline: by then the worker has given the run up, so the
+    confirmation must not be sent (it renewed the lease in the database, and the
+    next claim counted a crash recovery instead of an interruption) and must not
+    hand the run back to the step."""
+    import asyncio
+    import time
+
+    from pgjournal.lease import Lease
+
+    server: EmbeddedServer = pgjournal_server_factory(settings={})
+    schema = "confirm_outage"
+    pgjournal.migrate(server.dsn, schema=schema)
+    app = pgjournal.App(server.dsn, schema=schema, poll_interval=0.2)
+    try:
+        store = await app.store()
+        worker = pgjournal.Worker(app, queues=["default"], lease=2.0)
+        worker._store = store
+        await store.register_worker(worker.id, "test", 1, ["default"], 1, lease=2.0)
+        await app.start("anything")
+        sent = time.monotonic()
+        (claim,) = await store.claim(worker.id, ["default"], 1, 2.0)
+        lease = Lease(claim.run_id, claim.epoch, 2.0, sent_at=sent, confirm=worker._confirm)
+        before = await store.get_run(claim.run_id)
+        assert before is not None
+        server.stop()
+        # The step starts once the lease is no longer fresh: ensure() confirms.
+        await asyncio.sleep(max(lease.valid_until - lease.margin + 0.05 - time.monotonic(), 0))
+        assert not lease.fresh()
+        confirming = asyncio.create_task(lease.ensure())
+        # A clock deadline, not an event: the server stays down until past it.
+        await asyncio.sleep(max(lease.valid_until + 0.5 - time.monotonic(), 0))
+        server.start()
+        assert await confirming is False
+        assert lease.lost is not None
+        after = await store.get_run(claim.run_id)
+        assert after is not None
+        assert (after["leased_at"], after["lease_epoch"]) == (
+            before["leased_at"], before["lease_epoch"]), "the lease was renewed after the outage"
+    finally:
+        await app.close()
