@@ -98,7 +98,7 @@ def test_planning_leaves_requests_past_the_round_budget_for_the_next_round() -> 
     assert len(item["backfill_slots"]) == MAX_SLOTS_PER_ROUND
     # The first request continues after its last planned slot; the second is untouched.
     assert item["backfills"] == [
-        {"from": "2026-01-01T16:40:00+00:00", "to": day1["to"]}, day2]
+        {"from": "2026-01-01T16:39:01+00:00", "to": day1["to"]}, day2]
     # A request that exactly fills the budget is done, and leaves nothing empty behind.
     exact = {"from": "2026-01-01T00:00:00+00:00",
              "to": (datetime(2026, 1, 1, tzinfo=UTC)
