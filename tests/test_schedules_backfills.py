@@ -35,6 +35,7 @@ from pgjournal.schedules import (
 )
 
 from .conftest import wait_for
+from .test_schedules import run_cli
 
 
 @pytest.fixture
@@ -247,3 +248,15 @@ async def test_a_backfill_into_the_future_leaves_future_slots_to_fire_on_time(
         expected = {now.replace(microsecond=0) + timedelta(seconds=k) for k in range(1, 6)}
         assert {r["slot"] for r in later} >= expected
         assert not [r for r in later if r["meta"].get("backfill")], later
+
+
+def test_cli_backfill_into_the_future_says_what_it_left(
+        pgjournal_dsn: str, pgjournal_schema: str, db: psycopg.Connection[Any]) -> None:
+    db.execute("SELECT set_schedule('m', '* * * * *', 'tick')")
+    now = db.execute("SELECT now() AS t").fetchone()["t"]
+    res = run_cli(pgjournal_dsn, pgjournal_schema, "schedules", "backfill", "m",
+                  "--from", "5m", "--to", (now + timedelta(hours=1)).isoformat())
+    assert res.returncode == 0, res.stderr
+    assert "slots after now are left to fire on time" in res.stdout, res.stdout
+    runs = runs_of(db, "m")
+    assert 4 <= len(runs) <= 6 and [r for r in runs if r["slot"] > r["created_at"]] == []
