@@ -19,9 +19,11 @@ Fixtures:
   dropped afterwards;
 - ``pgjournal_dsn``: the DSN to pass to ``App``/``migrate``;
 - ``pgjournal_app``: an empty ``App`` on the test's schema (closed afterwards);
-- ``pgjournal_worker``: ``await pgjournal_worker(myproject.jobs.app)`` binds an
-  existing app's workflows to the test's server and schema, runs a worker for
-  them in the test's event loop, and returns the bound ``App`` to start runs on;
+- ``pgjournal_worker``: ``await pgjournal_worker(myproject.jobs.app)`` binds a
+  copy of an existing app (every setting, its workflows and ``@app.schedule``
+  rules; see :func:`bind_app`) to the test's server and schema, runs a worker
+  for it in the test's event loop (schedules included), and returns the bound
+  ``App`` to start runs on;
 - ``pgjournal_worker_process``: ``pgjournal_worker_process("jobs:app")`` starts
   ``pgjournal worker`` as a real process on the test's schema (one a test may
   ``kill -9``); every one is killed at teardown;
@@ -38,6 +40,7 @@ The async fixtures are pytest-asyncio fixtures (``pip install
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -202,18 +205,96 @@ def pgjournal_dsn(pgjournal_postgres: TestPostgres) -> str:
     return pgjournal_postgres.dsn
 
 
+#: App constructor parameters whose value is not kept in an attribute of the
+#: same name, and how to read each back. Every other parameter is read from
+#: the attribute named like it; a parameter that is neither makes
+#: :func:`app_settings` fail loudly instead of dropping the setting.
+_SETTING_READERS: dict[str, Callable[[Any], Any]] = {
+    "dsn": lambda app: app._dsn,
+    "listen_dsn": lambda app: app._listen_dsn,
+    "allow_pickle": lambda app: app.serializer.allow_pickle,
+    "max_value_bytes": lambda app: app.serializer.max_bytes,
+}
+#: An App's connections and what hangs on them: a bound app starts its own.
+_RUNTIME_STATE = frozenset({"_store", "_open_lock", "_done_listener", "_waiters",
+                            "_loop_guard"})
+
+
+def app_settings(app: App) -> dict[str, Any]:
+    """Every constructor argument of ``app``, read back from the app, so that
+    ``type(app)(**app_settings(app))`` builds an app with the same settings.
+
+    Driven by the constructor's signature, so a parameter added to ``App``
+    later is carried without a change here (when its value lives in an
+    attribute of its name), or is refused loudly (when it does not).
+    """
+    cls = type(app)
+    out: dict[str, Any] = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in _SETTING_READERS:
+            out[name] = _SETTING_READERS[name](app)
+        elif name in vars(app):
+            out[name] = vars(app)[name]
+        else:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"pgjournal's test helpers cannot read the {cls.__name__} setting {name!r} "
+                "back from the app (no attribute of that name): teach "
+                "pgjournal.pytest_plugin._SETTING_READERS how, or the bound app would "
+                "silently lose it")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, comparing plain objects (e.g. the serializer) by their attributes."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if hasattr(a, "__dict__") and not callable(a) and not isinstance(a, type):
+        return a is b or _same(vars(a), vars(b))
+    try:
+        return bool(a == b)
+    except Exception:  # pragma: no cover - an object whose == raises
+        return a is b
+
+
 def bind_app(app: App, dsn: str, schema: str, *, poll_interval: float = 0.2) -> App:
-    """A new ``App`` on ``dsn``/``schema`` with ``app``'s workflows and value settings.
+    """A new app like ``app`` in every setting and registration, but on
+    ``dsn``/``schema`` (and polling every ``poll_interval``).
 
     A module-level ``App()`` points wherever its module said (often the dev
-    server); a test needs those workflows on its own database instead.
-    """
-    from .app import App
+    server); a test needs those workflows on its own database instead, with
+    everything else as in production: value and journal limits, the pooler
+    mode, ``@app.schedule`` rules, ...
 
-    bound = App(dsn, schema=schema, allow_pickle=app.serializer.allow_pickle,
-                max_value_bytes=app.serializer.max_bytes, pool_size=app.pool_size,
-                poll_interval=poll_interval)
-    bound.workflows.update(app.workflows)
+    Built so nothing is lost silently: the constructor's arguments are read
+    back from ``app`` (:func:`app_settings`); then every attribute of ``app``
+    that still differs -- what was registered after construction, such as
+    ``workflows`` and ``schedules`` -- is carried over (dicts copied, so
+    registering on the bound app leaves ``app`` alone), except the
+    connection state (the bound app opens its own) and what the binding
+    itself sets. ``listen_dsn``, if ``app`` had one, becomes ``dsn``: the
+    test's server is a direct connection.
+    """
+    settings = app_settings(app)
+    cls = type(app)
+    overrides = {"dsn": dsn, "schema": schema, "poll_interval": poll_interval,
+                 "listen_dsn": dsn if settings.get("listen_dsn") else None}
+    bound = cls(**{**settings, **overrides})
+    # The attributes the overrides set: those where ``bound`` differs from an
+    # app built from the same settings without them.
+    plain = cls(**settings)
+    rebound = {k for k, v in vars(bound).items() if not _same(v, vars(plain).get(k))}
+    for name, value in vars(app).items():
+        if name in _RUNTIME_STATE or name in rebound:
+            continue
+        if name in vars(bound) and _same(value, vars(bound)[name]):
+            continue
+        setattr(bound, name, dict(value) if isinstance(value, dict) else value)
     return bound
 
 

@@ -299,3 +299,28 @@ async def test_bind_app_starts_its_own_connections(pgjournal_dsn: str,
     finally:
         await bound.close()
         await app.close()
+
+
+def test_bind_app_carries_or_refuses_a_setting_it_does_not_know() -> None:
+    """A constructor parameter added later (here by subclasses standing in for a
+    future App): carried when its value lives in an attribute of its name,
+    refused with a clear error when it does not -- never dropped."""
+    from pgjournal.pytest_plugin import bind_app
+
+    class Later(pgjournal.App):
+        def __init__(self, dsn: str | None = None, *, shiny: int = 1, **kw: Any) -> None:
+            super().__init__(dsn, **kw)
+            self.shiny = shiny
+
+    class Hidden(pgjournal.App):
+        def __init__(self, dsn: str | None = None, *, shiny: int = 1, **kw: Any) -> None:
+            super().__init__(dsn, **kw)
+            self._inner = {"shiny": shiny}
+
+    bound = bind_app(Later("postgresql://dev.invalid/a", shiny=5, max_journal_bytes=99),
+                     "postgresql://test.invalid/t", "t_x")
+    assert isinstance(bound, Later)
+    assert (bound.shiny, bound.max_journal_bytes, bound.schema) == (5, 99, "t_x")
+    with pytest.raises(pgjournal.ConfigurationError, match="setting 'shiny'"):
+        bind_app(Hidden("postgresql://dev.invalid/a", shiny=5), "postgresql://test.invalid/t",
+                 "t_x")
