@@ -260,3 +260,31 @@ def test_cli_backfill_into_the_future_says_what_it_left(
     assert "slots after now are left to fire on time" in res.stdout, res.stdout
     runs = runs_of(db, "m")
     assert 4 <= len(runs) <= 6 and [r for r in runs if r["slot"] > r["created_at"]] == []
+
+
+async def test_upgrade_revives_schedules_the_planning_bug_stopped(
+        pgjournal_app: pgjournal.App, db: psycopg.Connection[Any]) -> None:
+    """A schedule stopped before 0015 (last_error from the IndexError, two
+    backfills still queued) fires and finishes its backfills after the upgrade,
+    without anyone setting it again."""
+    from pgjournal.migrations import sql_dir
+
+    app = pgjournal_app
+
+    @app.workflow()
+    async def tick(run: pgjournal.Run) -> None: ...
+
+    db.execute("SELECT set_schedule('m', '* * * * *', 'tick')")
+    db.execute("SELECT set_schedule('bad', '* * * * *', 'tick')")
+    db.execute("""UPDATE schedules SET backfills = '[
+        {"from": "2026-01-01T00:00:00+00:00", "to": "2026-01-02T00:00:00+00:00"},
+        {"from": "2026-01-02T00:00:00+00:00", "to": "2026-01-03T00:00:00+00:00"}]',
+        last_error = 'cannot compute its slots: IndexError: list index out of range'
+        WHERE name = 'm'""")
+    db.execute("UPDATE schedules SET last_error = 'invalid cron ''x'': y' WHERE name = 'bad'")
+    db.execute((sql_dir() / "migrations" / "0015_schedule_backfills.sql").read_text())
+    errors = {r["name"]: r["last_error"] for r in
+              db.execute("SELECT name, last_error FROM schedules").fetchall()}
+    assert errors == {"m": None, "bad": "invalid cron 'x': y"}  # only the bug's errors go
+    await rounds_until_done(app, db, "m")
+    assert len([r for r in runs_of(db, "m") if r["meta"].get("backfill")]) == 2881

@@ -168,3 +168,11 @@ LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
       AND s.last_error IS NULL
       AND (NOT s.paused OR jsonb_path_exists(s.backfills, '$[*] ? (!(exists(@.error)))'))
 $$;
+
+-- Schedules that the planning bug stopped (a second queued backfill hit an
+-- empty list: "cannot compute its slots: IndexError: ...", or a request that
+-- could not be parsed stopped the whole schedule) fire again: the next round
+-- plans them anew. A rule that still cannot be computed records its error
+-- again in that round.
+UPDATE schedules SET last_error = NULL, next_fire_at = NULL, updated_at = now()
+WHERE last_error LIKE 'cannot compute its slots: %';
