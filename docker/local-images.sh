@@ -82,7 +82,14 @@ add_base() {
         add_elf "/usr/bin/$b"
     done
     add /etc/ssl/certs/ca-certificates.crt /usr/share/zoneinfo
-    add_elf /usr/lib/x86_64-linux-gnu/libnss_files.so.2 2>/dev/null || true
+    # What manylinux wheels (psycopg-binary, pydantic-core) expect of any glibc
+    # system, though ldd of the programs above names none of it.
+    local lib
+    for lib in libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1 libm.so.6 libresolv.so.2 \
+               libnss_dns.so.2 libgcc_s.so.1 libstdc++.so.6 libz.so.1; do
+        add_elf "/usr/lib/x86_64-linux-gnu/$lib"
+    done
+    add_elf /usr/lib/x86_64-linux-gnu/libnss_files.so.2
     cat >"$ROOT/etc/nsswitch.conf" <<'EOF'
 passwd: files
 group: files
