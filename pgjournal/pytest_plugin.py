@@ -315,6 +315,14 @@ if HAVE_PYTEST_ASYNCIO:
                             concurrency=concurrency, lease=lease, grace_period=1.0)
             task = asyncio.create_task(worker.run(handle_signals=False))
             running.append((bound, worker, task))
+            # Return once it serves: a run started right after finds its queue
+            # registered (and a worker that cannot start fails here, saying why).
+            serving = asyncio.create_task(worker.serving.wait())
+            await asyncio.wait({task, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                serving.cancel()
+                task.result()  # raises what stopped it
+                raise RuntimeError("the pgjournal worker stopped before it served")
             return bound
 
         try:
