@@ -17,8 +17,13 @@ from psycopg.rows import dict_row
 import pgjournal
 from pgjournal.serializer import Serializer
 
-from .test_cli import Cli, clean_env, run_cli
-from .test_cli import cli as _cli_fixture  # noqa: F401  (registers the `cli` fixture)
+from .test_cli import Cli, clean_env, cli_for, run_cli
+
+
+@pytest.fixture
+def cli(pgjournal_dsn: str, pgjournal_schema: str) -> Cli:
+    return cli_for(pgjournal_dsn, pgjournal_schema)
+
 
 jobs = pgjournal.App()   # a module-level app, as in the newcomer's project
 

@@ -178,11 +178,11 @@ async def resolve_run_id(app: App, text: str) -> uuid.UUID:
     digits = text.replace("-", "").lower()
     if MIN_PREFIX <= len(digits) < 32 and all(c in "0123456789abcdef" for c in digits):
         lo, hi = (uuid.UUID(digits.ljust(32, pad)) for pad in "0f")
-        found = [r["id"] for r in await cli_fetch(app, "runs_by_prefix", lo=lo, hi=hi)]
-        if len(found) == 1:
-            return uuid.UUID(str(found[0]))
-        if found:
-            shown = ", ".join(str(f) for f in found[:5]) + (", ..." if len(found) > 5 else "")
+        ids = [r["id"] for r in await cli_fetch(app, "runs_by_prefix", lo=lo, hi=hi)]
+        if len(ids) == 1:
+            return uuid.UUID(str(ids[0]))
+        if ids:
+            shown = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
             raise UnknownRun(f"{text!r} is the start of several run ids ({shown}); "
                              "give more characters")
     rows = await cli_fetch(app, "run_by_original_id", original=text)
