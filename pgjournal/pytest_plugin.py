@@ -4,10 +4,15 @@ Installed as the ``pgjournal`` pytest11 entry point. One server per test
 session, chosen in this order:
 
 1. ``PGJOURNAL_TEST_DSN`` -- an existing server you bring;
-2. a testcontainers ``PostgresContainer`` when a Docker engine answers;
+2. a testcontainers ``PostgresContainer`` (image ``PGJOURNAL_TEST_IMAGE``,
+   default ``postgres:18-alpine``) when a Docker engine answers; if the engine
+   answers but the container cannot start (the image or testcontainers' reaper
+   cannot be pulled), one WARNING line names the reason and the setting to
+   change, and the session falls back to 3;
 3. a throwaway embedded server (no Docker, no system Postgres needed).
 
-``PGJOURNAL_TEST_PROVIDER=env|docker|embedded`` forces one. The plugin does
+``PGJOURNAL_TEST_PROVIDER=env|docker|embedded`` forces one; a forced ``docker``
+that cannot start is an error, never a silent fallback. The plugin does
 nothing at all until a test asks for one of its fixtures: no Docker probe, no
 import of ``docker`` or of the rest of pgjournal. (A Docker probe at collection
 time used to leave a test session's own ``asyncio.run()`` hanging.)
@@ -69,6 +74,9 @@ except ImportError:  # pragma: no cover - exercised by users without the extra
 NEEDS_ASYNCIO = ("{name} is an async fixture and pytest-asyncio is not installed: "
                  "pip install 'pgjournal[testing]' (see docs/testing.md)")
 
+#: The image of the Docker provider unless ``PGJOURNAL_TEST_IMAGE`` names another.
+DEFAULT_IMAGE = "postgres:18-alpine"
+
 PROVIDERS = {
     "env": "PGJOURNAL_TEST_DSN (an existing server)",
     "docker": "testcontainers PostgresContainer (Docker)",
@@ -84,6 +92,8 @@ class TestPostgres:
     provider: str
     server: EmbeddedServer | None = None
     _stop: Callable[[], None] | None = field(default=None, repr=False)
+    #: Why the session is not on the provider it first chose (a Docker fallback).
+    fallback: str | None = None
 
     __test__ = False  # not a test class
 
@@ -135,16 +145,58 @@ def start_provider(provider: str) -> TestPostgres:
             pytest.fail(f"PGJOURNAL_TEST_DSN: {exc}", pytrace=False)
         return TestPostgres(dsn, "env")
     if provider == "docker":
-        from testcontainers.postgres import PostgresContainer
-
-        container = PostgresContainer("postgres:17-alpine", driver=None)
-        container.start()
-        return TestPostgres(container.get_connection_url(), "docker",
-                            _stop=container.stop)
+        try:
+            return _start_container()
+        except Exception as exc:
+            reason = _docker_failure(exc)
+            if os.environ.get("PGJOURNAL_TEST_PROVIDER") == "docker":
+                pytest.fail(f"PGJOURNAL_TEST_PROVIDER=docker: {reason}", pytrace=False)
+            pg = start_provider("embedded")
+            pg.fallback = reason
+            return pg
     from .embedded import FAST_UNSAFE, throwaway_server
 
     server = throwaway_server(settings=FAST_UNSAFE)
     return TestPostgres(server.dsn, "embedded", server=server, _stop=server.cleanup)
+
+
+def container_image() -> str:
+    """The image the Docker provider starts: ``PGJOURNAL_TEST_IMAGE`` or the default."""
+    return os.environ.get("PGJOURNAL_TEST_IMAGE") or DEFAULT_IMAGE
+
+
+def _start_container() -> TestPostgres:
+    try:  # testcontainers >= 4.15 (the old module warns that it is deprecated)
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # pragma: no cover - older testcontainers
+        from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer(container_image(), driver=None)
+    try:
+        container.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            container.stop()
+        raise
+    return TestPostgres(container.get_connection_url(), "docker", _stop=container.stop)
+
+
+def _docker_failure(exc: BaseException) -> str:
+    """One line: why the container did not start, and which setting to change."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 200:
+        text = text[:197] + "..."
+    image = container_image()
+    if "ryuk" in text.lower():
+        hint = ("testcontainers' reaper (Ryuk) could not start: set "
+                "TESTCONTAINERS_RYUK_DISABLED=true or make its image available")
+    elif image.split(":")[0] in text or "pull" in text.lower() or "not found" in text.lower():
+        hint = (f"the image {image!r} could not be had: set PGJOURNAL_TEST_IMAGE to a "
+                "PostgreSQL image the engine has (or can pull)")
+    else:
+        hint = (f"the container ({image!r}) did not start; PGJOURNAL_TEST_IMAGE picks "
+                "another image, PGJOURNAL_TEST_PROVIDER=embedded skips Docker")
+    return f"{hint} ({type(exc).__name__}: {text})"
 
 
 _CHOICE: dict[str, str] = {}
@@ -169,14 +221,26 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if used:
         terminalreporter.write_line(
             f"pgjournal: postgres provider used = {used}: {PROVIDERS.get(used, used)}")
+    if _CHOICE.get("fallback"):
+        terminalreporter.write_line(_fallback_warning(_CHOICE["fallback"]), yellow=True)
+
+
+def _fallback_warning(reason: str) -> str:
+    return f"WARNING: pgjournal: Docker answers but no test container: {reason}; using embedded"
 
 
 @pytest.fixture(scope="session")
-def pgjournal_postgres() -> Iterator[TestPostgres]:
+def pgjournal_postgres(pytestconfig: pytest.Config) -> Iterator[TestPostgres]:
     """The session's PostgreSQL server."""
     provider = _CHOICE.setdefault("provider", choose_provider())
     pg = start_provider(provider)
-    _CHOICE["used"] = provider
+    _CHOICE["used"] = pg.provider
+    if pg.fallback:
+        _CHOICE["fallback"] = pg.fallback
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:  # now, once; the summary repeats it at the end
+            reporter.write_line("")
+            reporter.write_line(_fallback_warning(pg.fallback), yellow=True)
     try:
         yield pg
     finally:
@@ -332,6 +396,14 @@ if HAVE_PYTEST_ASYNCIO:
                             concurrency=concurrency, lease=lease, grace_period=1.0)
             task = asyncio.create_task(worker.run(handle_signals=False))
             running.append((bound, worker, task))
+            # Return once it serves: a run started right after finds its queue
+            # registered (and a worker that cannot start fails here, saying why).
+            serving = asyncio.create_task(worker.serving.wait())
+            await asyncio.wait({task, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                serving.cancel()
+                task.result()  # raises what stopped it
+                raise RuntimeError("the pgjournal worker stopped before it served")
             return bound
 
         try:

@@ -175,6 +175,9 @@ class Worker:
         self._stuck_beats: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Set once the worker is registered (its workflows' queues are known to
+        #: clients: ``App.start`` without ``queue=``) and about to claim.
+        self.serving = asyncio.Event()
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
@@ -308,6 +311,7 @@ class Worker:
             return
         self._store = store
         self._completer = _Completer(store)
+        self.serving.set()
         log.info("worker %s serving queues %s (concurrency %d, lease %.0fs)", self.id,
                  ",".join(self.queues), self.concurrency, self.lease)
         loop = asyncio.get_running_loop()

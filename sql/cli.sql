@@ -230,6 +230,13 @@ SELECT id, source FROM {schema}.runs
 WHERE meta->>'original_id' = %(original)s
 ORDER BY created_at DESC LIMIT 5;
 
+-- name: runs_by_prefix
+-- Runs whose id starts with a prefix (the dashboard shows 8 characters): a
+-- range on the primary key, [prefix000..., prefixfff...].
+SELECT id FROM {schema}.runs
+WHERE id BETWEEN %(lo)s::uuid AND %(hi)s::uuid
+ORDER BY id LIMIT 6;
+
 -- name: demo_lock
 -- One demo per schema at a time: a session advisory lock held while the demo runs.
 SELECT pg_try_advisory_lock(hashtext('pgjournal demo ' || %(schema)s)) AS got;
@@ -241,13 +248,6 @@ SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.runs WHERE queue = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.workers
                WHERE %(name)s = ANY (queues) AND stopped_at IS NULL) AS known;
-
--- name: workflow_queues
--- Where live workers take runs of a workflow: the queue each live worker
--- registered it on (`pgjournal start` without --app or --queue).
-SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
-FROM {schema}.worker_health w
-WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
 
 -- name: live_workflows
 -- Every workflow some live worker serves (for "did you mean").

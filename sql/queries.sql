@@ -220,3 +220,11 @@ SELECT * FROM {schema}.schedule_status WHERE name = %(name)s;
 
 -- name: list_schedules
 SELECT * FROM {schema}.schedule_status ORDER BY name;
+
+-- name: served_queues
+-- Where live workers take runs of a workflow: the queue each live worker
+-- registered it on (App.start of a client-only app, `pgjournal start`,
+-- without a queue).
+SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;

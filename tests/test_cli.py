@@ -50,6 +50,11 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 def cli(pgjournal_dsn: str, pgjournal_schema: str) -> Cli:
     """Run a command against the test's schema; fails the test on a non-zero exit
     unless ``expect`` says otherwise."""
+    return cli_for(pgjournal_dsn, pgjournal_schema)
+
+
+def cli_for(pgjournal_dsn: str, pgjournal_schema: str) -> Cli:
+    """The ``cli`` fixture's callable (other test modules build theirs with it)."""
     def call(*args: str, expect: int = 0, **kw: Any) -> subprocess.CompletedProcess[str]:
         res = run_cli("--dsn", pgjournal_dsn, "--schema", pgjournal_schema, *args, **kw)
         assert res.returncode == expect, (args, res.returncode, res.stdout, res.stderr)

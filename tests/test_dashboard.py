@@ -396,6 +396,28 @@ def test_live_poller_reports_changes_and_newer_runs(pgjournal_dsn: str,
     asyncio.run(go())
 
 
+@pytest.mark.parametrize(("direct_url", "hint"), [
+    ('{"url": "file:///home/ann/src/pgjournal", "dir_info": {"editable": true}}',
+     "pip install -e '/home/ann/src/pgjournal[dashboard]'"),
+    ('{"url": "file:///tmp/pgjournal-0.1.0-py3-none-any.whl", "archive_info": {}}',
+     "pip install '/tmp/pgjournal-0.1.0-py3-none-any.whl[dashboard]'"),
+    (None, "pip install 'pgjournal[dashboard]'"),
+])
+def test_install_hint_names_the_clone_it_was_installed_from(
+        monkeypatch: pytest.MonkeyPatch, direct_url: str | None, hint: str) -> None:
+    """From a clone, `pip install 'pgjournal[dashboard]'` fails (not on PyPI)."""
+    from importlib import metadata
+
+    from pgjournal._install import extra_hint
+
+    class Dist:
+        def read_text(self, name: str) -> str | None:
+            return direct_url if name == "direct_url.json" else None
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist())
+    assert extra_hint("dashboard") == hint
+
+
 def test_cli_without_the_extra_says_so(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import pgjournal.dashboard as dashboard
@@ -404,7 +426,7 @@ def test_cli_without_the_extra_says_so(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(dashboard, "missing_packages", lambda: ["starlette", "uvicorn"])
     assert main(["dashboard", "--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 1
     err = capsys.readouterr().err
-    assert "pip install 'pgjournal[dashboard]'" in err and "starlette" in err
+    assert dashboard.INSTALL_HINT in err and "[dashboard]'" in err and "starlette" in err
     with pytest.raises(pgjournal.ConfigurationError, match="dashboard"):
         create_app(pgjournal.App("postgresql://nobody@127.0.0.1:1/x"))
 
