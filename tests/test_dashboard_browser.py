@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+#: Debian's chromium and chromium-driver; PGJOURNAL_CHROMIUM / PGJOURNAL_CHROMEDRIVER
+#: name another build (e.g. the packages unpacked without installing them).
+CHROMIUM = os.environ.get("PGJOURNAL_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PGJOURNAL_CHROMEDRIVER", "/usr/bin/chromedriver")
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"browser tests need {CHROMIUM} and {CHROMEDRIVER} "
                 "(apt-get install chromium chromium-driver)", allow_module_level=True)

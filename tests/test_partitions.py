@@ -363,9 +363,10 @@ READS: dict[tuple[str, str], dict[str, Any]] = {
                                  "since": None, "until": None, "cursor_at": None,
                                  "cursor_id": None, "limit": 51},
     ("dashboard", "watch"): {"ids": ["T", "P", "C"]},
-    ("dashboard", "steps"): {"run": "T"},
-    ("dashboard", "chunk_counts"): {"run": "T"},
-    ("dashboard", "events"): {"run": "T"},
+    ("dashboard", "run"): {"run": "T"},
+    ("dashboard", "steps_page"): {"run": "T", "after": -1, "limit": 51},
+    ("dashboard", "step_value"): {"run": "T", "position": 2},
+    ("dashboard", "events"): {"run": "T", "limit": 201},
     ("dashboard", "children"): {"run": "P", "limit": 50},
 }
 #: Statements that read a history table, but not by one run's id (or not for

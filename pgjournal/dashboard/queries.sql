@@ -79,28 +79,53 @@ FROM {schema}.runs r WHERE r.id = ANY (%(ids)s::uuid[]);
 SELECT max(created_at) AS newest FROM {schema}.runs;
 
 -- name: run
-SELECT * FROM {schema}.runs WHERE id = %(run)s;
+-- The run, and the last position of its journal (as watch reads it, so the
+-- page's fingerprint matches the live poll's).
+SELECT r.*,
+       (SELECT s.position FROM {schema}.steps s
+        WHERE s.run_created_at = r.created_at AND s.run_id = r.id
+        ORDER BY s.position DESC LIMIT 1) AS last_position
+FROM {schema}.runs r WHERE r.id = %(run)s;
 
--- name: steps
-SELECT * FROM {schema}.steps
-WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
-ORDER BY position;
+-- name: steps_page
+-- One page of a run's timeline, keyset-paginated by position: the rows after
+-- %(after)s, without the values (their first 200 characters and size only;
+-- the page loads a value when it is opened: step_value). A long agent loop's
+-- page so weighs the same at 50 steps as at 20,000.
+SELECT s.position, s.name, s.kind, s.status, s.attempt, s.tries, s.started_at,
+       s.finished_at,
+       left(s.output::text, 200) AS output_head,
+       octet_length(s.output::text) AS output_bytes,
+       s.error ->> 'type' AS error_type, left(s.error ->> 'message', 200) AS error_message,
+       CASE WHEN s.kind = 'stream' THEN
+           (SELECT count(*) FROM {schema}.stream_chunks k
+            WHERE k.run_created_at = s.run_created_at AND k.run_id = s.run_id
+              AND k.position = s.position) END AS chunks
+FROM {schema}.steps s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.position > %(after)s
+ORDER BY s.position
+LIMIT %(limit)s;
 
--- name: chunk_counts
-SELECT position, count(*) AS n FROM {schema}.stream_chunks
-WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
-GROUP BY position;
+-- name: step_value
+-- The whole value of one step (its output, or its error), on demand.
+SELECT s.position, s.status, s.output, s.error FROM {schema}.steps s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.position = %(position)s;
 
 -- name: signals
-SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id;
+-- The latest %(limit)s signals (newest first; the page shows them in order).
+SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: events
--- Events with the worker that held the run (host and pid) where it is known.
+-- The latest %(limit)s events (newest first; the page shows them in order),
+-- with the worker that held the run (host and pid) where it is known.
 SELECT e.*, w.host AS worker_host, w.pid AS worker_pid
 FROM {schema}.run_events e
 LEFT JOIN {schema}.workers w ON w.id = e.worker_id
 WHERE e.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND e.run_id = %(run)s
-ORDER BY e.id;
+ORDER BY e.id DESC
+LIMIT %(limit)s;
 
 -- name: children
 SELECT id, workflow, status, created_at, started_at, finished_at, error, parent_position,
