@@ -246,6 +246,13 @@ def test_retry_a_failed_run_and_watch_it_complete_live(
         # The refreshed section shows the new steps and output, and who retried.
         wait_until(browser, lambda d: "summarise" in d.find_element(
             By.CSS_SELECTOR, "table.steps").text, "the new step in the timeline")
+        # The failed entry the retry ran again is shown completed: rows that
+        # can still change (failed, streams) are fetched again with the new ones.
+        wait_until(browser, lambda d: "completed" in d.find_element(
+            By.CSS_SELECTOR, '#step-rows tr[data-position="1"]').text,
+                   "the retried step completed in the timeline")
+        assert "timed out" not in text_of(browser, By.CSS_SELECTOR,
+                                          '#step-rows tr[data-position="1"]')
         assert "durable agents: 3 pages" in text_of(browser, By.ID, "output")
         assert "retry by ada" in text_of(browser, By.CSS_SELECTOR, "table.events")
         [note] = actions_of(pgjournal_dsn, pgjournal_schema, failed)

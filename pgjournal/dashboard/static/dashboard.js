@@ -56,6 +56,15 @@
 
   function parse(html) { return new DOMParser().parseFromString(html, "text/html"); }
 
+  // A row that can change keeps the markup it came with, to tell whether a
+  // fetched copy differs (its live DOM differs once a value is opened).
+  function remember(row, markup) {
+    if (row.getAttribute("data-open") === "1") {
+      row.setAttribute("data-html", markup.innerHTML);
+    }
+    return row;
+  }
+
   // Move the rows of a fetched <tbody id="new-steps"> to the page's timeline.
   function appendSteps(doc) {
     var fresh = doc.getElementById("new-steps");
@@ -63,8 +72,16 @@
     if (!fresh || !rows) { return; }
     var have = rows.getAttribute("data-last");
     fresh.querySelectorAll("tr[data-position]").forEach(function (tr) {
-      if (Number(tr.getAttribute("data-position")) > Number(have)) {
-        rows.appendChild(document.importNode(tr, true));
+      var pos = tr.getAttribute("data-position");
+      if (Number(pos) > Number(have)) {
+        rows.appendChild(remember(document.importNode(tr, true), tr));
+        return;
+      }
+      // A row fetched again because it could change: replaced if it did (an
+      // unchanged row is kept, with its value open if it was).
+      var old = rows.querySelector('tr[data-position="' + pos + '"]');
+      if (old && old.getAttribute("data-html") !== tr.innerHTML) {
+        old.replaceWith(remember(document.importNode(tr, true), tr));
       }
     });
     if (Number(fresh.getAttribute("data-last")) > Number(have)) {
@@ -76,6 +93,20 @@
       more.hidden = fresh.getAttribute("data-more") !== "1";
       more.setAttribute("href", "?after=" + rows.getAttribute("data-last"));
     }
+  }
+
+  // The live refresh asks for the steps after the last one shown, or from the
+  // earliest row that can still change (data-open) among the last page shown.
+  function liveAfter(rows) {
+    var after = Number(rows.getAttribute("data-last"));
+    var shown = rows.querySelectorAll("tr[data-position]");
+    for (var i = Math.max(shown.length - 50, 0); i < shown.length; i++) {
+      if (shown[i].getAttribute("data-open") === "1") {
+        after = Math.min(after, Number(shown[i].getAttribute("data-position")) - 1);
+        break;
+      }
+    }
+    return after;
   }
 
   function replaceById(doc, id) {
@@ -93,7 +124,7 @@
     refreshing = true;
     var url = table.getAttribute("data-steps") + "/live";
     if (rows.getAttribute("data-more") !== "1") {
-      url += "?after=" + encodeURIComponent(rows.getAttribute("data-last"));
+      url += "?after=" + encodeURIComponent(liveAfter(rows));
     }
     get(url)
       .then(function (html) {
@@ -164,6 +195,9 @@
     source.onerror = function () { setLive(false); };
   }
 
+  document.querySelectorAll("#step-rows tr[data-open]").forEach(function (tr) {
+    remember(tr, tr);
+  });
   document.addEventListener("toggle", openValue, true);  // toggle does not bubble
   document.addEventListener("click", function (e) {
     if (e.target && e.target.id === "more-steps") { moreSteps(e); }
