@@ -83,18 +83,27 @@ SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
 -- name: get_run
 SELECT * FROM {schema}.runs WHERE id = %(run)s;
 
+-- Reads of one run's history name the partition key (runs.created_at, read
+-- by primary key in the same statement): the executor then scans the run's
+-- partition only, not one index per partition (migration 0011).
+
 -- name: get_steps
-SELECT * FROM {schema}.steps WHERE run_id = %(run)s ORDER BY position;
+SELECT * FROM {schema}.steps
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY position;
 
 -- name: get_chunks
 SELECT position, seq, chunk FROM {schema}.stream_chunks
-WHERE run_id = %(run)s ORDER BY position, seq;
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY position, seq;
 
 -- name: get_signals
 SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id;
 
 -- name: get_events
-SELECT * FROM {schema}.run_events WHERE run_id = %(run)s ORDER BY id;
+SELECT * FROM {schema}.run_events
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY id;
 
 -- name: list_runs
 SELECT id, workflow, queue, status, priority, attempt, recoveries, error,

@@ -587,3 +587,69 @@ def test_the_command_refuses_a_bad_dsn_or_schema_at_once(pgjournal_dsn: str) -> 
                               *extra], capture_output=True, text=True, timeout=60)
         assert res.returncode == 1, res.stderr
         assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# -- a long run's page (issue 20, row 8) ---------------------------------------------------
+
+
+def add_steps(dsn: str, schema: str, run: uuid.UUID, first: int, last: int,
+              pad: int = 500) -> None:
+    """Steps first..last of ``run`` (an agent loop), each with a value of about
+    ``pad`` bytes that ends in the marker ``END-<position>``."""
+    sql(dsn, schema,
+        "INSERT INTO S.steps (run_created_at, run_id, position, name, occurrence, status, "
+        "output, lease_epoch, started_at, finished_at) "
+        "SELECT S.run_bucket(%s), %s, p, 'think', p, 'completed', "
+        "json_build_object('text', repeat('x', %s), 'end', 'END-' || p), 1, now(), now() "
+        "FROM generate_series(%s::int, %s::int) p", run, run, pad, first, last)
+
+
+def positions_in(html: str) -> list[int]:
+    return [int(p) for p in re.findall(r'<tr[^>]* data-position="(\d+)"', html)]
+
+
+def test_a_long_runs_page_is_paged_by_position_and_loads_values_on_demand(
+        client_for: Any, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """5,000 steps of 500 bytes: the page holds the first 50 steps, no full
+    values, and weighs what a run of 60 steps weighs; the next page comes by
+    keyset (after the last position shown), each value on demand, and a live
+    page asks only for the steps after the last one it has."""
+    d, s = pgjournal_dsn, pgjournal_schema
+    long_run = add_run(d, s, status="running")
+    short_run = add_run(d, s, status="running")
+    add_steps(d, s, long_run, 0, 4999)
+    add_steps(d, s, short_run, 0, 59)
+    c = client_for()
+    page = c.get(f"/runs/{long_run}")
+    assert page.status_code == 200
+    short = c.get(f"/runs/{short_run}")
+    assert len(page.content) < 80_000, f"the page of 5,000 steps is {len(page.content):,} bytes"
+    assert abs(len(page.content) - len(short.content)) < 300, (len(page.content),
+                                                               len(short.content))
+    assert positions_in(page.text) == list(range(50))
+    assert "END-3" not in page.text  # values are not in the page, only their start
+    # The next page, by keyset: the fragment the script appends, and the same
+    # rows as a whole page without script.
+    m = re.search(r'id="more-steps"[^>]* href="([^"]+)"', page.text)
+    assert m and m.group(1).endswith("?after=49"), m
+    more = c.get(f"/runs/{long_run}/steps?after=49")
+    assert more.status_code == 200 and positions_in(more.text) == list(range(50, 100))
+    assert len(more.content) < 40_000
+    assert positions_in(c.get(f"/runs/{long_run}{m.group(1)}").text) == list(range(50, 100))
+    last = c.get(f"/runs/{long_run}/steps?after=4980")
+    assert positions_in(last.text) == list(range(4981, 5000))
+    assert 'data-more="1"' in more.text and 'data-more="1"' not in last.text
+    # A value on demand: the whole of it, as text (the page shows it with textContent).
+    value = c.get(f"/runs/{long_run}/steps/4321/value")
+    assert value.status_code == 200 and value.headers["content-type"].startswith("text/plain")
+    assert "END-4321" in value.text and len(value.text) > 500
+    assert c.get(f"/runs/{long_run}/steps/5000/value").status_code == 404
+    # Live: the page asks for what is new after the last step it shows.
+    add_steps(d, s, long_run, 5000, 5000)
+    live = c.get(f"/runs/{long_run}/live?after=4999")
+    assert live.status_code == 200 and positions_in(live.text) == [5000]
+    assert 'id="live"' in live.text and len(live.content) < 20_000
+    # A page that does not show the tail asks for the summary only.
+    head = c.get(f"/runs/{long_run}/live")
+    assert positions_in(head.text) == [] and 'id="live"' in head.text
+    assert c.get(f"/runs/{uuid.uuid4()}/live").status_code == 404
