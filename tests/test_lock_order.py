@@ -81,7 +81,7 @@ class _Call(threading.Thread):
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 self.rows = conn.execute(self.sql, self.params).fetchall()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
 
     def result(self, timeout: float = 60) -> list[tuple[Any, ...]]:
@@ -432,9 +432,11 @@ async def test_a_completion_that_hits_a_conflict_is_not_dropped(
     caplog.set_level(logging.INFO)
     dsn = _isolated_dsn(pgjournal_postgres, "repeatable\\ read")
     app = pgjournal.App(dsn, schema=pgjournal_schema, poll_interval=0.1)
+    # The caller's side (start, result) on its own app: ``tries`` is the worker's.
+    client = pgjournal.App(pgjournal_postgres.dsn, schema=pgjournal_schema)
     entered, finish = asyncio.Event(), asyncio.Event()
 
-    @app.workflow(queue="conflicts")
+    @app.workflow()
     async def body(run: pgjournal.Run) -> str:
         entered.set()
         await finish.wait()
@@ -445,7 +447,7 @@ async def test_a_completion_that_hits_a_conflict_is_not_dropped(
         if tries is not None:
             store.conflict_tries = tries
         async with serving(app, concurrency=1, lease=3, poll_interval=0.1):
-            handle = await app.start(body)
+            handle = await client.start("body")
             await asyncio.wait_for(entered.wait(), 30)
             other = psycopg.connect(pgjournal_postgres.dsn)
             other.execute(f"UPDATE {_q(pgjournal_schema)}.runs SET updated_at = now() "
@@ -460,6 +462,10 @@ async def test_a_completion_that_hits_a_conflict_is_not_dropped(
             info = await handle.info()
         assert info["recoveries"] == 0 and info["interruptions"] == 0, info
         assert "could not serialize" in caplog.text, caplog.text
+        # Who took it again: the store, or (it gave up at once) the completer.
+        retried = "sending it again" if tries == 1 else "complete_runs lost a conflict"
+        assert retried in caplog.text, caplog.text
         assert "unavailable" not in caplog.text, caplog.text
     finally:
+        await client.close()
         await app.close()
