@@ -31,7 +31,7 @@
 -- in queue-name order as go_hungry takes them exclusively; then the rows of
 -- p_ids and, with p_parents, of their parents, shallowest first, then by id.
 -- Call it first thing: a lock taken before it would break the order.
-CREATE FUNCTION lock_runs(p_ids uuid[], p_parents boolean, p_own_queues boolean)
+CREATE OR REPLACE FUNCTION lock_runs(p_ids uuid[], p_parents boolean, p_own_queues boolean)
 RETURNS void
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
