@@ -31,13 +31,14 @@ from .errors import (
     DatabaseUnavailable,
     SerializationError,
     TerminalError,
+    TransactionConflict,
 )
 from .lease import Lease
 from .listener import Listener
 from .metrics import DEFAULT_HOST, WorkerMetrics, bound_address, serve_metrics
 from .run import Abandoned, Run, Suspended, describe_exception
 from .schedules import WAKE_TOPIC, Scheduler
-from .store import Claim, Store
+from .store import Claim, Store, conflict_pause
 from .tracing import attempt as traced_attempt
 from .tracing import claim as traced_claim
 
@@ -63,7 +64,16 @@ class _Completer:
     anything but a lost database, its items are retried one by one, so only
     the item the database refuses gets the error (its run then fails
     terminally) while the others complete.
+
+    A batch that lost a deadlock or serialization conflict even after the
+    store's own retries (``TransactionConflict``: rolled back, nothing
+    written, the database is up) is sent again after a random pause, up to
+    ``conflict_rounds`` times: giving its runs up made each wait out its lease
+    and count a crash recovery (issue 20, row 7).
     """
+
+    #: Sends of one batch that keeps losing conflicts, the first included.
+    conflict_rounds = 4
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -78,6 +88,7 @@ class _Completer:
         return await fut
 
     async def _flush(self) -> None:
+        conflicts = 0
         while self._pending:
             batch, self._pending = self._pending, []
             try:
@@ -86,6 +97,21 @@ class _Completer:
                 for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+                continue
+            except TransactionConflict as exc:
+                conflicts += 1
+                if conflicts < self.conflict_rounds:
+                    pause = conflict_pause(conflicts + self._store.conflict_tries)
+                    log.info("a batch of %d completions lost a conflict with another "
+                             "transaction (%s); sending it again in %.0f ms", len(batch),
+                             exc, pause * 1000)
+                    await asyncio.sleep(pause)
+                    self._pending = batch + self._pending
+                    continue
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                conflicts = 0
                 continue
             except Exception as exc:
                 if len(batch) == 1:
@@ -96,6 +122,7 @@ class _Completer:
                             "by one", len(batch), type(exc).__name__, exc)
                 await self._one_by_one(batch)
                 continue
+            conflicts = 0
             for run_id, _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(run_id in done)
@@ -251,6 +278,10 @@ class Worker:
                 claims = await traced_claim(store, store.claim(
                     self.id, self.queues, free, self.lease, workflows=self.workflows,
                     expired=self._expired_turn(), conn=conn))
+            except TransactionConflict:
+                # Rolled back whole, not an outage: the claim loop claims again.
+                self._wake.set()
+                return
             except BaseException:
                 self._wake.set()  # the claim loop tries, on a pool connection
                 raise
@@ -408,6 +439,15 @@ class Worker:
                         free = self.concurrency - len(self._inflight)
                         got = await self._claim_round(free) if free > 0 else 0
                     backoff = 0.1
+                except TransactionConflict as exc:
+                    # Not an outage: the claim was rolled back whole; claim again
+                    # after a random pause (the store already retried it).
+                    pause = conflict_pause(self._store.conflict_tries)
+                    log.info("claim lost a conflict with another transaction (%s); "
+                             "claiming again in %.0f ms", exc, pause * 1000)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), pause)
+                    continue
                 except DatabaseUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
                     with contextlib.suppress(TimeoutError):
@@ -572,7 +612,7 @@ class Worker:
                 text = self.app.serializer.dumps(
                     output, what=f"output of workflow {wf.name!r} of run {claim.run_id}")
                 completed = await self._completer.complete(claim.run_id, claim.epoch, text)
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, TransactionConflict):
                 raise
             except Exception as exc:
                 # Refused in Python (SerializationError) or, alone, by the database:
@@ -587,6 +627,13 @@ class Worker:
         except DatabaseUnavailable as exc:
             log.warning("run %s: database unavailable (%s); its lease will expire and the "
                         "run will be replayed", claim.run_id, exc)
+        except TransactionConflict as exc:
+            # Not an outage: a write lost lock conflicts every time it was
+            # sent (the store's and the completer's retries); nothing of it
+            # was written. The run is left to its lease like a lost write.
+            log.warning("run %s: its last write kept losing conflicts with other "
+                        "transactions (%s); its lease will expire and the run will be "
+                        "replayed", claim.run_id, exc)
 
     def _log_abandoned(self, claim: Claim, status: str) -> None:
         key = (claim.run_id, claim.epoch)
@@ -707,6 +754,10 @@ class Worker:
             except asyncio.CancelledError:
                 beat.cancel()
                 raise
+            except TransactionConflict as exc:
+                # Not an outage (the connection is fine): the next beat renews.
+                log.info("heartbeat lost a conflict with another transaction (%s); "
+                         "renewing at the next beat", exc)
             except Exception as exc:
                 await self._drop_heartbeat_conn()
                 if isinstance(exc, DatabaseUnavailable | psycopg.OperationalError | TimeoutError):
