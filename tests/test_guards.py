@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -251,3 +251,100 @@ async def test_an_in_process_retry_after_the_lease_was_lost_is_not_called(
         await run.step("call", flaky, retries=2, backoff=0.0)
     assert calls == [0], "the retry ran past a lost lease"
     assert await store.get_steps(handle.run_id) == []
+
+
+# -- a rate take and the calls it pays for ---------------------------------------------------
+
+
+def _takes(dsn: str, schema: str, run_id: uuid.UUID) -> list[Row]:
+    """The run's rate entries: each take journaled under them (the earlier ones
+    of an entry taken again, then its last), with the entry's tries."""
+    with _connect(dsn, schema, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT position, name, tries, attempt, output FROM steps "
+            "WHERE run_id = %s AND kind = 'rate' ORDER BY position", (run_id,)).fetchall()
+
+
+def _available(dsn: str, schema: str) -> float:
+    with _connect(dsn, schema, autocommit=True) as conn:
+        row = conn.execute("SELECT available FROM rate_limits WHERE name = 'api'").fetchone()
+    assert row is not None
+    return float(row["available"])
+
+
+def _flaky_app(app: pgjournal.App, fails: int, units: float = 30) -> list[int]:
+    """Workflows whose rate-limited step fails its first ``fails`` calls:
+    ``in_process`` retries it in the step (``retries=``), ``by_attempts`` lets
+    the run fail and be retried (a new attempt). Returns the list of calls."""
+    calls: list[int] = []
+
+    def call_model() -> str:
+        calls.append(len(calls))
+        if len(calls) <= fails:
+            raise ConnectionError(f"model API hiccup {len(calls)}")
+        return "reply"
+
+    @app.workflow()
+    async def in_process(run: pgjournal.Run) -> str:
+        return await run.step("call", call_model, retries=fails,  # type: ignore[no-any-return]
+                              backoff=0.01, rate=("api", units))
+
+    @app.workflow(max_attempts=fails + 1, retry_backoff=0.05)
+    async def by_attempts(run: pgjournal.Run) -> str:
+        return await run.step("call", call_model,  # type: ignore[no-any-return]
+                              rate=("api", units))
+
+    return calls
+
+
+@pytest.mark.parametrize("how", ["in_process", "by_attempts"])
+async def test_each_call_of_a_retried_step_takes_its_units(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        how: str) -> None:
+    """A ``rate=`` step whose model call fails twice calls the model three times,
+    in process (``retries=2``) or over three attempts: the bucket is charged for
+    three calls, each call waits for its own units, and the journal shows every
+    take (one entry, taken again per call)."""
+    from .conftest import serving
+
+    app = pgjournal_app
+    await app.set_rate_limit("api", capacity=100, refill_per_second=0.001)
+    calls = _flaky_app(app, fails=2)
+    handle = await app.start(how)
+    async with serving(app):
+        assert await handle.result(timeout=60) == "reply"
+    assert len(calls) == 3
+    assert _available(pgjournal_dsn, pgjournal_schema) == pytest.approx(100 - 3 * 30, abs=0.5), \
+        "the retried calls of the model took no units"
+    (entry,) = _takes(pgjournal_dsn, pgjournal_schema, handle.run_id)
+    assert entry["tries"] == 3
+    assert [e["units"] for e in entry["output"]["earlier"]] == [30, 30]
+    assert entry["output"]["units"] == 30
+    assert entry["attempt"] == (3 if how == "by_attempts" else 1)
+
+
+async def test_a_new_attempt_waits_suspended_for_its_new_take_and_takes_once(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """The new attempt's take is not ready for 1.5 s: the run suspends (no worker
+    held) and, resumed, replays that take: it neither takes a third time nor
+    calls the model before the units are ready."""
+    from .conftest import serving
+
+    app = pgjournal_app
+    await app.set_rate_limit("api", capacity=30, refill_per_second=20)
+    calls = _flaky_app(app, fails=1)
+    handle = await app.start("by_attempts")
+    async with serving(app):
+        assert await handle.result(timeout=60) == "reply"
+    assert len(calls) == 2
+    (entry,) = _takes(pgjournal_dsn, pgjournal_schema, handle.run_id)
+    assert (entry["tries"], entry["attempt"]) == (2, 2)
+    assert [e["units"] for e in entry["output"]["earlier"]] == [30]
+    with _connect(pgjournal_dsn, pgjournal_schema, autocommit=True) as conn:
+        (step,) = conn.execute("SELECT started_at, attempt FROM steps WHERE run_id = %s "
+                               "AND kind = 'step'", (handle.run_id,)).fetchall()
+        suspended = conn.execute("SELECT count(*) AS n FROM run_events WHERE run_id = %s "
+                                 "AND to_status = 'suspended'", (handle.run_id,)).fetchone()
+    ready = datetime.fromisoformat(entry["output"]["ready_at"])
+    assert step["attempt"] == 2 and step["started_at"] >= ready - timedelta(milliseconds=5)
+    assert suspended is not None and suspended["n"] == 1
