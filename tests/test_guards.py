@@ -348,3 +348,62 @@ async def test_a_new_attempt_waits_suspended_for_its_new_take_and_takes_once(
     ready = datetime.fromisoformat(entry["output"]["ready_at"])
     assert step["attempt"] == 2 and step["started_at"] >= ready - timedelta(milliseconds=5)
     assert suspended is not None and suspended["n"] == 1
+
+
+# -- a key's slot and a run past its lease ----------------------------------------------------
+
+
+async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
+        pgjournal_app: pgjournal.App, db: Sql) -> None:
+    """Documents today's behaviour (docs/flow-control.md, "What counts"): only
+    running runs with a live lease count toward their key's limit. Worker A's
+    heartbeats do not get through (a cut network, a blocked event loop) while
+    its step of run 1 (key K, limit 1) is still calling out. Once run 1's lease
+    expired in the database, a claim on another host starts run 2 of K beside
+    it: two runs of K execute at once, and run 1, which nobody took over, then
+    completes normally (its epoch never moved)."""
+    import asyncio
+
+    from .conftest import lease_expired, serving, wait_for
+
+    app = pgjournal_app
+    store = await app.store()
+    await app.set_concurrency_limit("K", 1)
+    entered: dict[uuid.UUID, asyncio.Event] = {}
+    release = asyncio.Event()
+
+    @app.workflow(queue="a")
+    async def long_call(run: pgjournal.Run) -> str:
+        async def call() -> str:
+            entered.setdefault(run.id, asyncio.Event()).set()
+            await release.wait()
+            return "done"
+        return await run.step("call", call)  # type: ignore[no-any-return]
+
+    first = await app.start("long_call", concurrency_key="K")
+    second = await app.start("long_call", queue="b", concurrency_key="K")
+
+    def claim_b() -> list[uuid.UUID]:
+        rows = db.call("claim_runs", worker=db.register(), queues=["b"], limit=1,
+                       lease_seconds=30.0)
+        return [r["id"] for r in rows]
+
+    async with serving(app, queues=["a"], lease=1.0, heartbeat_interval=3600.0):
+        async def first_in_step() -> bool:
+            return first.run_id in entered
+        await wait_for(first_in_step, 30, what="run 1 to enter its step")
+        # While run 1's lease is live, K is at its limit: nothing of K is claimed.
+        assert claim_b() == []
+        await wait_for(lambda: lease_expired(store, first.run_id), 30,
+                       what="run 1's lease to expire in the database")
+        # Run 1 is still in its step (its call has not returned) ...
+        assert not release.is_set()
+        # ... and a claim of K on another host takes run 2 beside it.
+        assert claim_b() == [second.run_id], "run 2 was not started beside run 1"
+        running = db.conn.execute(
+            "SELECT count(*) AS n FROM runs WHERE concurrency_key = 'K' "
+            "AND status = 'running'").fetchone()
+        assert running is not None and running["n"] == 2
+        release.set()
+        assert await first.result(timeout=30) == "done"
+    assert await first.status() == "completed"
