@@ -115,9 +115,12 @@ class Sql:
             inputs=[Json({"args": [], "kwargs": {}}) for _ in children],
             max_attempts=3, max_recoveries=5, timeout_seconds=None)
 
-    def take_units(self, run: uuid.UUID, epoch: int, position: int) -> tuple[str, Any]:
+    def take_units(self, run: uuid.UUID, epoch: int, position: int,
+                   again: bool = False) -> tuple[str, Any]:
+        """``again``: take again into the take journaled at ``position`` (a retry)."""
         (row,) = self.call("take_units", run=run, epoch=epoch, position=position,
-                           name="rate:api", occurrence=0, bucket="api", units=30.0, attempt=1)
+                           name="rate:api", occurrence=position, bucket="api", units=30.0,
+                           attempt=1, again=again)
         return row["outcome"], row["ready_at"]
 
     def wait_children(self, run: uuid.UUID, epoch: int, position: int,
@@ -155,9 +158,9 @@ class Scene:
 
     The run has a completed step at position 0 (the stale owner's), a stream step
     with flushed chunks at position 1 (the current owner's), two unended children
-    the stale owner spawned at position 2, a signal ``go`` waiting to be consumed
-    and a rate bucket ``api`` with units to take: material for every stale write
-    to corrupt.
+    the stale owner spawned at position 2, its take from rate bucket ``api`` at
+    position 3, a signal ``go`` waiting to be consumed and units in the bucket:
+    material for every stale write to corrupt.
     """
 
     def __init__(self, db: Sql, how: str) -> None:
@@ -169,6 +172,7 @@ class Scene:
         assert db.journal_step(self.run, self.stale, 0) is None
         self.children = sorted([uuid.uuid4(), uuid.uuid4()])
         assert db.spawn_runs(self.run, self.stale, 2, self.children) is None
+        assert db.take_units(self.run, self.stale, 3)[0] == "taken"
         if how == "takeover":
             self.new_worker = db.register()
             self.current: int | None = db.claim(self.new_worker, lease=3600.0)
@@ -183,12 +187,12 @@ class Scene:
             assert db.call("claim_runs", worker=db.register(), queues=["default"], limit=1,
                            lease_seconds=3600.0) == []
             self.current = None
-        self.next_position = 3
+        self.next_position = 4
 
 
 FENCED = ["journal_step", "overwrite_step", "append_chunks", "wait_signal", "sleep_until",
           "complete_runs", "fail_run", "release_runs", "heartbeat", "spawn_runs",
-          "take_units", "wait_children"]
+          "take_units", "take_units_again", "wait_children"]
 
 
 def _attempt(scene: Scene, fn: str, epoch: int) -> tuple[bool, Any]:
@@ -225,6 +229,9 @@ def _attempt(scene: Scene, fn: str, epoch: int) -> tuple[bool, Any]:
     if fn == "take_units":
         outcome, _ready = db.take_units(run, epoch, pos)
         return outcome == "taken", outcome
+    if fn == "take_units_again":  # a retry's take, into the take at position 3
+        outcome, _ready = db.take_units(run, epoch, 3, again=True)
+        return outcome == "taken", outcome
     if fn == "wait_children":  # the children are unended: the wait would suspend the run
         outcome, results = db.wait_children(run, epoch, pos, scene.children)
         return outcome != "lost", (outcome, results)
@@ -250,7 +257,7 @@ def test_superseded_epoch_is_refused_and_changes_nothing(db: Sql, fn: str) -> No
         assert result == "running"
     elif fn in ("wait_signal", "wait_children"):
         assert result == ("lost", "running")
-    elif fn in ("fail_run", "take_units"):
+    elif fn in ("fail_run", "take_units", "take_units_again"):
         assert result == "lost:running"
     elif fn == "heartbeat":
         assert [(r["status"], r["lease_epoch"]) for r in result] == [
@@ -282,7 +289,7 @@ def test_ended_run_refuses_its_owner(db: Sql, fn: str, how: str) -> None:
     assert db.snapshot() == before
     if fn in ("journal_step", "overwrite_step", "append_chunks", "spawn_runs"):
         assert result == status
-    elif fn in ("fail_run", "take_units"):
+    elif fn in ("fail_run", "take_units", "take_units_again"):
         assert result == f"lost:{status}"
     elif fn == "wait_children":
         assert result == ("lost", status)
