@@ -8,10 +8,16 @@ timing), and the lease check before a live step, shown by its behaviour.
 - ``ensure()`` before a live step: an async step (no executor thread to check
   the lease again) past a lost, unconfirmable lease is never called, and
   neither is an in-process retry of a step whose lease was lost meanwhile.
+
+And two questions about flow control, each answered by a test: does a retried
+``rate=`` step take its units again (it does now: every call of the model
+takes units, and the retries are paced by the bucket), and does a run past its
+lease, still in its step, keep its key's slot (it does not: documented).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -29,7 +35,9 @@ from pgjournal.errors import DatabaseUnavailable
 from pgjournal.lease import Lease
 from pgjournal.run import Abandoned, Run
 
+from .conftest import lease_expired, serving, wait_for
 from .test_fence import Sql
+from .test_flow_control import check_rate_windows, ready_times
 
 Row = dict[str, Any]
 
@@ -305,8 +313,6 @@ async def test_each_call_of_a_retried_step_takes_its_units(
     in process (``retries=2``) or over three attempts: the bucket is charged for
     three calls, each call waits for its own units, and the journal shows every
     take (one entry, taken again per call)."""
-    from .conftest import serving
-
     app = pgjournal_app
     await app.set_rate_limit("api", capacity=100, refill_per_second=0.001)
     calls = _flaky_app(app, fails=2)
@@ -328,8 +334,6 @@ async def test_a_new_attempt_waits_suspended_for_its_new_take_and_takes_once(
     """The new attempt's take is not ready for 1.5 s: the run suspends (no worker
     held) and, resumed, replays that take: it neither takes a third time nor
     calls the model before the units are ready."""
-    from .conftest import serving
-
     app = pgjournal_app
     await app.set_rate_limit("api", capacity=30, refill_per_second=20)
     calls = _flaky_app(app, fails=1)
@@ -362,10 +366,6 @@ async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
     expired in the database, a claim on another host starts run 2 of K beside
     it: two runs of K execute at once, and run 1, which nobody took over, then
     completes normally (its epoch never moved)."""
-    import asyncio
-
-    from .conftest import lease_expired, serving, wait_for
-
     app = pgjournal_app
     store = await app.store()
     await app.set_concurrency_limit("K", 1)
@@ -407,3 +407,35 @@ async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
         release.set()
         assert await first.result(timeout=30) == "done"
     assert await first.status() == "completed"
+
+
+async def test_retried_calls_are_paced_by_the_bucket(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """Four runs whose model call fails twice, retried in process: twelve takes
+    of 30 from a bucket of 60 refilled at 200/s. No window of the takes (the
+    earlier ones of each entry included) holds more than capacity + refill x W,
+    and the whole takes at least the minimum the limit allows."""
+    app = pgjournal_app
+    await app.set_rate_limit("api", capacity=60, refill_per_second=200)
+    calls: dict[str, int] = {}
+
+    def call_model(key: str) -> str:
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] <= 2:
+            raise ConnectionError("model API hiccup")
+        return "reply"
+
+    @app.workflow()
+    async def retried(run: pgjournal.Run) -> str:
+        return await run.step("call", call_model, str(run.id),  # type: ignore[no-any-return]
+                              retries=2, backoff=0.0, rate=("api", 30))
+
+    runs = [await app.start("retried") for _ in range(4)]
+    async with serving(app, concurrency=4):
+        for h in runs:
+            assert await h.result(timeout=60) == "reply"
+    takes = ready_times(pgjournal_dsn, pgjournal_schema)
+    assert len(takes) == 12 and sum(calls.values()) == 12
+    check_rate_windows(takes, 60, 200)
+    span = (takes[-1][0] - takes[0][0]).total_seconds()
+    assert span >= (12 * 30 - 60) / 200 - 0.01
