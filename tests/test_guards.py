@@ -365,7 +365,8 @@ async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
     its step of run 1 (key K, limit 1) is still calling out. Once run 1's lease
     expired in the database, a claim on another host starts run 2 of K beside
     it: two runs of K execute at once, and run 1, which nobody took over, then
-    completes normally (its epoch never moved)."""
+    completes normally (its epoch never moved). A claim that counted runs past
+    their lease until they are taken over would flip the marked assertion."""
     app = pgjournal_app
     store = await app.store()
     await app.set_concurrency_limit("K", 1)
@@ -399,7 +400,7 @@ async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
         # Run 1 is still in its step (its call has not returned) ...
         assert not release.is_set()
         # ... and a claim of K on another host takes run 2 beside it.
-        assert claim_b() == [second.run_id], "run 2 was not started beside run 1"
+        assert claim_b() == [second.run_id], "run 2 was not started beside run 1"  # <-
         running = db.conn.execute(
             "SELECT count(*) AS n FROM runs WHERE concurrency_key = 'K' "
             "AND status = 'running'").fetchone()
