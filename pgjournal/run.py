@@ -481,11 +481,15 @@ class Run:
         when the wait is long. A third item, ``rate=(bucket, units, usage)``, is
         a function of the step's result returning the units really used: the
         bucket is corrected by the difference (see also ``report_usage``).
+        Every call of ``fn`` takes its units: an in-process retry, and a new
+        attempt of the run calling a step that failed, take them again (and
+        wait for them); a replay, or a call made again after a crash, does not.
         """
         take = self._call_rate(rate) if rate is not None else None
         position, occurrence = self._call(name)
+        taken_in: int | None = None
         if take is not None:
-            await self._take_units(*take)
+            taken_in = await self._take_units(*take)
         fp = fingerprint(fn, args, kwargs)
         entry = await self._entry(position)
         if entry is not None:
@@ -503,6 +507,11 @@ class Run:
                                               f"step {name!r}")
                 raise exc
             self._skip(entry)
+            if take is not None and taken_in is not None and taken_in <= entry["attempt"]:
+                # This attempt calls again a step whose call failed in an
+                # earlier one: the new call takes its units (once: a replay of
+                # this attempt finds the take's attempt moved on).
+                await self._retake_units(*take, in_step=False)
         await self._enter_live()
         try:
             started = self.db_now()
@@ -521,6 +530,13 @@ class Run:
                 except Exception as exc:
                     if tries <= retries and not isinstance(exc, TerminalError):
                         await asyncio.sleep(backoff * 2 ** (tries - 1))
+                        if take is not None:
+                            await self._retake_units(*take, in_step=True)
+                        # A retry is a new execution of the step: not past a
+                        # lost lease (the backoff or the wait may outlast it).
+                        if self._lease is not None and not await self._lease.ensure():
+                            self._closed = "lease lost"
+                            raise Abandoned("lease lost before a step retry started") from None
                         continue
                     turn, calls = self._take_turn()
                     try:
@@ -717,9 +733,10 @@ class Run:
 
     @traced("rate")
     async def _take_units(self, position: int, occurrence: int, bucket: str,
-                          units: float) -> None:
+                          units: float) -> int | None:
         """Take ``units`` from ``bucket`` (journaled, with the time they are ready),
-        then wait until they are (``_wait_until``)."""
+        then wait until they are (``_wait_until``). Returns the attempt that took
+        them last when the take was replayed, None when it was taken now."""
         name = f"rate:{bucket}"
         entry = await self._entry(position)
         if entry is not None:
@@ -728,7 +745,7 @@ class Run:
             self._reserved[bucket] = float(entry["output"]["units"])
             await self._await_replay_turn(entry["turn"], entry["calls_before"], name)
             await self._wait_until(ready, position, occurrence, name)
-            return
+            return int(entry["attempt"])
         await self._enter_live()
         try:
             turn, calls = self._take_turn()
@@ -746,6 +763,30 @@ class Run:
                 self._drop(turn)
         finally:
             self._exit_live()
+        await self._wait_until(ready, position, occurrence, name)
+        return None
+
+    async def _retake_units(self, position: int, occurrence: int, bucket: str, units: float,
+                            *, in_step: bool) -> None:
+        """Take a step's units again for a new call of its function, into the take
+        already journaled at ``position`` (``take_units`` with ``again``), then wait
+        until they are ready: in the worker when called between the tries of a
+        step (``in_step``: the step is live work), else as any take."""
+        name = f"rate:{bucket}"
+        if not in_step:
+            await self._enter_live()
+        try:
+            outcome, ready = await self._db(self._store.take_units(
+                run=self.id, epoch=self._claim.epoch, position=position, name=name,
+                occurrence=occurrence, bucket=bucket, units=units, attempt=self.attempt,
+                again=True))
+            if outcome.startswith("lost:"):
+                self._closed = outcome[5:]
+                raise Abandoned(outcome[5:])
+            self._reserved[bucket] = units
+        finally:
+            if not in_step:
+                self._exit_live()
         await self._wait_until(ready, position, occurrence, name)
 
     async def _wait_until(self, ready: datetime, position: int, occurrence: int,

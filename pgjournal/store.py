@@ -422,9 +422,11 @@ class Store:
 
     async def take_units(self, **params: Any) -> tuple[str, datetime]:
         """Take units from a rate bucket for a journal entry (see ``take_units`` in SQL):
-        ('taken' | 'suspended' | 'lost:<status>', the time the units are ready)."""
+        ('taken' | 'lost:<status>', the time the units are ready). ``again=True``
+        takes them again for the entry already journaled (a new call of its step)."""
         params.setdefault("turn", None)
         params.setdefault("calls_before", None)
+        params.setdefault("again", False)
         row = await self.fetchone("take_units", **params)
         assert row is not None
         return row["outcome"], row["ready_at"]

@@ -150,7 +150,7 @@ SELECT {schema}.set_rate_limit(%(name)s, %(capacity)s, %(refill)s);
 -- name: take_units
 SELECT outcome, ready_at FROM {schema}.take_units(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(bucket)s, %(units)s,
-    %(attempt)s, %(turn)s, %(calls_before)s);
+    %(attempt)s, %(turn)s, %(calls_before)s, %(again)s);
 
 -- name: concurrency_keys
 SELECT * FROM {schema}.concurrency_keys ORDER BY at_limit DESC, running DESC, key;
