@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
             h.spawn()
         driver = wl.Driver(dsn, SCHEMA, plan, rng.randrange(1 << 30))
         sampler = wl.KeySampler(dsn, SCHEMA)
-        pruner = wl.Maintenance(dsn, SCHEMA, ["prune", "--older-than", args.older_than],
+        # Failed runs are kept for the operator (the deadline repairs retry them).
+        pruner = wl.Maintenance(dsn, SCHEMA, ["prune", "--older-than", args.older_than,
+                                              "--status", "completed", "--status", "cancelled"],
                                 args.prune_interval, logdir / "prune.log")
         maint = wl.Maintenance(dsn, SCHEMA, ["maintain"], args.prune_interval * 1.3,
                                logdir / "maintain.log")
@@ -347,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
             t.halt.set()
         with contextlib.suppress(Exception):
             server.kill()
+        with contextlib.suppress(OSError):   # the deadlocks' details, for the report
+            shutil.copy(server.log_file, logdir / "server.log")
         server.cleanup()
 
 

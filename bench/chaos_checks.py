@@ -272,9 +272,9 @@ def runs_as_expected(q: Query, cancelled: set[str]) -> Row:
             if rid in cancelled or parent in cancelled:
                 continue
             if wf == "leaf" and parent in by_id:
-                p_inp = by_id[parent][6]
+                p_kwargs = (by_id[parent][6] or {}).get("kwargs") or {}
                 args = (inp or {}).get("args") or [0]
-                if int(args[0]) >= 100 and (p_inp or {}).get("args", [0, 0, False])[2]:
+                if int(args[0]) >= 100 and p_kwargs.get("cancel_rest"):
                     continue
         bad.append((rid, wf, status, etype, emsg))
     return Row("3a", "every run ended as expected (completed, or cancelled by the harness "
@@ -341,7 +341,8 @@ def core_rows(q: Query, tally: Any, sampler: Any,
                         CHILDREN_CHECKED, CHILDREN_BAD))
     rows.append(sql_row(q, "C", "cancel cascades: no child ended after its parent's cancel",
                         CASCADE_CHECKED, CASCADE_BAD))
-    rows.append(Row("K", "a key's running runs (live lease, sampled) never above its limit",
+    rows.append(Row("K", "a key's running runs (live lease, sampled) never above its limit "
+                    "(examples: key, running, limit, of them keyless, forks)",
                     sampler.samples, [tuple(o) for o in sampler.over]))
     rows.append(sql_row(q, "F", "every fork kept its source's concurrency key and deadline "
                         "rule", FORK_CHECKED, FORK_BAD))

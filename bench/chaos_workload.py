@@ -329,7 +329,7 @@ class Driver:
     async def do_start_many(self, n: int) -> None:
         """Two callers at once, the same keys in opposite orders (and a third
         with every other key): each must get the same run for each key."""
-        keys = [f"sm-{n}-{i}" for i in range(8)]
+        keys = [f"sm-{n}-{i}" for i in range(12)]
         self.tally.sm_keys |= set(keys)
 
         async def one(order: list[str]) -> dict[str, str]:
@@ -373,40 +373,43 @@ class Driver:
 
     async def do_repair(self, key: str) -> None:
         """docs/fan-out.md's repair of a deadline failure: retry the child, and
-        once it has ended, the parent."""
-        parent = child = None
-        for _ in range(1200):
+        once it has ended, the parent. Nothing to repair when the parent
+        completed, or failed for another reason (3a reports that)."""
+        ended = ("completed", "failed", "cancelled", "dead")
+        while not self.stop.is_set():
             rows = await self._rows(
                 "SELECT p.id::text, p.status, c.id::text, c.status FROM runs p "
-                "JOIN runs c ON c.parent_run_id = p.id WHERE p.idempotency_key = %s", key)
-            if rows and rows[0][1] == "failed" and rows[0][3] == "failed":
-                parent, _, child, _ = rows[0]
+                "LEFT JOIN runs c ON c.parent_run_id = p.id WHERE p.idempotency_key = %s", key)
+            if rows and rows[0][1] in ended:
                 break
-            if rows and rows[0][1] == "completed":
-                return
             await asyncio.sleep(0.1)
-        if parent is None or child is None:
+        else:
             return
-        c, p = child, parent
-        await self.call("retry", lambda: self.app.retry(c))
+        parent, p_status, child, c_status = rows[0]
+        if p_status != "failed" or c_status != "failed":
+            return
+        await self.call("retry", partial(self.app.retry, child))
         self.tally.retried.add(child)
-        for _ in range(1200):
+        while not self.stop.is_set():
             rows = await self._rows("SELECT status FROM runs WHERE id = %s", child)
-            if not rows or rows[0][0] in ("completed", "failed", "cancelled", "dead"):
+            if not rows or rows[0][0] in ended:
                 break
             await asyncio.sleep(0.1)
-        await self.call("retry", lambda: self.app.retry(p))
+        await self.call("retry", partial(self.app.retry, parent))
         self.tally.retried.add(parent)
         self.tally.deadline_retries += 2
 
-    async def do_backfill(self, spec: tuple[str, float, float]) -> None:
-        how, lo, hi = spec
-        a, b = datetime.fromtimestamp(lo, UTC), datetime.fromtimestamp(hi, UTC)
-        if how == "sql":   # queued on the row, started by a worker's round
-            await self._rows("SELECT backfill_schedule(%s, %s, %s)", SCHEDULE, a, b)
-        else:
-            self.tally.backfill_runs += await self.call(
-                "backfill", lambda: self.app.backfill_schedule(SCHEDULE, a, b))
+    async def do_backfill(self, ranges: list[tuple[float, float]]) -> None:
+        """Two ranges queued from SQL in one statement (a day, then the next, as
+        a DBA would in psql: started by the next worker round), then one the
+        App computes and starts at once."""
+        (a1, b1), (a2, b2), (a3, b3) = [
+            (datetime.fromtimestamp(lo, UTC), datetime.fromtimestamp(hi, UTC))
+            for lo, hi in ranges]
+        await self._rows("SELECT backfill_schedule(%s, %s, %s), "
+                         "backfill_schedule(%s, %s, %s)", SCHEDULE, a1, b1, SCHEDULE, a2, b2)
+        self.tally.backfill_runs += await self.call(
+            "backfill", lambda: self.app.backfill_schedule(SCHEDULE, a3, b3))
 
     async def _rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         async def go() -> list[tuple[Any, ...]]:
@@ -436,7 +439,7 @@ def make_plan(args: Any, rng: random.Random, now: float) -> tuple[
         plan.append((t, "start", ("tree", key, {
             "width": width, "idle": args.idle, "cancel_rest": rng.random() < 0.5,
             "pause": args.step_pause}, None)))
-        if rng.random() < 0.25:
+        if i % 3 == 1:
             plan.append((t + rng.uniform(0.5, 4.0), "cancel", key))
     for i in range(max(4, n // 4)):
         t = at()
@@ -454,16 +457,13 @@ def make_plan(args: Any, rng: random.Random, now: float) -> tuple[
         key = f"deadline-{i}"
         plan.append((t, "start", ("deadliner", key, {"limit": args.deadline}, None)))
         plan.append((t, "repair", key))
-    for i in range(max(2, n // 10)):
+    for i in range(max(4, n // 4)):
         plan.append((at(), "start_many", i))
-    # Backfills of the per-second schedule, before it existed: two queued from
-    # SQL one after the other (the first a whole round's budget of slots), and
-    # one the App computes and starts at once.
+    # Backfills of the per-second schedule, of seconds before it existed: the
+    # first holds --backfill-slots slots (1000: a round's whole budget).
     b = args.backfill_slots
-    ranges = [(now - b - 30, now - 31), (now - 30, now - 21), (now - 20, now - 11)]
-    t = rng.uniform(0.2, 0.4) * span
-    plan += [(t, "backfill", ("sql", *ranges[0])), (t + 0.01, "backfill", ("sql", *ranges[1])),
-             (t + 0.5, "backfill", ("app", *ranges[2]))]
+    ranges = [(now - b - 31, now - 31), (now - 30, now - 21), (now - 20, now - 11)]
+    plan.append((rng.uniform(0.2, 0.4) * span, "backfill", ranges))
     return plan, ranges
 
 
@@ -475,7 +475,10 @@ class KeySampler(threading.Thread):
     concurrency key, every ``interval`` seconds. A run's key is the tenant in its
     input (the key it was started with): a fork that lost its key still counts."""
 
-    QUERY = """SELECT input->'kwargs'->>'tenant', count(*) FROM runs
+    QUERY = """SELECT input->'kwargs'->>'tenant', count(*),
+                      count(*) FILTER (WHERE concurrency_key IS NULL),
+                      count(*) FILTER (WHERE forked_from IS NOT NULL)
+               FROM runs
                WHERE workflow = 'keyed' AND status = 'running'
                  AND coalesce(lease_until, due_at) > now() GROUP BY 1"""
 
@@ -483,7 +486,9 @@ class KeySampler(threading.Thread):
         super().__init__(name="chaos-key-sampler", daemon=True)
         self.dsn, self.schema, self.interval = dsn, schema, interval
         self.samples = 0
-        self.over: list[tuple[str, int, int]] = []
+        #: samples over the limit: key, running, limit, how many of them had no
+        #: key (a fork that lost it), how many were forks
+        self.over: list[tuple[str, int, int, int, int]] = []
         self.peak: dict[str, int] = {}
         self.halt = threading.Event()
 
@@ -496,10 +501,11 @@ class KeySampler(threading.Thread):
                     conn.execute(f'SET search_path TO "{self.schema}"')
                 rows = conn.execute(self.QUERY).fetchall()
                 self.samples += 1
-                for key, n in rows:
+                for key, n, keyless, forks in rows:
                     self.peak[key] = max(self.peak.get(key, 0), int(n))
                     if int(n) > KEY_LIMITS.get(key, 10**9):
-                        self.over.append((key, int(n), KEY_LIMITS[key]))
+                        self.over.append((key, int(n), KEY_LIMITS[key], int(keyless),
+                                          int(forks)))
             except psycopg.OperationalError:
                 conn = None
                 time.sleep(0.2)
@@ -552,6 +558,6 @@ def wait_schedule_caught_up(q: Callable[..., list[tuple[Any, ...]]], until: date
         if not row:
             return "schedule missing"
         fire_after, error = row[0]
-        if fire_after >= until or time.monotonic() > end:
+        if fire_after >= until or error or time.monotonic() > end:
             return str(error) if error else None
         time.sleep(0.2)
