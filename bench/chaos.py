@@ -464,7 +464,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--idle", type=float, default=4.0,
                    help="seconds a tree sleeps while its second children end (prune "
                         "may come by)")
-    p.add_argument("--deadline", type=float, default=1.0,
+    p.add_argument("--deadline", type=float, default=3.0,
                    help="timeout= of the child a deadliner spawns (it sleeps 4x that)")
     p.add_argument("--older-than", default="1s",
                    help="prune's --older-than, run every --prune-interval seconds")

@@ -8,10 +8,12 @@ the row version, which the checks compare) into schema ``chaos_audit``; the
 views ``a_runs``, ``a_steps``, ``a_events`` and ``a_signals`` are the live rows
 plus those copies, so every check sees all the history there ever was. The
 same trigger on ``runs`` records, in the deleting transaction, whether an
-unended run still needed the deleted one (its parent, or a fork of its parent
-whose copied journal spawned it). A trigger on ``runs`` also records every
-wake-up of a parent that waited for children (the wait's children and
-position, in the waking transaction), for the "woken exactly when" check.
+unended run still needed the deleted one: an unended run itself; a child of
+an unended parent that has no completed wait after the spawn yet (the
+parent will wait for it); a child shared with an unended fork of its parent.
+A trigger on ``runs`` also records every wake-up of a parent that waited for
+children (the wait's children and position, in the waking transaction), for
+the "woken exactly when" check.
 
 The harness only observes: its triggers write to its own schema and lock
 nothing the product locks (the row lookups read rows the deleting statement
@@ -56,7 +58,11 @@ BEGIN
     END IF;
     INSERT INTO {a}.pruned_needed (run_id, status, needed_by, why)
     SELECT OLD.id, OLD.status, p.id, 'child of an unended parent (' || p.status || ')'
-    FROM {s}.runs p WHERE p.id = OLD.parent_run_id AND p.status NOT IN {_ENDED_SQL};
+    FROM {s}.runs p WHERE p.id = OLD.parent_run_id AND p.status NOT IN {_ENDED_SQL}
+      -- not yet behind a completed wait of the parent after the spawn
+      AND NOT EXISTS (SELECT 1 FROM {s}.steps w WHERE w.run_id = p.id
+                      AND w.kind = 'children' AND w.status = 'completed'
+                      AND w.position > OLD.parent_position);
     INSERT INTO {a}.pruned_needed (run_id, status, needed_by, why)
     SELECT OLD.id, OLD.status, f.id, 'child shared with an unended fork of its parent'
     FROM {s}.runs f WHERE OLD.parent_run_id IS NOT NULL
@@ -357,12 +363,12 @@ def core_rows(q: Query, tally: Any, sampler: Any,
     rows.append(Row("SM", "start_many with overlapping keys: one run per key, the same for "
                     "every caller", len(keys), sm_bad))
     retried = sorted(tally.retried)
-    status = dict(q("SELECT id::text, status || ': ' || coalesce(left(error->>'message', 120), "
-                    "'') FROM a_runs WHERE id = ANY(%s::uuid[])", retried)) if retried else {}
-    rows.append(Row("D", "runs retried after ending by their deadline (child, then parent) "
-                    "completed", len(retried),
-                    [(r, status.get(r, "gone")) for r in retried
-                     if not status.get(r, "").startswith("completed")]))
+    deadline = dict(q("SELECT id::text, deadline_at FROM a_runs WHERE id = ANY(%s::uuid[])",
+                      retried)) if retried else {}
+    rows.append(Row("D", "a run retried after ending by its deadline got a fresh deadline "
+                    "(not one already past at the retry)", len(retried),
+                    [(r, str(deadline.get(r)), str(tally.retried[r])) for r in retried
+                     if deadline.get(r) is not None and deadline[r] <= tally.retried[r]]))
     rows.append(sql_row(q, "N", "nothing an unended run needs was pruned (children of "
                         "unended parents or of their forks, unended runs)",
                         PRUNED_CHECKED, PRUNED_BAD))

@@ -238,7 +238,8 @@ class Tally:
     user_deadlocks: list[str] = field(default_factory=list)
     outages_ridden: int = 0
     cancelled: set[str] = field(default_factory=set)
-    retried: set[str] = field(default_factory=set)
+    #: children retried after failing by their deadline -> database time of the retry
+    retried: dict[str, datetime] = field(default_factory=dict)
     sm_keys: set[str] = field(default_factory=set)
 
 
@@ -388,15 +389,15 @@ class Driver:
         parent, p_status, child, c_status = rows[0]
         if p_status != "failed" or c_status != "failed":
             return
+        (at,) = (await self._rows("SELECT now()"))[0]
         await self.call("retry", partial(self.app.retry, child))
-        self.tally.retried.add(child)
+        self.tally.retried[child] = at
         while not self.stop.is_set():
             rows = await self._rows("SELECT status FROM runs WHERE id = %s", child)
             if not rows or rows[0][0] in ended:
                 break
             await asyncio.sleep(0.1)
         await self.call("retry", partial(self.app.retry, parent))
-        self.tally.retried.add(parent)
         self.tally.deadline_retries += 2
 
     async def do_backfill(self, ranges: list[tuple[float, float]]) -> None:
