@@ -42,7 +42,7 @@ def violations(figures: dict[str, object]) -> dict[str, int]:
 def test_chaos_small_without_pauses(tmp_path: Path) -> None:
     """Worker kill -9 and a server kill -9, every feature in the mix: every row
     of the checks table must be 0."""
-    code, text, figures = chaos(tmp_path, "--no-pauses", "--seed", "7")
+    code, text, figures = chaos(tmp_path, "--no-pauses", "--seed", "7", "--backfill-slots", "100")
     faults = figures["faults"]
     assert isinstance(faults, dict)
     assert faults["worker_kills"] >= 2 and faults["server_kills"] == 1, text
