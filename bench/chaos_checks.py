@@ -191,8 +191,10 @@ WAKES_CHECKED = "SELECT count(*) FROM wakes"
 WAKES_BAD = f"""
     -- woken in a transaction that ended none of the children it waited for
     SELECT w.parent, w.wait_position, 'woken by no child''s end' FROM wakes w
+    -- (by commit time: a subtransaction's xid differs, its commit time does not)
     WHERE NOT EXISTS (SELECT 1 FROM a_events e WHERE e.run_id = ANY (w.children)
-                      AND e.to_status IN {_ENDED_SQL} AND e.xact = w.xmin::text)
+                      AND e.to_status IN {_ENDED_SQL}
+                      AND e.committed = pg_xact_commit_timestamp(w.xmin))
     UNION ALL
     -- a wait for all of them woken while one had not ended
     SELECT w.parent, w.wait_position, 'woken before child ' || c || ' ended' FROM wakes w
