@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,6 +426,12 @@ def report(h: Harness, args: argparse.Namespace, elapsed: float, driver: wl.Driv
     for r in rows:
         for example in r.bad[:5]:
             print(f"  violation {r.label}: {example}")
+        if r.label == "3a" and r.bad:   # which runs, by workflow, status and error
+            kinds = Counter(f"{wf} {status} {etype}" for _, wf, status, etype, _ in r.bad)
+            print("  3a by kind: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
+        if r.label == "K" and r.bad:
+            print(f"  K: {sum(1 for o in sampler.over if not o[3])} of the samples over a "
+                  "limit had no keyless run among the key's running runs")
     print(f"\nchaos: {'FAIL' if bad_total else 'PASS'}"
           f" ({bad_total} violations); logs in {h.logdir}")
     if args.json:
