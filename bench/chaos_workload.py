@@ -347,11 +347,20 @@ class Driver:
         bump(self.tally.started, "noop", len(keys))
 
     async def do_cancel(self, key: str) -> None:
-        """Cancel a tree (and its unfinished children) midway."""
-        rows = await self._rows("SELECT id::text FROM runs WHERE idempotency_key = %s", key)
-        if not rows:
+        """Cancel a tree (and its unfinished children) midway: once it has a child
+        that has not ended, so the cascade has something to do."""
+        rid = None
+        for _ in range(400):
+            rows = await self._rows(
+                "SELECT r.id::text, r.status, EXISTS (SELECT 1 FROM runs c WHERE "
+                "c.parent_run_id = r.id AND c.status NOT IN ('completed', 'failed', "
+                "'cancelled', 'dead')) FROM runs r WHERE r.idempotency_key = %s", key)
+            if rows and (rows[0][2] or rows[0][1] in ("completed", "failed")):
+                rid = rows[0][0]
+                break
+            await asyncio.sleep(0.05)
+        if rid is None:
             return
-        rid = rows[0][0]
         self.tally.cancelled.add(rid)
         with contextlib.suppress(InvalidState):
             await self.call("cancel", lambda: self.app.cancel(rid, children=True))
