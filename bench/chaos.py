@@ -1,31 +1,34 @@
 """Fault injection: pgjournal's promises checked from the database afterwards.
 
-    python -m bench.chaos --runs 300 --seconds 180          # the large run (on demand)
-    python -m bench.chaos --runs 40 --seconds 40 --server-kills 1   # what CI runs
+    python -m bench.chaos --runs 1000 --seconds 600 --settle 180   # large, on demand
+    python -m bench.chaos --runs 150 --seconds 90                  # medium
+    python -m bench.chaos --runs 40 --seconds 25 --settle 60 --server-kills 1  # CI
 
 A throwaway embedded PostgreSQL (fsync off: a process crash loses nothing, and
 ``track_commit_timestamp`` on, so commit order is read from the database) serves
 a schema ``chaos``. Worker processes (``python -m bench.chaos worker ...``) run
-one workflow per run: a loop of steps, parallel steps (``asyncio.gather`` of two
-branches of two steps, ``--no-parallel`` leaves them out), a durable sleep, a
-signal wait (the harness sends each run one signal) and a second loop. While
-they work, the harness at random ``kill -9``s workers (and starts new ones),
-pauses workers with SIGSTOP past their lease (then SIGCONT), and ``kill -9``s
-the server and restarts it.
+the workload of ``bench/chaos_workload.py``: the core ``chaos`` workflow (steps,
+parallel steps, a durable sleep, a signal wait), child runs (``spawn_many``,
+``wait_all``, ``wait_first``, cancel cascades), concurrency keys at their limit
+with forks, a rate bucket, a per-second schedule with backfills, concurrent
+``start_many`` with overlapping idempotency keys, and deadline failures
+repaired by retries, while ``pgjournal prune`` (short ``--older-than``) and
+``pgjournal maintain`` run every few seconds. Meanwhile this harness at random
+``kill -9``s workers (and starts new ones), pauses workers with SIGSTOP past
+their lease (then SIGCONT), and ``kill -9``s the server and restarts it.
 
 Every step's side effect commits a row (run, step, occurrence, pid, the lease
 epoch it ran under, when the step function was entered, when the effect
-happened) to ``chaos.effects``. Checked afterwards (1 and 16 by the entry time:
-a step started before a takeover may land its effect after it, which the
-user's store refuses with ``run.fencing_token``; the table counts those):
-
-1. no step ran again after its journal entry committed;
-2. every journal entry carries the epoch of a claim of its run, one entry per
-   position and per (name, occurrence), and no later claim had committed before it;
-3. every run completed; every signal was consumed exactly once, by the journal
-   entry of the wait at its position;
-16. no step started under an epoch after a later claim (or cancel) of its run had
-   committed: a worker paused past its lease starts nothing when it wakes up.
+happened) to ``chaos.effects``. Afterwards ``bench/chaos_checks.py`` checks,
+one row each whose count must be 0: invariants 1, 2a-2c, 3a-3b and 16 (1 and 16
+by the entry time: a step started before a takeover may land its effect after
+it, which the user's store refuses with ``run.fencing_token``), parents woken
+exactly when their last awaited child ended (P1), no child lost (P2), cancel
+cascades (C), key limits (K, sampled), forks keeping their key (F), rate
+windows (R), schedule slots exactly once (S), ``start_many`` (SM), fresh
+deadlines on retry (D), nothing needed pruned (N), no deadlock reaching a
+user (X). Pruned rows are kept for the checks by the harness's own triggers
+(schema ``chaos_audit``).
 
 Prints progress and a table of faults and checks; exits 1 on any violation.
 """
