@@ -475,7 +475,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="seconds a tree sleeps while its second children end (prune "
                         "may come by)")
     p.add_argument("--deadline", type=float, default=3.0,
-                   help="timeout= of the child a deadliner spawns (it sleeps 4x that)")
+                   help="timeout= of the child a deadliner spawns (it sleeps 2x that)")
     p.add_argument("--older-than", default="1s",
                    help="prune's --older-than, run every --prune-interval seconds")
     p.add_argument("--prune-interval", type=float, default=2.0)
