@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
+from bench import chaos_checks as checks
 
 from .conftest import ROOT
 
@@ -72,3 +75,48 @@ def test_chaos_small_with_pauses(tmp_path: Path) -> None:
         pytest.xfail("a step entered past its lease in the window right after the "
                      "guard:\n" + text)
     assert code == 0, text
+
+
+# -- the checks themselves, on made-up rows: each must be able to fail -----------------
+
+
+def fake(rows: list[tuple[object, ...]]) -> checks.Query:
+    def q(query: str, *params: object) -> list[tuple[object, ...]]:
+        return list(rows)
+    return q
+
+
+def test_rate_window_check_counts_a_window_over_capacity() -> None:
+    """capacity 6, refill 4/s: 9 units ready within 0.2 s is over 6 + 4 x 0.25."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    paced = [(t0 + timedelta(seconds=i * 0.75), 3.0) for i in range(6)]
+    assert checks.rate_windows(fake(paced), "api", 6, 4).violations == 0
+    burst = [(t0 + timedelta(seconds=i * 0.1), 3.0) for i in range(3)]
+    row = checks.rate_windows(fake(burst), "api", 6, 4)
+    assert row.violations == 1 and row.checked == 3
+
+
+def test_schedule_check_counts_missing_and_doubled_slots() -> None:
+    lo = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+
+    def slot(s: int) -> tuple[str]:
+        return (datetime.fromtimestamp(lo + s, UTC).isoformat(),)
+
+    whole = [slot(s) for s in range(1, 11)]
+    assert checks.schedule_slots(fake(whole), "tick", lo, lo + 10, [], None).violations == 0
+    holed = [slot(s) for s in range(1, 11) if s not in (4, 5)] + [slot(7)]
+    row = checks.schedule_slots(fake(holed), "tick", lo, lo + 10, [], "IndexError")
+    assert row.violations == 3 and row.bad[0][:2] == ("missing", 2)
+
+
+def test_expected_end_check_allows_only_the_harness_cancels() -> None:
+    """A racer cancelled by its parent's wait_first(cancel_rest=True) is expected;
+    one whose parent did not ask for it is not; nor is a run left running."""
+    rows = [("p1", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": True}}),
+            ("p2", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": False}}),
+            ("r1", "leaf", "cancelled", "p1", None, None, {"args": [101, 0.2]}),
+            ("r2", "leaf", "cancelled", "p2", None, None, {"args": [101, 0.2]}),
+            ("k1", "leaf", "cancelled", "p3", None, None, {"args": [1, 0.2]}),
+            ("x", "keyed", "running", None, None, None, {"kwargs": {}})]
+    row = checks.runs_as_expected(fake(rows), cancelled={"p3"})
+    assert [b[0] for b in row.bad] == ["r2", "x"]
