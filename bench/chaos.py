@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         pruner = wl.Maintenance(dsn, SCHEMA, ["prune", "--older-than", args.older_than,
                                               "--status", "completed", "--status", "cancelled"],
                                 args.prune_interval, logdir / "prune.log")
-        maint = wl.Maintenance(dsn, SCHEMA, ["maintain"], args.prune_interval * 1.3,
+        maint = wl.Maintenance(dsn, SCHEMA, ["maintain"], args.maintain_interval,
                                logdir / "maintain.log")
         bg = [sampler, pruner, maint]
         for t in bg:
@@ -287,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
         server_kill_at = sorted(t0 + rng.uniform(0.2, 0.8) * args.seconds
                                 for _ in range(args.server_kills))
         next_fault = t0 + rng.uniform(0.5, 1.5) * args.fault_interval
-        next_report = t0
+        next_report = next_count = t0
+        counts: dict[str, int] = {}
         final_deadline = fault_end + args.settle
         sched_hi: float | None = None
         sched_error: str | None = None
@@ -304,7 +305,9 @@ def run(args: argparse.Namespace) -> int:
                 sched_error = wl.wait_schedule_caught_up(h.q, db_now, 30)
                 h.q("SELECT pause_schedule(%s)", wl.SCHEDULE)
                 sched_hi = db_now.timestamp()
-            counts = h.status_counts()
+            if now >= next_count:   # a scan of every run: once a second is enough
+                counts = h.status_counts()
+                next_count = now + 1
             live = sum(counts.get(s, 0) for s in ("queued", "running", "suspended"))
             if now >= next_report:
                 print(f"  t={now - t0:5.1f}s  " + "  ".join(
@@ -482,7 +485,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="timeout= of the child a deadliner spawns (it sleeps 2x that)")
     p.add_argument("--older-than", default="1s",
                    help="prune's --older-than, run every --prune-interval seconds")
-    p.add_argument("--prune-interval", type=float, default=2.0)
+    p.add_argument("--prune-interval", type=float, default=3.0,
+                   help="seconds between prunes (each a CLI process: about a second "
+                        "of CPU)")
+    p.add_argument("--maintain-interval", type=float, default=8.0,
+                   help="seconds between `pgjournal maintain` runs")
     p.add_argument("--backfill-slots", type=int, default=1000,
                    help="slots of the first backfill queued from SQL (1000 = one "
                         "round's budget: the second backfill then plans in a round "

@@ -2,7 +2,7 @@
 workflow and the feature mix (child runs and cancel cascades, concurrency keys
 at their limit with forks, a rate bucket, a per-second schedule with backfills,
 concurrent start_many with overlapping keys, deadline repairs, prune and
-maintain every 2 s), worker kills and pauses past the lease, and one server
+maintain every few seconds), worker kills and pauses past the lease, and one server
 kill -9 + restart, on its own throwaway embedded server; every check is read
 from the database afterwards, each one a row whose count must be 0."""
 
