@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  t={now - t0:5.1f}s  " + "  ".join(
                     f"{k}={v}" for k, v in sorted(counts.items())) +
                     f"  | faults {h.faults.brief()} | prunes {pruner.ok}, cancels "
-                    f"{driver.tally.cancels}, forks {driver.tally.forks}, retries "
+                    f"{driver.tally.cancels}, forks {driver.tally.forks + driver.tally.tree_forks}, retries "
                     f"{driver.tally.deadline_retries}", flush=True)
                 next_report = now + 2
             if driver.error is not None:
@@ -410,8 +410,8 @@ def report(h: Harness, args: argparse.Namespace, elapsed: float, driver: wl.Driv
         ("worker processes started", str(f.workers_started)),
         ("runs: all / children / schedule slots / pruned meanwhile", "/".join(map(str, mix))),
         ("start_many calls (3 at once, overlapping keys)", str(tally.start_many_calls)),
-        ("trees cancelled / solo runs forked / deadline repairs (retries)",
-         f"{tally.cancels}/{tally.forks}/{tally.deadline_retries}"),
+        ("trees cancelled / trees forked / solo runs forked / deadline repair retries",
+         f"{tally.cancels}/{tally.tree_forks}/{tally.forks}/{tally.deadline_retries}"),
         ("prune runs ok / failed in an outage / failed otherwise",
          f"{pruner.ok}/{pruner.outages}/{pruner.failed}"),
         ("maintain runs ok / failed in an outage / failed otherwise",

@@ -9,7 +9,8 @@ Workflows (queue ``chaos``), each step's side effect a committed row of
   the last ends); two more children, a durable sleep during which they end
   (``prune`` with its short ``--older-than`` may come by), then ``wait_all``
   of those; three racers and ``wait_first`` (``cancel_rest`` for some trees);
-  the harness cancels some trees midway (cascade);
+  the harness cancels every third tree midway (cascade), and forks every
+  third from step 3 during its sleep (the fork shares the two children);
 - ``keyed``: three steps, the middle one held; concurrency key ``solo`` (limit
   1) or ``tenant-1``/``tenant-2`` (``tenant-*``: 2); the harness forks ``solo``
   runs from step 1 while they run;
@@ -234,6 +235,7 @@ class Tally:
     start_many_mismatch: list[tuple[str, ...]] = field(default_factory=list)
     cancels: int = 0
     forks: int = 0
+    tree_forks: int = 0
     deadline_retries: int = 0
     backfill_runs: int = 0
     user_deadlocks: list[str] = field(default_factory=list)
@@ -382,6 +384,30 @@ class Driver:
                 return
             await asyncio.sleep(0.1)
 
+    async def do_fork_tree(self, key: str) -> None:
+        """Fork a tree from step 3 while it sleeps (positions 0-2 copied: the first
+        spawn and wait, and the spawn of two more children, which the fork then
+        shares with its source and waits for after its own sleep). Forked only
+        once those children have ended (a wait for a shared child that has not
+        ended is refused) and before the source waited for them."""
+        for _ in range(600):
+            rows = await self._rows(
+                "SELECT r.id::text, r.status = 'suspended' AND EXISTS (SELECT 1 FROM steps s "
+                "WHERE s.run_id = r.id AND s.position = 3 AND s.kind = 'sleep') "
+                "AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.run_id = r.id "
+                "AND s.position = 4) AND NOT EXISTS (SELECT 1 FROM runs c WHERE "
+                "c.parent_run_id = r.id AND c.parent_position = 2 AND c.status NOT IN "
+                "('completed', 'failed', 'cancelled', 'dead')), r.status "
+                "FROM runs r WHERE r.idempotency_key = %s", key)
+            if rows and rows[0][1]:
+                await self.call("fork", partial(self.app.fork, rows[0][0], from_step=3))
+                self.tally.tree_forks += 1
+                return
+            if (rows and rows[0][2] in ("completed", "failed", "cancelled", "dead")) \
+                    or self.stop.is_set():
+                return
+            await asyncio.sleep(0.05)
+
     async def do_repair(self, key: str) -> None:
         """docs/fan-out.md's repair of a deadline failure: retry the child, and
         once it has ended, the parent. Nothing to repair when the parent
@@ -463,6 +489,8 @@ def make_plan(args: Any, rng: random.Random, now: float) -> tuple[
             "pause": args.step_pause}, None)))
         if i % 3 == 1:
             plan.append((t + rng.uniform(0.5, 4.0), "cancel", key))
+        elif i % 3 == 2:
+            plan.append((t + 0.1, "fork_tree", key))
     for i in range(max(4, n // 4)):
         t = at()
         tenant = SOLO if i % 2 == 0 else TENANTS[(i // 2) % 2]
