@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  t={now - t0:5.1f}s  " + "  ".join(
                     f"{k}={v}" for k, v in sorted(counts.items())) +
                     f"  | faults {h.faults.brief()} | prunes {pruner.ok}, cancels "
-                    f"{driver.tally.cancels}, forks {driver.tally.forks + driver.tally.tree_forks}, retries "
+                    f"{driver.tally.cancels}, "
+                    f"forks {driver.tally.forks + driver.tally.tree_forks}, retries "
                     f"{driver.tally.deadline_retries}", flush=True)
                 next_report = now + 2
             if driver.error is not None:
