@@ -292,10 +292,17 @@ def runs_as_expected(q: Query, cancelled: set[str]) -> Row:
 def rate_windows(q: Query, bucket: str, capacity: float, refill: float,
                  slack: float = 0.05) -> Row:
     """No window [t_i, t_j] of the journaled takes (each at its ``ready_at``, as
-    the bucket reckoned it) holds more than capacity + refill x (t_j - t_i)."""
+    the bucket reckoned it) holds more than capacity + refill x (t_j - t_i). A
+    retried call takes again into the same entry, keeping its earlier takes in
+    ``output.earlier``: they count too."""
+    name = f"rate:{bucket}"
     takes = sorted((t, float(u)) for t, u in q(
         "SELECT (output->>'ready_at')::timestamptz, (output->>'units')::float FROM a_steps "
-        "WHERE kind = 'rate' AND name = %s AND lease_epoch > 0", f"rate:{bucket}"))
+        "WHERE kind = 'rate' AND name = %s AND lease_epoch > 0 "
+        "UNION ALL "
+        "SELECT (e->>'ready_at')::timestamptz, (e->>'units')::float FROM a_steps s "
+        "CROSS JOIN LATERAL json_array_elements(coalesce(s.output->'earlier', '[]')) AS e "
+        "WHERE s.kind = 'rate' AND s.name = %s AND s.lease_epoch > 0", name, name))
     bad = []
     for i, (ti, _) in enumerate(takes):
         total = 0.0
