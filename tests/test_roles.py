@@ -275,3 +275,82 @@ def test_migrate_names_the_roles_to_set_up_again(pgjournal_dsn: str, pgjournal_s
                             pgjournal_dsn, "--schema", pgjournal_schema],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "already up to date" in again.stdout and "roles with rights" not in again.stdout
+
+
+# -- what each role reads: every view, every metric, every dashboard page ---------------
+#
+# The reader role (dashboards, Grafana, read-only commands) reads everything a
+# DBA reads; the worker role reads nothing but the migrations table: it moves
+# runs through its functions, and a dashboard, scrape or listing pointed at it
+# answers a clear "permission denied" naming the reader role, never a 500.
+
+LIMITS = {"tenant-*": 1, "tenant-b*": 3, "tenant-a": 5}
+#: key -> the limit key_limit() gives it (exact beats prefix, longer prefix beats shorter)
+KEYS = {"tenant-a": 5, "tenant-b1": 3, "tenant-c": 1, "other": None}
+
+
+async def _fill(app: pgjournal.App, dsn: str, schema: str) -> uuid.UUID:
+    """Something in every view: keyed runs (one running at its limit), limits, a rate
+    bucket, a schedule, a failed run with a step, a worker. The id of the failed run."""
+    for pattern, limit in LIMITS.items():
+        await app.set_concurrency_limit(pattern, limit)
+    await app.set_rate_limit("tokens", 100, 10)
+    await app.set_schedule("nightly", "0 3 * * *", "anything")
+    for key in KEYS:
+        await app.start("anything", key, concurrency_key=key, queue="keyed")
+    failed = await app.start("anything", 0)
+    s = sql.Identifier(schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A live lease on tenant-c (limit 1): that key is at its limit.
+        conn.execute(sql.SQL("UPDATE {}.runs SET status = 'running', lease_epoch = 1, "
+                             "started_at = now(), due_at = now() + interval '1 hour', "
+                             "lease_until = now() + interval '1 hour' "
+                             "WHERE concurrency_key = 'tenant-c'").format(s))
+        conn.execute(sql.SQL("SELECT {}.register_worker(gen_random_uuid(), 'host', 1, "
+                             "ARRAY['default'], 2, 30, ARRAY['anything'], "
+                             "'{{\"anything\": \"default\"}}'::jsonb)").format(s))
+        conn.execute(sql.SQL("UPDATE {}.runs SET status = 'failed', due_at = NULL, "
+                             "finished_at = now(), error = '{{\"type\": \"E\"}}' "
+                             "WHERE id = %s").format(s), (failed.run_id,))
+    return failed.run_id
+
+
+def _views(dsn: str, schema: str) -> list[str]:
+    """Every view of the schema, from the catalog: a view added later is covered."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('v', 'm') ORDER BY 1", (schema,)).fetchall()
+    return [r[0] for r in rows]
+
+
+async def test_every_view_reads_as_the_reader_and_none_as_the_worker(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str,
+        roles: Roles) -> None:
+    await _fill(pgjournal_app, pgjournal_dsn, pgjournal_schema)
+    views = _views(pgjournal_dsn, pgjournal_schema)
+    assert {"run_overview", "queue_depth", "concurrency_keys", "rate_limits",
+            "schedule_status", "worker_health", "failures"} <= set(views)
+    s = sql.Identifier(pgjournal_schema)
+    refused: dict[str, str] = {}
+    with psycopg.connect(roles.reader_dsn, autocommit=True) as conn:
+        for view in views:
+            try:
+                conn.execute(sql.SQL("SELECT * FROM {}.{}").format(s, sql.Identifier(view))
+                             ).fetchall()
+            except psycopg.Error as exc:
+                refused[view] = str(exc).splitlines()[0]
+        assert refused == {}, f"the reader role cannot read: {refused}"
+        keys = {r[0]: r[1:] for r in conn.execute(sql.SQL(
+            "SELECT key, max_running, running, at_limit FROM {}.concurrency_keys").format(s))}
+    # The view's limit of each key is the one the claim goes by (key_limit).
+    assert keys == {k: (limit, int(k == "tenant-c"), k == "tenant-c")
+                    for k, limit in KEYS.items()}
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        claims_by = {k: conn.execute(sql.SQL("SELECT {}.key_limit(%s)").format(s), (k,))
+                     .fetchone()[0] for k in KEYS}  # type: ignore[index]
+    assert claims_by == KEYS
+    # The worker role reads no view (and no table but migrations): it works through
+    # its functions only.
+    for view in views:
+        _denied(roles.worker_dsn, pgjournal_schema, "SELECT * FROM {s}." + view)
