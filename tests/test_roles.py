@@ -301,11 +301,12 @@ async def _fill(app: pgjournal.App, dsn: str, schema: str) -> uuid.UUID:
     failed = await app.start("anything", 0)
     s = sql.Identifier(schema)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # A live lease on tenant-c (limit 1): that key is at its limit.
+        # Live leases on tenant-c (limit 1: at its limit) and tenant-a (its own limit
+        # of 5 beats the prefix's 1: not at its limit).
         conn.execute(sql.SQL("UPDATE {}.runs SET status = 'running', lease_epoch = 1, "
                              "started_at = now(), due_at = now() + interval '1 hour', "
                              "lease_until = now() + interval '1 hour' "
-                             "WHERE concurrency_key = 'tenant-c'").format(s))
+                             "WHERE concurrency_key IN ('tenant-a', 'tenant-c')").format(s))
         conn.execute(sql.SQL("SELECT {}.register_worker(gen_random_uuid(), 'host', 1, "
                              "ARRAY['default'], 2, 30, ARRAY['anything'], "
                              "'{{\"anything\": \"default\"}}'::jsonb)").format(s))
@@ -344,7 +345,7 @@ async def test_every_view_reads_as_the_reader_and_none_as_the_worker(
         keys = {r[0]: r[1:] for r in conn.execute(sql.SQL(
             "SELECT key, max_running, running, at_limit FROM {}.concurrency_keys").format(s))}
     # The view's limit of each key is the one the claim goes by (key_limit).
-    assert keys == {k: (limit, int(k == "tenant-c"), k == "tenant-c")
+    assert keys == {k: (limit, int(k in ("tenant-a", "tenant-c")), k == "tenant-c")
                     for k, limit in KEYS.items()}
     with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
         claims_by = {k: conn.execute(sql.SQL("SELECT {}.key_limit(%s)").format(s), (k,))
@@ -354,3 +355,52 @@ async def test_every_view_reads_as_the_reader_and_none_as_the_worker(
     # its functions only.
     for view in views:
         _denied(roles.worker_dsn, pgjournal_schema, "SELECT * FROM {s}." + view)
+
+
+async def test_traces_keep_the_callers_context_under_the_worker_role(
+        pgjournal_app: pgjournal.App, worker_app: pgjournal.App) -> None:
+    """A worker reads the trace context stored with each claimed run (its own, else its
+    parent's or root's); as the worker role it may not read ``runs``, so it must get
+    them through a function it may call: the attempt spans, the child's too, stay in
+    the trace of the code that called ``start``."""
+    pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK is not installed")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from pgjournal import tracing
+
+    @pgjournal_app.workflow()
+    @worker_app.workflow()
+    async def leaf(run: pgjournal.Run) -> int:
+        return await run.step("one", lambda: 1)  # type: ignore[no-any-return]
+
+    @pgjournal_app.workflow()
+    @worker_app.workflow()
+    async def parent(run: pgjournal.Run) -> list[int]:
+        return await run.wait_all(await run.spawn_many("leaf", [(), ()]))  # type: ignore
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.set_tracer_provider(provider)
+    try:
+        with provider.get_tracer("test").start_as_current_span("caller") as caller:
+            handle = await pgjournal_app.start("parent")
+        worker = pgjournal.Worker(worker_app, concurrency=4, lease=5)
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            assert await handle.result(timeout=30) == [1, 1]
+        finally:
+            worker.stop()
+            await task
+    finally:
+        tracing.set_tracer_provider(None)
+        provider.shutdown()
+    spans = exporter.get_finished_spans()
+    attempts = [s for s in spans if s.name.startswith("pgjournal.run ")]
+    assert sorted(s.name for s in attempts) == ["pgjournal.run leaf", "pgjournal.run leaf",
+                                                "pgjournal.run parent", "pgjournal.run parent"]
+    trace_id = caller.get_span_context().trace_id
+    assert {(s.name, s.context.trace_id == trace_id) for s in attempts} == {
+        ("pgjournal.run leaf", True), ("pgjournal.run parent", True)}
