@@ -220,3 +220,9 @@ SELECT * FROM {schema}.schedule_status WHERE name = %(name)s;
 
 -- name: list_schedules
 SELECT * FROM {schema}.schedule_status ORDER BY name;
+
+-- name: trace_contexts
+-- The stored trace context of claimed runs (their own, a parent's or the
+-- root's), for tracing only: through a function, so the worker role, which
+-- may not read runs, gets them too (migration 0016).
+SELECT run_id, trace FROM {schema}.trace_contexts(%(ids)s::uuid[]);

@@ -57,7 +57,8 @@ DECLARE
         'sleep_until', 'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
         'register_worker', 'stop_worker', 'journal_page', 'chunk_page', 'journal_outline',
         'note_run_event', 'spawn_runs', 'wait_children', 'take_units',
-        'declare_schedules', 'claim_schedules', 'fire_schedules', 'schedules_next_due'];
+        'declare_schedules', 'claim_schedules', 'fire_schedules', 'schedules_next_due',
+        'trace_contexts'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
         'start_run', 'start_runs', 'send_signal', 'cancel_run', 'retry_run',

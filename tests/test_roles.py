@@ -242,16 +242,28 @@ async def test_worker_role_claims_journals_and_completes(
     assert await _one(pgjournal_dsn, kinds, good.run_id) == "step,stream,signal,sleep"
 
 
+def _function_rights(dsn: str, schema: str) -> list[tuple[Any, ...]]:
+    """What the roles script sets on the schema's functions, from the catalog."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prosecdef, "
+            "p.proacl::text, "
+            "p.proconfig::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s ORDER BY 1", (schema,)).fetchall()
+
+
 def test_migrate_names_the_roles_to_set_up_again(pgjournal_dsn: str, pgjournal_schema: str,
                                                 roles: Roles) -> None:
     """A migration that replaces functions drops what the roles script set on
-    them (here: the worker can no longer claim); ``pgjournal migrate`` says
-    which roles have rights on the schema and to run the script again, after
-    which the worker claims again."""
+    them (SECURITY DEFINER, the pinned search_path, or the grants); ``pgjournal
+    migrate`` says which roles have rights on the schema and to run the script
+    again, after which every function has its rights back and the worker claims."""
     schema = sql.Identifier(pgjournal_schema)
     claim = "SELECT * FROM {s}.claim_runs(gen_random_uuid(), ARRAY['default'], 1, 30)"
     with psycopg.connect(roles.worker_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL(claim).format(s=schema))  # allowed
+    granted = _function_rights(pgjournal_dsn, pgjournal_schema)
+    worker_fns = _listed("v_worker")
     with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
         # Replay the newest migration, as an upgrade would apply it.
         conn.execute(sql.SQL("DELETE FROM {}.migrations WHERE version = %s").format(schema),
@@ -265,10 +277,14 @@ def test_migrate_names_the_roles_to_set_up_again(pgjournal_dsn: str, pgjournal_s
     named = line.split(": ", 1)[1].split(". ", 1)[0].split(", ")
     assert sorted(named) == sorted([roles.worker, roles.reader])
     assert "pgjournal roles --schema" in res.stdout
-    _denied(roles.worker_dsn, pgjournal_schema, claim)
+    replaced = sorted(set(granted) - set(_function_rights(pgjournal_dsn, pgjournal_schema)))
+    # The newest migration replaces at least one function of the worker (this test
+    # is about what that does to its rights).
+    assert [f for f, *_ in replaced if f in worker_fns], replaced
     with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
         conn.execute(roles_sql(pgjournal_schema, worker_role=roles.worker,
                                reader_role=roles.reader).encode())
+    assert _function_rights(pgjournal_dsn, pgjournal_schema) == granted
     with psycopg.connect(roles.worker_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL(claim).format(s=schema))
     again = subprocess.run([sys.executable, "-m", "pgjournal", "migrate", "--dsn",
