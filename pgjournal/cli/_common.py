@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from .._output import STATUS_STYLE, paint, shorten, to_json
+from .._queue_change import parse_limit as _parse_limit
 from .._sql import validate_identifier
 from ..app import App
 from ..errors import ConfigurationError
@@ -164,13 +165,6 @@ def plural(n: int, word: str) -> str:
 
 def parse_limit(text: str, *, lift: str) -> int | None:
     """A concurrency limit typed on the command line: a number >= 1, or ``none``
-    (``off``) to lift it. ``lift`` says how else to stop, for the error message."""
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise fail(f"limit {text!r} is not a number (or 'none')") from None
-    if value < 1:
-        raise fail(f"a concurrency limit must be at least 1; {lift}")
-    return value
+    (``off``) to lift it. ``lift`` says how else to stop, for the error message.
+    The dashboard's queue action parses with the same function."""
+    return _parse_limit(text, lift=lift)
