@@ -48,16 +48,21 @@ def roles_sql(
 
 
 def permission_denied(exc: psycopg.Error, *, schema: str, user: str | None,
-                      doing: str = "read") -> PermissionDenied:
+                      write: bool = False) -> PermissionDenied:
     """A refused statement (``insufficient_privilege``) as one clear sentence: what
-    the database said, which role, and which role of the roles script reads.
+    the database said, which role, and which role of the roles script may do it.
 
     Dashboards, scrapes and listings pointed at the worker role (which reads no
     view, by design) or at a role without grants answer this, never a traceback.
+    ``write``: the refused statement changes state (an action, not a read).
     """
     said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     who = f"role {user!r}" if user else "this database role"
+    if write:
+        return PermissionDenied(
+            f"{said}: {who} may not change schema {schema!r}. Actions need the schema's "
+            "owner, or a role granted the client functions (docs/dba.md, Roles)")
     return PermissionDenied(
-        f"{said}: {who} may not {doing} schema {schema!r}. Dashboards, metrics scrapes "
+        f"{said}: {who} may not read schema {schema!r}. Dashboards, metrics scrapes "
         f"and read-only commands need the reader role (`pgjournal roles --schema {schema}`, "
         "docs/dba.md) or SELECT on the schema's tables and views")

@@ -159,4 +159,4 @@ def test_cli_listings_as_the_reader_and_the_worker(
                       "--schema", pgjournal_schema, *listing, env=env)
         assert res.returncode == 1, (listing, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
-        assert "permission denied" in res.stderr, (listing, res.stderr)
+        assert "permission denied" in res.stderr and "reader role" in res.stderr, res.stderr

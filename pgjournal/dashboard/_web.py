@@ -136,7 +136,7 @@ class Dashboard:
                         return first or []
                 except pgerr.InsufficientPrivilege as exc:
                     raise permission_denied(exc, schema=self.schema, user=conn.info.user,
-                                            doing="change runs in") from exc
+                                            write=True) from exc
         except psycopg.Error as exc:
             raise translate_error(exc, self.schema) from exc
 
@@ -633,10 +633,8 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
     async def refused(request: Request, exc: Exception) -> Response:
         """A read or an action the database role may not do: 403 with the reason (which
         names the reader role), on any page, never a 500 with a traceback."""
-        if not isinstance(exc, PermissionDenied):  # refused outside Dashboard.fetch/act
-            exc = permission_denied(exc if isinstance(exc, psycopg.Error)
-                                    else psycopg.Error(str(exc)), schema=dash.schema,
-                                    user=None)
+        if isinstance(exc, pgerr.InsufficientPrivilege):  # outside Dashboard.fetch/act
+            exc = permission_denied(exc, schema=dash.schema, user=None)
         log.warning("dashboard: %s %s refused: %s", request.method, request.url.path, exc)
         if request.url.path.endswith("/events"):
             return PlainTextResponse(f"403 Forbidden: {exc}\n", status_code=403)
