@@ -359,9 +359,11 @@ async def test_every_view_reads_as_the_reader_and_none_as_the_worker(
                 refused[view] = str(exc).splitlines()[0]
         assert refused == {}, f"the reader role cannot read: {refused}"
         keys = {r[0]: r[1:] for r in conn.execute(sql.SQL(
-            "SELECT key, max_running, running, at_limit FROM {}.concurrency_keys").format(s))}
+            "SELECT key, max_running, running, queued, at_limit FROM {}.concurrency_keys"
+        ).format(s))}
     # The view's limit of each key is the one the claim goes by (key_limit).
-    assert keys == {k: (limit, int(k in ("tenant-a", "tenant-c")), k == "tenant-c")
+    running = ("tenant-a", "tenant-c")
+    assert keys == {k: (limit, int(k in running), int(k not in running), k == "tenant-c")
                     for k, limit in KEYS.items()}
     with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
         claims_by = {k: conn.execute(sql.SQL("SELECT {}.key_limit(%s)").format(s), (k,))
