@@ -32,6 +32,11 @@ class SchemaNotReady(PgJournalError):
     """The schema is missing or at another version than this code."""
 
 
+class PermissionDenied(PgJournalError, PermissionError):
+    """The database role may not do this: e.g. a dashboard, scrape or listing on the
+    worker role of ``sql/roles.sql``, which reads no view (the reader role does)."""
+
+
 class SerializationError(PgJournalError, TypeError):
     """A value cannot be stored in the journal (wrong type or too large)."""
 

@@ -30,9 +30,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from psycopg import errors as pgerr
 from psycopg import sql
 
 from ._sql import named_queries, schema_query
+from .roles import permission_denied
 
 if TYPE_CHECKING:
     from .app import App
@@ -149,18 +151,25 @@ def query_names() -> list[str]:
 async def fetch_rows(app: App, *, window: float = DEFAULT_WINDOW
                      ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """Every named statement's rows, in one read-only snapshot, and the seconds
-    each took (as the client saw them)."""
+    each took (as the client saw them). A role that may not read them (the
+    worker role of ``sql/roles.sql``) gets ``PermissionDenied`` naming the
+    reader role."""
     store = await app.store()
     rows: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
-    async with store.pool.connection() as conn, conn.transaction():
-        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        await conn.execute(f"SET LOCAL statement_timeout = {int(SCRAPE_TIMEOUT * 1000)}")
-        for name in query_names():
-            started = time.perf_counter()
-            cur = await conn.execute(metrics_query(name, app.schema), {"window": window})
-            rows[name] = [dict(r) for r in await cur.fetchall()]
-            seconds[name] = time.perf_counter() - started
+    async with store.pool.connection() as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                await conn.execute(f"SET LOCAL statement_timeout = {int(SCRAPE_TIMEOUT * 1000)}")
+                for name in query_names():
+                    started = time.perf_counter()
+                    cur = await conn.execute(metrics_query(name, app.schema), {"window": window})
+                    rows[name] = [dict(r) for r in await cur.fetchall()]
+                    seconds[name] = time.perf_counter() - started
+        except pgerr.InsufficientPrivilege as exc:
+            # e.g. scraping as the worker role, which reads no view: say which role to use.
+            raise permission_denied(exc, schema=app.schema, user=conn.info.user) from exc
     return rows, seconds
 
 

@@ -237,3 +237,9 @@ SELECT * FROM {schema}.schedule_status ORDER BY name;
 SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
 FROM {schema}.worker_health w
 WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
+
+-- name: trace_contexts
+-- The stored trace context of claimed runs (their own, a parent's or the
+-- root's), for tracing only: through a function, so the worker role, which
+-- may not read runs, gets them too (migration 0016).
+SELECT run_id, trace FROM {schema}.trace_contexts(%(ids)s::uuid[]);

@@ -524,7 +524,7 @@ def test_app_reads_pgjournal_schema_and_psql_opens_on_it(pgjournal_dsn: str,
     assert res.stdout.strip() == pgjournal_schema, res.stderr
     res = run_cli("psql", "--", "-Atc", "SHOW search_path", env=env)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"{pgjournal_schema},public"
+    assert res.stdout.strip() == f'"{pgjournal_schema}",public'
     res = run_cli("psql", "--", "-Atc", "SELECT count(*) FROM run_overview", env=env)
     assert res.returncode == 0 and res.stdout.strip() == "0", res.stderr
 

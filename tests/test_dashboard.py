@@ -254,7 +254,7 @@ def test_cancel_signal_queue_actions(client_for: Any, pgjournal_dsn: str,
     assert "queue agents: running, limit 3" in r.text
     r = c.post("/queues/agents", headers=h, data={"csrf": csrf, "action": "limit",
                                                   "limit": "-2"})
-    assert "a limit is a number" in r.text
+    assert "a concurrency limit must be at least 1" in r.text  # as `pgjournal queues` says
 
 
 def test_filters_keyset_pages_and_bulk(client_for: Any, pgjournal_dsn: str,

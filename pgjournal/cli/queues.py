@@ -12,12 +12,11 @@ from .._output import (
     use_colour,
 )
 from .._queries import cli_fetch
-from .._sql import validate_identifier
+from .._queue_change import change_queue
 from ..app import App
 from ._common import (
     Add,
     Row,
-    fail,
     parse_limit,
     plural,
     print_json,
@@ -30,24 +29,9 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
     async def go(app: App) -> list[Row]:
         if action:
-            name = validate_identifier(args.name, "queue name")
-            known = (await cli_fetch(app, "queue_known", name=name))[0]["known"]
-            if not known and not args.create:
-                raise fail(
-                    f"queue {name!r} has never been seen in schema {app.schema!r} (no "
-                    "runs, settings or workers); check the name, or pass --create to "
-                    "configure it ahead of its first run")
-            current = await cli_fetch(app, "queue_settings", name=name)
-            limit = current[0]["concurrency_limit"] if current else None
-            paused = bool(current[0]["paused"]) if current else False
-            if action == "pause":
-                paused = True
-            elif action == "resume":
-                paused = False
-            elif action == "limit":
-                limit = _parse_limit(args.limit)
-            # set_queue replaces both settings, so the untouched one is passed back.
-            await app.set_queue(name, concurrency_limit=limit, paused=paused)
+            await change_queue(app, args.name, action, args.limit, create=args.create,
+                               lift=_LIFT, unknown_hint=", or pass --create to configure it "
+                                                        "ahead of its first run")
         unserved.extend(await cli_fetch(app, "unserved"))
         return await cli_fetch(app, "queues")
 
@@ -91,9 +75,11 @@ def cmd_queues(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIFT = "to stop a queue use `pgjournal queues pause`, to lift the limit use 'none'"
+
+
 def _parse_limit(text: str) -> int | None:
-    return parse_limit(text, lift="to stop a queue use `pgjournal queues pause`, to lift "
-                                   "the limit use 'none'")
+    return parse_limit(text, lift=_LIFT)
 
 
 def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:

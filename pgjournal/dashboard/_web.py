@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 
 import jinja2
 import psycopg
+from psycopg import errors as pgerr
 from psycopg_pool import AsyncConnectionPool
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -27,9 +28,11 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._output import between, compact, human_seconds, shorten, to_json
+from .._queue_change import change_queue
 from ..app import App
 from ..connect import mask_dsn, open_pool
-from ..errors import ConfigurationError, PgJournalError, SerializationError
+from ..errors import ConfigurationError, PermissionDenied, PgJournalError, SerializationError
+from ..roles import permission_denied
 from ..store import translate_error
 from ._data import (
     BULK_LIMIT,
@@ -112,8 +115,14 @@ class Dashboard:
         pool = await self._pool()
         try:
             async with pool.connection() as conn:
-                cur = await conn.execute(query(name, self.schema), params)
-                return await cur.fetchall() if cur.description else []
+                try:
+                    cur = await conn.execute(query(name, self.schema), params)
+                    return await cur.fetchall() if cur.description else []
+                except pgerr.InsufficientPrivilege as exc:
+                    # A role that may not read (the worker role of sql/roles.sql):
+                    # a 403 page naming the reader role, not a 500.
+                    raise permission_denied(exc, schema=self.schema,
+                                            user=conn.info.user) from exc
         except psycopg.Error as exc:
             raise translate_error(exc, self.schema) from exc
 
@@ -121,13 +130,18 @@ class Dashboard:
         """Named writes in one transaction, on ``app``'s own pool; the first one's rows."""
         store = await self.app.store()
         try:
-            async with store.pool.connection() as conn, conn.transaction():
-                first: list[Row] | None = None
-                for name, params in steps:
-                    cur = await conn.execute(query(name, self.schema), params)
-                    rows = await cur.fetchall() if cur.description else []
-                    first = rows if first is None else first
-                return first or []
+            async with store.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        first: list[Row] | None = None
+                        for name, params in steps:
+                            cur = await conn.execute(query(name, self.schema), params)
+                            rows = await cur.fetchall() if cur.description else []
+                            first = rows if first is None else first
+                        return first or []
+                except pgerr.InsufficientPrivilege as exc:
+                    raise permission_denied(exc, schema=self.schema, user=conn.info.user,
+                                            write=True) from exc
         except psycopg.Error as exc:
             raise translate_error(exc, self.schema) from exc
 
@@ -640,33 +654,20 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
     async def queue_action(request: Request, sess: Session, form: Any) -> Response:
         name = request.path_params["name"]
         back = f"{base(request)}/queues"
-        what = form.get("action")
-        rows = await dash.fetch("queue_settings", name=name)
-        limit = rows[0]["concurrency_limit"] if rows else None
-        paused = bool(rows[0]["paused"]) if rows else False
-        if what == "pause":
-            paused = True
-        elif what == "resume":
-            paused = False
-        elif what == "limit":
-            text = str(form.get("limit") or "").strip().lower()
-            if text in ("", "none"):
-                limit = None
-            elif text.isdigit() and int(text) >= 1:
-                limit = int(text)
-            else:
-                return redirect(request, back, "a limit is a number >= 1, or none",
-                                error=True)
-        else:
-            return redirect(request, back, "unknown queue action", error=True)
+        what = str(form.get("action") or "")
+        # A blank limit field lifts the limit; everything else is parsed and checked as
+        # `pgjournal queues` does (pgjournal/_queue_change.py): same names, same limits,
+        # and no queue the schema has never seen.
+        text = str(form.get("limit") or "").strip() or "none"
         try:
-            await dash.act([("set_queue", {"name": name, "limit": limit, "paused": paused})])
+            done = await change_queue(dash.app, name, what, text, lift="to stop the queue "
+                                      "pause it, to lift the limit leave the field empty")
         except PgJournalError as exc:
             return redirect(request, back, f"not changed: {exc}", error=True)
         log.info("dashboard: %s set queue %s: limit %s, paused %s", actor(request, sess),
-                 name, limit, paused)
-        return redirect(request, back, f"queue {name}: " + (
-            "paused" if paused else "running") + f", limit {limit or 'none'}")
+                 done.name, done.concurrency_limit, done.paused)
+        return redirect(request, back, f"queue {done.name}: " + (
+            "paused" if done.paused else "running") + f", limit {done.concurrency_limit or 'none'}")
 
     # -- live -------------------------------------------------------------------------
 
@@ -706,9 +707,22 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
 
         try:
             text = await collect(dash.metrics_app())
+        except PermissionDenied as exc:  # e.g. the worker role: it reads no view
+            return PlainTextResponse(f"403 Forbidden: scrape refused: {exc}\n",
+                                     status_code=403)
         except PgJournalError as exc:
             return PlainTextResponse(f"scrape failed: {exc}\n", status_code=503)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        """A read or an action the database role may not do: 403 with the reason (which
+        names the reader role), on any page, never a 500 with a traceback."""
+        if isinstance(exc, pgerr.InsufficientPrivilege):  # outside Dashboard.fetch/act
+            exc = permission_denied(exc, schema=dash.schema, user=None)
+        log.warning("dashboard: %s %s refused: %s", request.method, request.url.path, exc)
+        if request.url.path.endswith("/events"):
+            return PlainTextResponse(f"403 Forbidden: {exc}\n", status_code=403)
+        return render(request, "denied.html", status_code=403, page="", what=str(exc))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -739,7 +753,8 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    asgi = Starlette(routes=routes, lifespan=lifespan)
+    asgi = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        PermissionDenied: refused, pgerr.InsufficientPrivilege: refused})
     asgi.add_middleware(SecurityHeaders)
     asgi.state.dashboard = dash
     return asgi

@@ -144,9 +144,6 @@ GROUP BY status ORDER BY status;
 -- name: queues
 SELECT * FROM {schema}.queue_depth ORDER BY queue;
 
--- name: queue_settings
-SELECT name, concurrency_limit, paused FROM {schema}.queues WHERE name = %(name)s;
-
 -- name: workers
 -- Live workers, and the ones that stopped or went silent in the last day.
 SELECT * FROM {schema}.worker_health
@@ -171,9 +168,6 @@ SELECT {schema}.cancel_run(%(run)s, %(children)s) AS status;
 
 -- name: signal
 SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::json, NULL) AS signal_id;
-
--- name: set_queue
-SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
 
 -- name: note_action
 -- Who did what from the dashboard: an event without a status change (from =
