@@ -310,7 +310,7 @@ KEYS = {"tenant-a": 5, "tenant-b1": 3, "tenant-c": 1, "other": None}
 
 async def _fill(app: pgjournal.App, dsn: str, schema: str) -> uuid.UUID:
     """Something in every view: keyed runs (one running at its limit), limits, a rate
-    bucket, a schedule, a failed run with a step, a worker. The id of the failed run."""
+    bucket, a schedule, a failed run with a failed step, a worker. The id of the failed run."""
     for pattern, limit in LIMITS.items():
         await app.set_concurrency_limit(pattern, limit)
     await app.set_rate_limit("tokens", 100, 10)
@@ -332,6 +332,11 @@ async def _fill(app: pgjournal.App, dsn: str, schema: str) -> uuid.UUID:
         conn.execute(sql.SQL("UPDATE {}.runs SET status = 'failed', due_at = NULL, "
                              "finished_at = now(), error = '{{\"type\": \"E\"}}' "
                              "WHERE id = %s").format(s), (failed.run_id,))
+        # Its step failed: journaled at position 0 (the dashboard's value page reads it).
+        conn.execute(sql.SQL("INSERT INTO {0}.steps (run_id, position, name, occurrence, "
+                             "status, error, lease_epoch, run_created_at) SELECT id, 0, 'work', "
+                             "0, 'failed', '{{\"type\": \"E\"}}', 1, created_at "
+                             "FROM {0}.runs WHERE id = %s").format(s), (failed.run_id,))
     return failed.run_id
 
 

@@ -48,7 +48,9 @@ def _pages(client: TestClient, run: uuid.UUID) -> list[str]:
     for route in client.app.routes:  # type: ignore[attr-defined]
         if isinstance(route, Route) and "GET" in (route.methods or ()) \
                 and route.path != "/events":
-            paths.append(route.path.replace("{run_id}", str(run)))
+            # The failed run's first journal entry is at position 0 (see _fill).
+            paths.append(route.path.replace("{run_id}", str(run))
+                         .replace("{position:int}", "0"))
     assert not [p for p in paths if "{" in p], paths
     return paths
 
