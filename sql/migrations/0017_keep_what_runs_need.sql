@@ -29,15 +29,17 @@
 --   deletes the journal, chunks and events of the runs `prune_history_batch`
 --   deleted: they stayed behind in the kept partitions, readable by run id,
 --   until some later prune dropped the range.
+--
+-- The file can run twice (IF NOT EXISTS, OR REPLACE).
 
-ALTER TABLE runs ADD COLUMN deadline_seconds double precision;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS deadline_seconds double precision;
 COMMENT ON COLUMN runs.deadline_seconds IS
     'The time the run was given to end, in seconds from its creation (set from deadline_at '
     'at insert): a retry or a fork counts it again from its own start.';
 UPDATE runs SET deadline_seconds = greatest(extract(epoch FROM deadline_at - created_at), 0)
-WHERE deadline_at IS NOT NULL;
+WHERE deadline_at IS NOT NULL AND deadline_seconds IS NULL;
 
-CREATE FUNCTION remember_deadline_rule() RETURNS trigger
+CREATE OR REPLACE FUNCTION remember_deadline_rule() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     -- The functions that insert runs compute deadline_at from now() (the
@@ -46,12 +48,13 @@ BEGIN
     RETURN NEW;
 END $$;
 
+DROP TRIGGER IF EXISTS runs_deadline_rule ON runs;
 CREATE TRIGGER runs_deadline_rule BEFORE INSERT ON runs
     FOR EACH ROW WHEN (NEW.deadline_at IS NOT NULL AND NEW.deadline_seconds IS NULL)
     EXECUTE FUNCTION remember_deadline_rule();
 
 -- Finding a run's forks (prune asks for every ancestor of a candidate).
-CREATE INDEX runs_forked_from ON runs (forked_from) WHERE forked_from IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_forked_from ON runs (forked_from) WHERE forked_from IS NOT NULL;
 
 -- Put an ended run (failed, dead or cancelled) back in its queue with a fresh
 -- budget of attempts. The journal is kept: completed steps are not redone. A
@@ -180,7 +183,7 @@ END $function$;
 -- LOCKED) and checked again under the lock: one held elsewhere (a retry or a
 -- fork under way) or changed meanwhile pins the run as well. The caller has
 -- locked p_run itself.
-CREATE FUNCTION run_pinned(p_run uuid, p_cutoff timestamptz, p_statuses text[],
+CREATE OR REPLACE FUNCTION run_pinned(p_run uuid, p_cutoff timestamptz, p_statuses text[],
                            p_lock boolean)
 RETURNS boolean
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
