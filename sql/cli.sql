@@ -28,8 +28,12 @@ WHERE r.status = ANY (%(statuses)s::text[])
   AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
   AND r.created_at < now() - make_interval(secs => %(age)s)
   AND r.finished_at < now() - make_interval(secs => %(age)s)
+  AND coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                       AND p.status = ANY (%(statuses)s::text[])
+                       AND p.finished_at < now() - make_interval(secs => %(age)s)
+                FROM {schema}.runs p WHERE p.id = r.parent_run_id), true)
   AND NOT (coalesce(r.parent_run_id IS NOT NULL
-                    OR EXISTS (SELECT 1 FROM {schema}.runs f WHERE f.forked_from = r.id),
+                    OR (SELECT true FROM {schema}.runs f WHERE f.forked_from = r.id LIMIT 1),
                     false)
            AND {schema}.run_pinned(r.id, now() - make_interval(secs => %(age)s),
                                    %(statuses)s::text[], false));
@@ -75,8 +79,15 @@ WITH doomed AS (
       AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
       AND r.created_at < now() - make_interval(secs => %(age)s)
       AND r.finished_at < now() - make_interval(secs => %(age)s)
+      -- (a parent not prunable: one lookup; a scalar subquery for the forks,
+      -- so runs_forked_from is probed per run, never all of runs hashed)
+      AND coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                           AND p.status = ANY (%(statuses)s::text[])
+                           AND p.finished_at < now() - make_interval(secs => %(age)s)
+                    FROM {schema}.runs p WHERE p.id = r.parent_run_id), true)
       AND NOT (coalesce(r.parent_run_id IS NOT NULL
-                        OR EXISTS (SELECT 1 FROM {schema}.runs f WHERE f.forked_from = r.id),
+                        OR (SELECT true FROM {schema}.runs f WHERE f.forked_from = r.id
+                            LIMIT 1),
                         false)
                AND {schema}.run_pinned(r.id, now() - make_interval(secs => %(age)s),
                                        %(statuses)s::text[], true))

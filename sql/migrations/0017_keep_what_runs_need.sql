@@ -184,47 +184,63 @@ END $function$;
 -- fork under way) or changed meanwhile pins the run as well. The caller has
 -- locked p_run itself.
 CREATE OR REPLACE FUNCTION run_pinned(p_run uuid, p_cutoff timestamptz, p_statuses text[],
-                           p_lock boolean)
+                                      p_lock boolean)
 RETURNS boolean
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql COST 1000 SET search_path FROM CURRENT AS $$
 DECLARE
-    v_set uuid[];
+    v_id uuid := p_run;
+    v_parent uuid;
+    v_level integer := 0;
+    v_forks uuid[];
+    v_check uuid[] := ARRAY[]::uuid[];   -- the ancestors and forks that look prunable
     v_locked integer;
 BEGIN
-    WITH RECURSIVE up (id, level) AS (
-        SELECT p_run, 0
-        UNION ALL
-        SELECT r.parent_run_id, up.level + 1 FROM up JOIN runs r ON r.id = up.id
-        WHERE r.parent_run_id IS NOT NULL AND up.level < 1000
-    ), forks (id, level) AS (
-        SELECT f.id, 0 FROM up JOIN runs f ON f.forked_from = up.id
-        UNION ALL
-        SELECT f.id, forks.level + 1 FROM forks JOIN runs f ON f.forked_from = forks.id
-        WHERE forks.level < 1000
-    )
-    SELECT array_agg(DISTINCT x.id) INTO v_set
-    FROM (SELECT id FROM up UNION SELECT id FROM forks) x
-    JOIN runs r ON r.id = x.id          -- an ancestor deleted earlier decides nothing
-    WHERE x.id <> p_run;
-    IF v_set IS NULL THEN
+    -- Up the tree, one primary-key lookup per level (and one probe of
+    -- runs_forked_from), returning as soon as one is not prunable.
+    LOOP
+        IF EXISTS (SELECT 1 FROM runs f WHERE f.forked_from = v_id) THEN
+            WITH RECURSIVE forks (id, level) AS (
+                SELECT f.id, 0 FROM runs f WHERE f.forked_from = v_id
+                UNION ALL
+                SELECT f.id, forks.level + 1 FROM forks JOIN runs f ON f.forked_from = forks.id
+                WHERE forks.level < 1000
+            )
+            SELECT array_agg(id) INTO v_forks FROM forks;
+            IF EXISTS (SELECT 1 FROM runs r WHERE r.id = ANY (v_forks)
+                       AND NOT (r.status IN ('completed', 'failed', 'cancelled', 'dead')
+                                AND r.status = ANY (p_statuses)
+                                AND r.finished_at < p_cutoff)) THEN
+                RETURN true;
+            END IF;
+            v_check := v_check || v_forks;
+        END IF;
+        SELECT r.parent_run_id INTO v_parent FROM runs r WHERE r.id = v_id;
+        EXIT WHEN v_parent IS NULL OR v_level >= 1000;
+        IF EXISTS (SELECT 1 FROM runs r WHERE r.id = v_parent
+                   AND NOT (r.status IN ('completed', 'failed', 'cancelled', 'dead')
+                            AND r.status = ANY (p_statuses)
+                            AND r.finished_at < p_cutoff)) THEN
+            RETURN true;
+        END IF;
+        v_check := v_check || v_parent;   -- (one deleted earlier decides nothing: see below)
+        v_id := v_parent;
+        v_level := v_level + 1;
+    END LOOP;
+    IF NOT p_lock OR cardinality(v_check) = 0 THEN
         RETURN false;
     END IF;
-    IF EXISTS (SELECT 1 FROM runs r WHERE r.id = ANY (v_set)
-               AND NOT (r.status IN ('completed', 'failed', 'cancelled', 'dead')
-                        AND r.status = ANY (p_statuses) AND r.finished_at < p_cutoff)) THEN
-        RETURN true;
-    END IF;
-    IF NOT p_lock THEN
-        RETURN false;
-    END IF;
+    -- Under the lock, with the newest committed row versions: a retry or fork
+    -- of one of them under way holds its row (skipped: pinned), one done
+    -- meanwhile made it unprunable (not returned: pinned).
     SELECT count(*) INTO v_locked FROM (
         SELECT 1 FROM runs r
-        WHERE r.id = ANY (v_set)
+        WHERE r.id = ANY (v_check)
           AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
           AND r.status = ANY (p_statuses) AND r.finished_at < p_cutoff
         ORDER BY r.id
         FOR NO KEY UPDATE SKIP LOCKED) l;
-    RETURN v_locked < cardinality(v_set);
+    RETURN v_locked < (SELECT count(DISTINCT c.id) FROM unnest(v_check) AS c(id)
+                       JOIN runs r ON r.id = c.id);
 END $$;
 COMMENT ON FUNCTION run_pinned(uuid, timestamptz, text[], boolean) IS
     'Whether prune must keep this ended run: an ancestor, or a fork of it or of an '
@@ -259,9 +275,13 @@ LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
       AND NOT EXISTS (
         SELECT 1 FROM runs r
         WHERE r.created_at >= g.lo AND r.created_at < g.hi
-          AND (r.parent_run_id IS NOT NULL
-               OR EXISTS (SELECT 1 FROM runs f WHERE f.forked_from = r.id))
-          AND run_pinned(r.id, p_cutoff, p_statuses, false))
+          AND (NOT coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                                    AND p.status = ANY (p_statuses) AND p.finished_at < p_cutoff
+                             FROM runs p WHERE p.id = r.parent_run_id), true)
+               OR (coalesce(r.parent_run_id IS NOT NULL
+                            OR (SELECT true FROM runs f WHERE f.forked_from = r.id LIMIT 1),
+                            false)
+                   AND run_pinned(r.id, p_cutoff, p_statuses, false))))
     ORDER BY g.lo
 $$;
 
@@ -285,8 +305,14 @@ BEGIN
           AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
           AND r.status = ANY (p_statuses)
           AND r.finished_at < p_cutoff
+          -- The common case first, one lookup: a parent not prunable itself.
+          AND coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                               AND p.status = ANY (p_statuses) AND p.finished_at < p_cutoff
+                        FROM runs p WHERE p.id = r.parent_run_id), true)
+          -- Then the runs in a tree or with forks (a scalar subquery: one probe
+          -- of runs_forked_from per run, never a scan of runs hashed).
           AND NOT (coalesce(r.parent_run_id IS NOT NULL
-                            OR EXISTS (SELECT 1 FROM runs f WHERE f.forked_from = r.id),
+                            OR (SELECT true FROM runs f WHERE f.forked_from = r.id LIMIT 1),
                             false)
                    AND run_pinned(r.id, p_cutoff, p_statuses, true))
         ORDER BY r.created_at
