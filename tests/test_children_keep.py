@@ -228,3 +228,30 @@ async def test_prune_waits_for_a_fork_being_made_of_its_candidate(
     assert res.returncode == 0
     assert [status_of(dsn, s, r) for r in [source.run_id, *kids]] == ["completed"] * 3
     assert status_of(dsn, s, new) == "queued"
+
+
+async def test_a_retry_counts_the_timeout_again_capped_by_an_unended_parents_deadline(
+        keep_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """The deadline rule is remembered at insert (trigger runs_deadline_rule); a
+    retry counts it from the retry, but never past the deadline of a parent
+    that has not ended (a subtree never outlives its root's time)."""
+    dsn, s = pgjournal_dsn, pgjournal_schema
+    parent, kid = uuid.uuid4(), uuid.uuid4()
+    _q(dsn, s, "INSERT INTO S.runs (id, workflow, queue, status, deadline_at) "
+       "VALUES (%s, 'held', 'default', 'suspended', now() + interval '100 s')", parent)
+    _q(dsn, s, "INSERT INTO S.runs (id, workflow, queue, status, parent_run_id, deadline_at, "
+       "finished_at) VALUES (%s, 'held', 'default', 'failed', %s, now() + interval '1000 s', "
+       "now())", kid, parent)
+    assert _q(dsn, s, "SELECT deadline_seconds FROM S.runs WHERE id = %s", kid) == [(1000.0,)]
+    await keep_app.retry(kid)
+    ((capped, parent_deadline),) = _q(
+        dsn, s, "SELECT c.deadline_at, p.deadline_at FROM S.runs c JOIN S.runs p "
+        "ON p.id = c.parent_run_id WHERE c.id = %s", kid)
+    assert capped == parent_deadline
+    # The parent ended: the retry gets its whole timeout again.
+    _q(dsn, s, "UPDATE S.runs SET status = 'failed', finished_at = now(), due_at = NULL "
+       "WHERE id IN (%s, %s)", parent, kid)
+    await keep_app.retry(kid)
+    ((left,),) = _q(dsn, s, "SELECT extract(epoch FROM deadline_at - now()) FROM S.runs "
+                    "WHERE id = %s", kid)
+    assert float(left) == pytest.approx(1000.0, abs=1.0)
