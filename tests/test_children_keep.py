@@ -81,7 +81,7 @@ async def until(dsn: str, schema: str, sql: str, *args: Any, what: str) -> list[
 async def test_retrying_a_child_failed_by_its_deadline_then_its_parent_runs_the_child_again(
         keep_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
     dsn, s = pgjournal_dsn, pgjournal_schema
-    handle = await keep_app.start("strict_timed", 3.0)
+    handle = await keep_app.start("strict_timed", 5.0)
     async with serving(keep_app):
         with pytest.raises(pgjournal.RunFailed) as failed:
             await handle.result(timeout=60)
