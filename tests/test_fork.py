@@ -228,11 +228,13 @@ async def test_a_fork_keeps_the_concurrency_key_and_does_not_run_beside_the_orig
         release.set()
         assert await old.result(timeout=60) == "held"
         assert await fork.result(timeout=60) == "held"
-    # From the event log: the fork started running after the original completed.
+    # From the event log: the fork was claimed after the original completed.
+    # By event id, not `at` (a transaction's start: a claim that began before
+    # the completion committed, and waited for the key, carries an earlier time).
     events = {h: await store.get_events(h) for h in (old.run_id, fork.run_id)}
-    old_done = next(e["at"] for e in events[old.run_id] if e["to_status"] == "completed")
-    fork_runs = [e["at"] for e in events[fork.run_id] if e["to_status"] == "running"]
-    assert fork_runs and min(fork_runs) >= old_done
+    old_done = next(e["id"] for e in events[old.run_id] if e["to_status"] == "completed")
+    fork_runs = [e["id"] for e in events[fork.run_id] if e["to_status"] == "running"]
+    assert fork_runs and min(fork_runs) > old_done
 
 
 async def test_a_fork_of_a_run_with_a_deadline_gets_the_same_timeout_from_its_start(
