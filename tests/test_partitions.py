@@ -540,3 +540,35 @@ def test_every_read_by_run_id_touches_only_that_runs_partitions(
             failures.append(f"{key}: {len(extra)} other partitions scanned "
                             f"({sorted(extra)[:3]}...), {buffers} buffers")
     assert not failures, "\n".join(failures)
+
+
+async def test_a_kept_partition_keeps_no_rows_of_the_runs_prune_deleted(
+        pgjournal_app: pgjournal.App, db: Any, pgjournal_schema: str,
+        pgjournal_dsn: str) -> None:
+    """Issue 20, item 6: when drop_history_range keeps a range (a run of it was
+    held or retried meanwhile), the history of the runs prune_history_batch
+    already deleted must not stay behind in the kept partitions."""
+    s = pgjournal_schema
+    ids = (await run_some(pgjournal_app, 2))[:2]
+    backdate(db, s, ids, 200)
+    cli(pgjournal_dsn, s, "maintain")
+    (part,) = db.execute(q("SELECT * FROM {s}.prunable_partitions(now() - interval '30 days', "
+                           "ARRAY['completed'])", s)).fetchall()
+    lo, hi = part["lower_bound"], part["upper_bound"]
+    with psycopg.connect(pgjournal_dsn) as other:
+        other.execute(q("SELECT 1 FROM {s}.runs WHERE id = %s FOR UPDATE", s), (ids[0],))
+        n = db.execute(q("SELECT {s}.prune_history_batch(%s, %s, now() - interval '30 days', "
+                         "ARRAY['completed'], 100) AS n", s), (lo, hi)).fetchone()["n"]
+        assert n == 1
+        other.rollback()
+    assert db.execute(q("SELECT {s}.drop_history_range(%s, %s) AS d", s),
+                      (lo, hi)).fetchone()["d"] is None
+    for table in HISTORY:
+        orphans = db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{table} WHERE run_id = %s",
+                               s), (ids[1],)).fetchone()["n"]
+        assert orphans == 0, f"{table} keeps {orphans} rows of deleted run {ids[1]}"
+        kept = db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{table} WHERE run_id = %s",
+                            s), (ids[0],)).fetchone()["n"]
+        assert kept > 0, table
+    assert db.execute(q("SELECT count(*) AS n FROM {s}.steps WHERE run_id = %s", s),
+                      (ids[0],)).fetchone()["n"] > 0
