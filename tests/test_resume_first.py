@@ -1,0 +1,161 @@
+"""Work in progress first (issue 20, item 3; migration 0020).
+
+At equal priority a claim takes a run that already started (its timer is due,
+its signal arrived, its children ended, its lease expired) ahead of runs that
+never started, however long those have been waiting. Before 0020 the claim
+ordered by (priority, due time), and a resumption's due time is when it
+became due: a backlog of runs enqueued earlier was served first, so under
+load timers fired late and crashed runs were taken over late.
+
+Every test drives the SQL functions the worker calls, on a real server, in a
+fixed order; nothing depends on timing except waiting (by asking the
+database) for a short timer or lease to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from tests.conftest import wait_for
+
+Row = dict[str, Any]
+INPUT = '{"args": [], "kwargs": {}}'
+
+
+@pytest.fixture
+def conn(pgjournal_dsn: str, pgjournal_schema: str) -> Iterator[psycopg.Connection[Row]]:
+    with psycopg.connect(pgjournal_dsn, autocommit=True, row_factory=dict_row) as c:
+        c.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pgjournal_schema)))
+        yield c
+
+
+def _start(conn: psycopg.Connection[Row], queue: str = "default", priority: int = 0) -> uuid.UUID:
+    run = uuid.uuid4()
+    conn.execute("SELECT start_run(%s, 'wf', %s, %s::json, %s)", (run, queue, INPUT, priority))
+    return run
+
+
+def _worker(conn: psycopg.Connection[Row]) -> uuid.UUID:
+    worker = uuid.uuid4()
+    conn.execute("SELECT register_worker(%s, 'test', 1, ARRAY['default', 'kids'], 10)",
+                 (worker,))
+    return worker
+
+
+def _claim(conn: psycopg.Connection[Row], worker: uuid.UUID, limit: int = 1,
+           lease: float = 60.0, queue: str = "default") -> list[Row]:
+    return conn.execute("SELECT * FROM claim_runs(%s, ARRAY[%s], %s, %s, NULL, true)",
+                        (worker, queue, limit, lease)).fetchall()
+
+
+async def _until(conn: psycopg.Connection[Row], query: str, run: uuid.UUID, what: str) -> None:
+    async def check() -> bool:
+        row = conn.execute(query, (run,)).fetchone()
+        return bool(row and row["ok"])
+    await wait_for(check, 30, what=what)
+
+
+async def _resumption(conn: psycopg.Connection[Row], kind: str,
+                      backlog: int = 3) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A run that started, then ``backlog`` new runs enqueued, then the first
+    run becomes claimable again in the way ``kind`` says: its due time is
+    later than every new run's. Returns (the started run, the new runs)."""
+    worker = _worker(conn)
+    run = _start(conn)
+    lease = 1.0 if kind == "lease expired" else 60.0
+    (claimed,) = _claim(conn, worker, lease=lease)
+    assert claimed["id"] == run
+    epoch = int(claimed["lease_epoch"])
+    fresh = [_start(conn) for _ in range(backlog)]
+    if kind == "timer due":
+        (row,) = conn.execute("SELECT outcome FROM sleep_until(%s, %s, 0, 'nap', 0, 0.2, NULL, 1)",
+                              (run, epoch)).fetchall()
+        assert row["outcome"] == "suspended"
+        await _until(conn, "SELECT due_at <= now() AS ok FROM runs WHERE id = %s", run,
+                     "the timer to be due")
+    elif kind == "signal arrived":
+        (row,) = conn.execute("SELECT outcome FROM wait_signal(%s, %s, 0, 'go', 0, NULL, 1)",
+                              (run, epoch)).fetchall()
+        assert row["outcome"] == "suspended"
+        conn.execute("SELECT send_signal(%s, 'go', '1'::json, NULL)", (run,))
+    elif kind == "children ended":
+        kid = uuid.uuid4()
+        (row,) = conn.execute(
+            "SELECT spawn_runs(%s, %s, 0, 'c', 0, 1, 0, 0, NULL, %s, 'c', 'kids', "
+            "ARRAY['{}']::json[], 3, 5, NULL) AS lost", (run, epoch, [kid])).fetchall()
+        assert row["lost"] is None
+        (row,) = conn.execute(
+            "SELECT outcome FROM wait_children(%s, %s, 1, 'wait_all', 0, 1, 1, 1, %s, 'all')",
+            (run, epoch, [kid])).fetchall()
+        assert row["outcome"] == "suspended"
+        (child,) = _claim(conn, worker, queue="kids")
+        conn.execute("SELECT complete_runs(%s, %s, %s::json[])",
+                     ([kid], [child["lease_epoch"]], [json.dumps("done")]))
+    elif kind == "lease expired":
+        await _until(conn, "SELECT lease_until <= now() AS ok FROM runs WHERE id = %s", run,
+                     "the lease to expire")
+    else:
+        raise AssertionError(kind)
+    (row,) = conn.execute(
+        "SELECT bool_and(f.due_at < coalesce(r.due_at, r.lease_until)) AS later "
+        "FROM runs r, runs f WHERE r.id = %s AND f.id = ANY (%s)", (run, fresh)).fetchall()
+    assert row["later"], "the resumption must have become due after the new runs"
+    return run, fresh
+
+
+KINDS = ["timer due", "signal arrived", "children ended", "lease expired"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_resumption_is_claimed_before_older_new_runs(
+        conn: psycopg.Connection[Row], kind: str) -> None:
+    """The started run comes first, then the new runs in the order they came."""
+    run, fresh = await _resumption(conn, kind)
+    worker = _worker(conn)
+    first = _claim(conn, worker)
+    assert [r["id"] for r in first] == [run], (
+        f"{kind}: a claim of one took {[r['id'] for r in first]}, not the resumed run {run} "
+        f"(new runs, oldest first: {fresh})")
+    rest = _claim(conn, worker, limit=10)
+    assert [r["id"] for r in rest] == fresh
+
+
+@pytest.mark.parametrize("kind", ["timer due", "lease expired"])
+async def test_a_batch_puts_the_resumption_first_and_fills_up_with_new_runs(
+        conn: psycopg.Connection[Row], kind: str) -> None:
+    """A batch larger than the resumptions takes them and then the oldest new runs."""
+    run, fresh = await _resumption(conn, kind, backlog=4)
+    got = _claim(conn, _worker(conn), limit=3)
+    assert {r["id"] for r in got} == {run, *fresh[:2]}
+
+
+async def test_priority_still_comes_before_resumption(conn: psycopg.Connection[Row]) -> None:
+    """Priority first: a new run of a higher priority goes ahead of a resumption,
+    and a resumption ahead of new runs of its own priority."""
+    run, fresh = await _resumption(conn, "signal arrived")
+    urgent = _start(conn, priority=5)
+    lesser = _start(conn, priority=-1)
+    got = [r["id"] for r in _claim(conn, _worker(conn), limit=10)]
+    assert got == [urgent, run, *fresh, lesser]
+
+
+async def test_older_resumptions_first(conn: psycopg.Connection[Row]) -> None:
+    """Among resumptions, the one due longest comes first."""
+    worker = _worker(conn)
+    a, b = _start(conn), _start(conn)
+    claimed = {r["id"]: int(r["lease_epoch"]) for r in _claim(conn, worker, limit=2)}
+    _start(conn)
+    for run in (b, a):  # b waits first, so it is due first
+        conn.execute("SELECT outcome FROM wait_signal(%s, %s, 0, 'go', 0, NULL, 1)",
+                     (run, claimed[run]))
+        conn.execute("SELECT send_signal(%s, 'go', '1'::json, NULL)", (run,))
+    got = [r["id"] for r in _claim(conn, worker, limit=2)]
+    assert got == [b, a]
