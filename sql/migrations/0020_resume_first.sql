@@ -46,7 +46,9 @@
 -- update order: against a transaction that holds a parent and waits for one
 -- of its children (the order complete_runs and cancel take), a deadlock. A
 -- parent locked elsewhere is skipped with its late children, as a late run
--- locked elsewhere always was: the next claim fails them.
+-- locked elsewhere always was: the next claim fails them. Such a late run is
+-- not locked by anyone meanwhile, so claim_from now filters out runs past
+-- their deadline (a heap filter): no claim starts one.
 --
 -- The queue_depth view gains the lag of each kind apart: resumptions due and
 -- how long the oldest has waited, new runs due and how long the oldest has
@@ -91,7 +93,9 @@ BEGIN
     -- each claim index per step), and per priority its due resumptions then
     -- its due new runs, oldest due first; pulled lazily up to p_limit rows.
     -- Beside it, when p_expired, the runs whose lease expired (through
-    -- runs_running). Merged by (priority, new, due). A row of one part that
+    -- runs_running). Merged by (priority, new, due). A run past its deadline
+    -- is never taken: the sweep of claim_runs fails it (now, or in a later
+    -- claim if its row or its parent's was locked elsewhere). A row of one part that
     -- the merge does not take stays locked until this transaction ends: other
     -- claims skip it meanwhile, the next claim takes it.
     SELECT array_agg(x.id) INTO v_ids FROM (
@@ -129,6 +133,7 @@ BEGIN
                         WHERE r.queue = q.qn AND r.priority = pri.p
                           AND r.due_at IS NOT NULL AND r.started_at IS NOT NULL
                           AND r.due_at <= now()
+                          AND (r.deadline_at IS NULL OR r.deadline_at > now())
                           AND (p_workflows IS NULL OR r.workflow = ANY (p_workflows))
                           AND (v_full IS NULL OR r.concurrency_key IS NULL
                                OR r.concurrency_key <> ALL (v_full))
@@ -141,6 +146,7 @@ BEGIN
                         WHERE r.queue = q.qn AND r.priority = pri.p
                           AND r.due_at IS NOT NULL AND r.started_at IS NULL
                           AND r.due_at <= now()
+                          AND (r.deadline_at IS NULL OR r.deadline_at > now())
                           AND (p_workflows IS NULL OR r.workflow = ANY (p_workflows))
                           AND (v_full IS NULL OR r.concurrency_key IS NULL
                                OR r.concurrency_key <> ALL (v_full))
@@ -158,6 +164,7 @@ BEGIN
                 SELECT r.id, r.priority, r.lease_until AS due FROM runs r
                 WHERE p_expired AND r.queue = q.qn AND r.status = 'running'
                   AND r.lease_until <= now()
+                  AND (r.deadline_at IS NULL OR r.deadline_at > now())
                   AND (p_workflows IS NULL OR r.workflow = ANY (p_workflows))
                   AND (v_full IS NULL OR r.concurrency_key IS NULL
                        OR r.concurrency_key <> ALL (v_full))
