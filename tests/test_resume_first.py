@@ -205,3 +205,48 @@ def test_sleeping_runs_cost_a_claim_nothing(conn: psycopg.Connection[Row]) -> No
     assert with_sleepers - alone < 10, (
         f"index blocks read by a claim: {alone} alone, {with_sleepers} beside 20,000 "
         "sleeping runs")
+
+
+async def test_the_lag_of_resumptions_is_shown_apart_from_new_runs(
+        conn: psycopg.Connection[Row], pgjournal_app: Any, pgjournal_dsn: str,
+        pgjournal_schema: str) -> None:
+    """queue_depth, the metrics and ``pgjournal queues`` count and age the due
+    resumptions and the due new runs apart (each kind's oldest due time)."""
+    from pgjournal.metrics import collect
+    from tests.test_cli import run_cli
+
+    run, _fresh = await _resumption(conn, "signal arrived", backlog=2)
+    (q,) = conn.execute("SELECT *, oldest_new_age > oldest_resumption_age AS new_older "
+                        "FROM queue_depth WHERE queue = 'default'").fetchall()
+    assert (q["resumptions_due"], q["new_due"], q["queued_due"]) == (1, 2, 3)
+    assert q["new_older"], q
+    # The oldest new run is exactly as old as the queue's lag; the resumption is younger.
+    with conn.transaction():  # one now()
+        (ages,) = conn.execute(
+            "SELECT now() - min(due_at) FILTER (WHERE id <> %s) AS new_age, "
+            "now() - min(due_at) FILTER (WHERE id = %s) AS resumption_age "
+            "FROM runs WHERE status = 'queued'", (run, run)).fetchall()
+        (q,) = conn.execute("SELECT * FROM queue_depth WHERE queue = 'default'").fetchall()
+    assert q["oldest_new_age"] == ages["new_age"] == q["oldest_due_age"]
+    assert q["oldest_resumption_age"] == ages["resumption_age"]
+
+    text = await collect(pgjournal_app)
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("pgjournal_queue_")}
+    assert samples['pgjournal_queue_due_runs{queue="default",kind="resumption"}'] == 1
+    assert samples['pgjournal_queue_due_runs{queue="default",kind="new"}'] == 2
+    assert (samples['pgjournal_queue_lag_seconds{queue="default",kind="new"}']
+            > samples['pgjournal_queue_lag_seconds{queue="default",kind="resumption"}'] > 0)
+
+    out = run_cli("--dsn", pgjournal_dsn, "--schema", pgjournal_schema, "queues",
+                  env={"NO_COLOR": "1"})
+    assert out.returncode == 0, out.stderr
+    header, line = out.stdout.splitlines()[:2]
+    assert "RESUMING (LAG)" in header and "NEW (LAG)" in header, header
+    cells = line.split()
+    assert cells[0] == "default" and "1" in cells and "2" in cells, line
+
+    # Claimed, the resumption leaves its kind empty (age NULL, metric 0).
+    _claim(conn, _worker(conn))
+    (q,) = conn.execute("SELECT * FROM queue_depth WHERE queue = 'default'").fetchall()
+    assert (q["resumptions_due"], q["oldest_resumption_age"], q["new_due"]) == (0, None, 2)

@@ -360,3 +360,59 @@ BEGIN
         UPDATE workers w SET hungry = false WHERE w.id = p_worker AND w.hungry;
     END IF;
 END $$;
+
+-- queue_depth of 0013 with the lag of each kind apart (columns appended).
+-- A resumption is a claimable run that started before: a due timer, a
+-- queued run that ran before (signal, children, retry), an expired lease; a
+-- new run is a due queued run that never started. Their ages are how long
+-- the oldest of each kind has been due. Under overload the new runs' age
+-- grows and the resumptions' stays near the claim interval.
+CREATE OR REPLACE VIEW queue_depth AS
+WITH live AS (
+    SELECT
+        r.queue,
+        count(*) FILTER (WHERE r.status = 'queued' AND r.due_at <= now()) AS queued_due,
+        count(*) FILTER (WHERE r.status = 'queued' AND r.due_at > now()) AS delayed,
+        count(*) FILTER (WHERE r.status = 'running') AS running,
+        count(*) FILTER (WHERE r.status = 'running' AND coalesce(r.lease_until, r.due_at) <= now()) AS expired_leases,
+        count(*) FILTER (WHERE r.status = 'suspended') AS suspended,
+        count(*) FILTER (WHERE CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END <= now()) AS claimable,
+        min(CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END) FILTER (WHERE CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END <= now())
+            AS oldest_due_at,
+        count(*) FILTER (WHERE (r.status = 'running' OR r.started_at IS NOT NULL)
+                           AND CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END <= now())
+            AS resumptions_due,
+        min(CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END)
+            FILTER (WHERE (r.status = 'running' OR r.started_at IS NOT NULL)
+                      AND CASE WHEN r.status = 'running' THEN coalesce(r.lease_until, r.due_at) ELSE r.due_at END <= now())
+            AS oldest_resumption_at,
+        count(*) FILTER (WHERE r.status <> 'running' AND r.started_at IS NULL AND r.due_at <= now())
+            AS new_due,
+        min(r.due_at) FILTER (WHERE r.status <> 'running' AND r.started_at IS NULL AND r.due_at <= now())
+            AS oldest_new_at
+    FROM runs r
+    WHERE r.status IN ('queued', 'running', 'suspended')
+    GROUP BY r.queue
+), names AS (
+    SELECT q.name FROM queues q
+    UNION
+    SELECT l.queue FROM live l
+)
+SELECT
+    n.name AS queue,
+    coalesce(l.queued_due, 0) AS queued_due,
+    coalesce(l.delayed, 0) AS delayed,
+    coalesce(l.running, 0) AS running,
+    coalesce(l.expired_leases, 0) AS expired_leases,
+    coalesce(l.suspended, 0) AS suspended,
+    coalesce(l.claimable, 0) AS claimable,
+    now() - l.oldest_due_at AS oldest_due_age,
+    q.concurrency_limit,
+    coalesce(q.paused, false) AS paused,
+    coalesce(l.resumptions_due, 0) AS resumptions_due,
+    now() - l.oldest_resumption_at AS oldest_resumption_age,
+    coalesce(l.new_due, 0) AS new_due,
+    now() - l.oldest_new_at AS oldest_new_age
+FROM names n
+LEFT JOIN live l ON l.queue = n.name
+LEFT JOIN queues q ON q.name = n.name;
