@@ -24,7 +24,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from tests.conftest import wait_for
+from tests.conftest import lease_expired, wait_for
 
 Row = dict[str, Any]
 INPUT = '{"args": [], "kwargs": {}}'
@@ -250,3 +250,40 @@ async def test_the_lag_of_resumptions_is_shown_apart_from_new_runs(
     _claim(conn, _worker(conn))
     (q,) = conn.execute("SELECT * FROM queue_depth WHERE queue = 'default'").fetchall()
     assert (q["resumptions_due"], q["oldest_resumption_age"], q["new_due"]) == (0, None, 2)
+
+
+async def test_a_busy_worker_takes_over_every_run_of_a_dead_one_at_once(
+        pgjournal_app: Any) -> None:
+    """A worker looks for expired leases once per poll interval, and claims only
+    as many runs as it has free slots: with one slot and an hour-long poll
+    interval, its first claim took over one run of a dead worker and the other
+    two waited an hour. After a look that took a run over, the next claim looks
+    again, so all three are taken over as slots free up."""
+    import pgjournal
+    from tests.conftest import serving
+
+    app = pgjournal_app
+    done: list[int] = []
+
+    @app.workflow()
+    async def quick(run: pgjournal.Run, i: int) -> int:
+        done.append(i)
+        return i
+
+    store = await app.store()
+    ghost = uuid.uuid4()
+    await store.register_worker(ghost, "gone", 1, ["default"], 3, lease=0.5)
+    for i in range(3):
+        await app.start("quick", i)
+    orphans = await store.claim(ghost, ["default"], 3, 0.5)
+    assert len(orphans) == 3
+
+    async def lapsed() -> bool:
+        return all([await lease_expired(store, o.run_id) for o in orphans])
+    await wait_for(lapsed, 30, what="the dead worker's leases to expire")
+    async with serving(app, concurrency=1, poll_interval=3600):
+        async def all_done() -> bool:
+            return len(done) == 3
+        await wait_for(all_done, 60, what="all three runs of the dead worker to be taken over "
+                                         "(without the look-again, two wait a poll interval: "
+                                         "an hour)")
