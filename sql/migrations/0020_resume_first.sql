@@ -48,7 +48,9 @@
 -- parent locked elsewhere is skipped with its late children, as a late run
 -- locked elsewhere always was: the next claim fails them. Such a late run is
 -- not locked by anyone meanwhile, so claim_from now filters out runs past
--- their deadline (a heap filter): no claim starts one.
+-- their deadline (a heap filter): no claim starts one. Likewise a claim that
+-- parks a poison run as dead (which wakes its parent too) locks that parent
+-- first, without waiting, or leaves the run for a later claim.
 --
 -- The queue_depth view gains the lag of each kind apart: resumptions due and
 -- how long the oldest has waited, new runs due and how long the oldest has
@@ -80,6 +82,7 @@ DECLARE
     v_keys text[];
     v_limits integer[];
     v_drop uuid[];
+    v_parents uuid[];
 BEGIN
     IF v_keyed THEN
         SELECT array_agg(x.k) INTO v_full FROM (
@@ -214,6 +217,36 @@ BEGIN
                     RETURN;
                 END IF;
             END IF;
+        END IF;
+    END IF;
+    -- A run parked as dead (poison, below) ends, and wake_parent locks its
+    -- parent: after the run's row, against the project's order. So the
+    -- parents of the poison runs among the picked ones are locked here, in id
+    -- order, without waiting (SKIP LOCKED); a poison run whose parent is
+    -- locked elsewhere is left for a later claim. Then the trigger finds the
+    -- parent already locked and no claim waits for a parent while holding
+    -- its child. Only expired leases can be poison (looked for when
+    -- p_expired, or running rows that keep their expiry in due_at).
+    IF EXISTS (SELECT 1 FROM runs r
+               WHERE r.id = ANY (v_ids) AND r.status = 'running'
+                 AND r.parent_run_id IS NOT NULL AND r.recoveries >= r.max_recoveries) THEN
+        SELECT array_agg(x.id) INTO v_parents FROM (
+            SELECT p.id FROM runs p
+            WHERE p.id IN (SELECT r.parent_run_id FROM runs r
+                           WHERE r.id = ANY (v_ids) AND r.status = 'running'
+                             AND r.parent_run_id IS NOT NULL
+                             AND r.recoveries >= r.max_recoveries)
+            ORDER BY p.id
+            FOR UPDATE SKIP LOCKED) AS x;
+        v_ids := ARRAY(
+            SELECT r.id FROM runs r
+            WHERE r.id = ANY (v_ids)
+              AND NOT (r.status = 'running' AND r.parent_run_id IS NOT NULL
+                       AND r.recoveries >= r.max_recoveries
+                       AND (r.leased_at IS NULL OR r.leased_at >= v_restart)
+                       AND r.parent_run_id <> ALL (coalesce(v_parents, '{}'::uuid[]))));
+        IF cardinality(v_ids) = 0 THEN
+            RETURN;
         END IF;
     END IF;
     RETURN QUERY
