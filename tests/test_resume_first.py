@@ -287,3 +287,18 @@ async def test_a_busy_worker_takes_over_every_run_of_a_dead_one_at_once(
         await wait_for(all_done, 60, what="all three runs of the dead worker to be taken over "
                                          "(without the look-again, two wait a poll interval: "
                                          "an hour)")
+
+
+def test_across_queues_a_resumption_comes_first(conn: psycopg.Connection[Row]) -> None:
+    """A worker serving two queues: a resumption of one goes ahead of an older
+    new run of the other (the claim merges its queues in the same order)."""
+    worker = _worker(conn)
+    run = _start(conn, queue="default")
+    (claimed,) = _claim(conn, worker)
+    older = _start(conn, queue="other")
+    conn.execute("SELECT outcome FROM wait_signal(%s, %s, 0, 'go', 0, NULL, 1)",
+                 (run, claimed["lease_epoch"]))
+    conn.execute("SELECT send_signal(%s, 'go', '1'::json, NULL)", (run,))
+    got = [conn.execute("SELECT id FROM claim_runs(%s, ARRAY['other', 'default'], 1, 60)",
+                        (worker,)).fetchall()[0]["id"] for _ in range(2)]
+    assert got == [run, older]
