@@ -82,3 +82,14 @@ LEFT JOIN LATERAL (
 SELECT name, capacity, available
 FROM {schema}.rate_limits
 ORDER BY name;
+
+-- name: queue_lag
+-- Per queue, the lag of resumptions apart from the lag of new runs (the
+-- queue_depth view, migration 0020): how many claimable runs of each kind, and
+-- how long the oldest of each has been due. A claim takes resumptions first
+-- at equal priority, so under overload new runs absorb the wait.
+SELECT queue, resumptions_due, new_due,
+       coalesce(extract(epoch FROM oldest_resumption_age), 0)::float8 AS resumption_seconds,
+       coalesce(extract(epoch FROM oldest_new_age), 0)::float8 AS new_seconds
+FROM {schema}.queue_depth
+ORDER BY queue;
