@@ -175,12 +175,15 @@ CORE: list[tuple[str, str, str, str]] = [
         WHERE s.kind = 'signal' AND s.status = 'completed' AND s.lease_epoch > 0
           AND (SELECT count(*) FROM a_signals g WHERE g.run_id = s.run_id
                AND g.consumed_position = s.position) <> 1"""),
-    ("16", "no step started under an epoch a later claim or cancel had superseded",
+    # A claim, not a cancel: a cancel bumps the epoch too (so the old owner's
+    # writes are refused), but reaches a live worker only at its next
+    # heartbeat; a step it starts meanwhile can journal nothing (2b).
+    ("16", "no step started under an epoch a later claim had superseded",
      "SELECT count(*) FROM effects",
      """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, min(v.lease_epoch),
                e.started
         FROM effects e JOIN a_events v ON v.run_id = e.run_id
-             AND v.lease_epoch > e.epoch
+             AND v.lease_epoch > e.epoch AND v.to_status = 'running'
         WHERE v.committed < e.started
         GROUP BY e.id, e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.started"""),
 ]

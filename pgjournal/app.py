@@ -501,7 +501,7 @@ class App:
         The new runs' ids are UUIDs of version 7 (time-ordered; see
         ``_new_run_ids``), where ``start`` makes version 4 ones.
         """
-        target = self._start_target(workflow, await self._client_queue(workflow, queue))
+        target = self._start_target(workflow, queue)
         if isinstance(items, str | bytes | Mapping):
             raise ConfigurationError(
                 f"start_many: items is a {type(items).__qualname__}; give a list with "
@@ -548,6 +548,8 @@ class App:
             ckeys = [_check_key(concurrency_key)] * n
         if not n:
             return []
+        if queue is None:  # a client-only app: where live workers serve it (see start)
+            target = self._start_target(workflow, await self._client_queue(workflow, queue))
         payloads = [{"args": list(item) if isinstance(item, tuple) else [item], "kwargs": {}}
                     for item in batch]
         if kw_list is not None:
