@@ -301,7 +301,7 @@ async def _attempt(otel: Any, run: Attempted, coro: Awaitable[T]) -> T:
 
 #: kind -> how a call names itself: (name, occurrence) from the run and the arguments.
 _IDENTITY: dict[str, Callable[[Journaled, tuple[Any, ...], dict[str, Any]], tuple[Any, Any]]] = {
-    "rate": lambda run, a, kw: (f"rate:{a[2]}", a[1]),  # take_units(engine, position, occ, bucket, ..)
+    "rate": lambda run, a, kw: (f"rate:{a[2]}", a[1]),  # take_units(engine, pos, occ, bucket)
 }
 
 
