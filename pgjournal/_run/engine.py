@@ -1,36 +1,21 @@
 """The replay engine of a run: positions, turns, the replay gate, the journal
-cursor, journal writes and the lease check.
+cursor, journal writes and the lease check. Its rules (``docs/contributing.md``):
 
-Identity. Every journaled call takes the next *position* when it is made,
-synchronously, before any await (``call``). If the journal holds an entry at
-that position the call is a replay: it gets the journaled value (after
-``check`` found the entry is for the same call, else ``NonDeterminismError``);
-otherwise it executes and journals its result (``journal_write``), fenced by
-the lease epoch.
+- every journaled call takes the next position synchronously, before any await
+  (``call``); a journal entry there makes it a replay, checked (``check``) to be
+  for the same call, else ``NonDeterminismError``; otherwise it executes and is
+  journaled (``journal_write``), fenced by the lease epoch;
+- every result handed to the workflow (a delivery) has a turn: live ones are
+  handed over in turn order (``take_turn``, ``deliver``, ``drop``), journaled
+  ones only when their turn comes and after the calls that preceded them the
+  first time (``await_replay_turn``); parallel branches so interleave as they
+  did, and each call gets the position it had;
+- live work is counted (``enter_live``, which confirms a stale lease); a wait
+  that may suspend the run shuts the gate (``close_gate``) once no live work is
+  in flight, and no new work starts until it is ``suspend``-ed or ``open_gate``-d;
+- the journal is read in bounded pages as the replay reaches it (``journal``).
 
-Order. With parallel steps (``asyncio.gather``, ``TaskGroup``, ``create_task``)
-the position a call gets depends on how the branches interleaved, which
-depends on the order in which results reached them. So every result handed
-to the workflow (a *delivery*) is numbered (its ``turn``) and journaled with
-how many calls the workflow had made by then (``calls_before``). Live results
-are handed over in turn order (``take_turn``, ``deliver``, ``drop``); a
-replay hands each journaled result back only when its turn comes and no
-earlier than the calls that preceded it the first time
-(``await_replay_turn``). The branches then interleave exactly as they did,
-and each call gets the position it had. A replay that still asks
-differently fails loudly.
-
-The gate. Live work is counted (``enter_live`` / ``exit_live``; entering
-confirms the lease if its local deadline passed). A signal wait or sleep
-closes the gate (``close_gate``): it goes to the database only when no live
-work is in flight, and no new work starts until it knows whether the run is
-suspended (``suspend``) or goes on (``open_gate``).
-
-The journal is loaded in bounded pages as the replay reaches it, so a large
-journal costs the claim nothing and its replay a few round trips.
-
-Feature modules (steps, streams, waits, rate buckets, child runs, patches)
-use the engine only through ``INTERFACE``; ``tests/test_layout.py`` checks it.
+Feature modules use the engine only through ``INTERFACE`` (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -46,16 +31,16 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from .._unwind import Abandoned, Suspended
-from ..errors import DatabaseUnavailable, JournalTooLarge, NonDeterminismError
+from ..errors import DatabaseUnavailable, NonDeterminismError
 from ..tracing import replayed
+from .journal import PAGE_BYTES as PAGE_BYTES
+from .journal import PAGE_ENTRIES as PAGE_ENTRIES
+from .journal import Journal
 
 if TYPE_CHECKING:
     from ..serializer import Serializer
     from ..store import Claim, Store
 
-#: Journal entries (and stream chunks) loaded per round trip, and their byte budget.
-PAGE_ENTRIES = 500
-PAGE_BYTES = 8 * 1024 * 1024
 #: A replay that waits this long for a journaled result whose turn never comes
 #: (the workflow stopped asking in the recorded order) fails as non-deterministic.
 REPLAY_STALL_SECONDS = 30.0
@@ -64,22 +49,18 @@ DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
 
 #: The engine as feature modules see it: nothing else of it may they touch.
 INTERFACE = frozenset({
-    # facts of the run
-    "id", "attempt", "workflow", "epoch", "store", "ser", "db_now",
-    # identity
-    "call", "next_position", "next_occurrence", "check", "raise_if_closed",
-    # the journal
-    "outlined", "last_position", "patch_marks", "entry", "replays_failure",
-    "journal_write", "budget", "db", "what",
-    # delivery order
-    "await_replay_turn", "take_turn", "deliver", "drop", "skip", "skip_turn",
-    # live work, the lease and the gate
-    "enter_live", "exit_live", "reenter_live", "fresh", "confirm_lease", "busy",
+    "id", "attempt", "workflow", "epoch", "store", "ser", "db_now",          # facts
+    "call", "next_position", "next_occurrence", "check", "raise_if_closed",  # identity
+    "outlined", "last_position", "patch_marks", "entry", "replays_failure",  # the journal
+    "journal_write", "budget", "db", "what", "chain_write", "writes_durable",
+    "await_replay_turn", "take_turn", "deliver", "drop", "skip", "skip_turn",  # order
+    "enter_live", "exit_live", "reenter_live", "fresh", "confirm_lease", "busy",  # the gate
     "close_gate", "open_gate", "suspend", "suspended",
     "hold_stream", "release_stream", "open_streams",
-    # ending
-    "lose", "database_failed", "chain_write", "writes_durable",
+    "lose", "database_failed",                                              # losing the run
 })
+#: What ``Run`` alone asks of the engine besides: the worker's calls around the body.
+LIFECYCLE = frozenset({"outline", "unreplayed", "close", "db_failed"})
 
 
 class LeaseGuard(Protocol):
@@ -105,7 +86,6 @@ class Engine:
         self.ser = serializer
         self._claim = claim
         self._lease = lease
-        self._max_journal_bytes = max_journal_bytes
         self._claimed_monotonic = time.monotonic()
         self.id: uuidlib.UUID = claim.run_id
         self.attempt: int = claim.attempt
@@ -117,20 +97,14 @@ class Engine:
         self._occurrences: Counter[str] = Counter()
         self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._main_task = asyncio.current_task()
+        self._asked: set[int] = set()    # positions the workflow asked for
         # The journal, loaded lazily in pages.
-        self._outlined = not claim.has_journal
-        self._last_position = -1
-        self._entries: dict[int, dict[str, Any]] = {}
-        self._loaded_upto = -1
-        self._page_lock = asyncio.Lock()
-        self._journal_bytes = 0
-        self._asked: set[int] = set()
-        self._patch_marks: dict[int, str] = {}
+        self._journal = Journal(store, claim.run_id, has_journal=claim.has_journal,
+                                max_bytes=max_journal_bytes, db=self.db)
         # Delivery order.
-        self._turns: list[int] = []      # journaled turns, sorted
         self._turn_idx = 0               # next journaled turn to deliver
         self._skipped: set[int] = set()  # journaled turns re-executed live instead
-        self._next_turn = 0
+        self._live_taken = 0             # live turns taken (they follow the journaled)
         self._live_turns: set[int] = set()
         self._changed = asyncio.Event()
         # Suspension barrier: live work in flight, and a wait that may suspend.
@@ -139,7 +113,6 @@ class Engine:
         self._streams: set[OpenStream] = set()
         self._closed: str | None = None
         self._suspended: tuple[datetime | None] | None = None
-        self._summary: dict[int, tuple[str, int]] = {}  # consumed entries: status, attempt
         #: The latest write that later database calls wait for (patch markers).
         self._barrier: asyncio.Task[None] | None = None
 
@@ -212,102 +185,41 @@ class Engine:
                 "only on journaled values"
             )
 
-    # -- the journal ---------------------------------------------------------------
+    # -- the journal (journal.py reads it) --------------------------------------------
 
     @property
     def outlined(self) -> bool:
         """Whether the journal's outline (last position, turns, patch markers) is known."""
-        return self._outlined
+        return self._journal.outlined
 
     @property
     def last_position(self) -> int:
         """The journal's last position (-1: empty), once outlined."""
-        return self._last_position
+        return self._journal.last_position
 
     @property
     def patch_marks(self) -> dict[int, str]:
         """The journal's patch markers, position -> name, once outlined."""
-        return self._patch_marks
+        return self._journal.patch_marks
 
     async def outline(self) -> None:
-        if self._outlined:
-            return
-        async with self._page_lock:
-            if self._outlined:
-                return
-            row = await self.db(self.store.journal_outline(self.id))
-            self._turns = list(row["turns"] or [])
-            self._last_position = -1 if row["last_position"] is None else row["last_position"]
-            self._next_turn = (self._turns[-1] + 1) if self._turns else 0
-            if row["bytes"] > self._max_journal_bytes:
-                raise JournalTooLarge(
-                    f"run {self.id} holds a journal of {row['bytes']} bytes, over its budget "
-                    f"of {self._max_journal_bytes} (App(max_journal_bytes=...)); journal "
-                    "references to large data instead of the data"
-                )
-            self._journal_bytes = int(row["bytes"])
-            self._patch_marks = dict(zip(row["patch_positions"], row["patch_names"], strict=True))
-            self._outlined = True
+        await self._journal.outline()
 
     async def entry(self, position: int) -> dict[str, Any] | None:
         """The journal entry at ``position`` (taken: each is handed out once)."""
-        entry = await self._peek(position)
-        if entry is not None:
-            del self._entries[position]
-            self._summary[position] = (entry["status"], entry["attempt"])
-        return entry
-
-    async def _peek(self, position: int) -> dict[str, Any] | None:
-        """The journal entry at ``position``, loading pages as the replay reaches them."""
-        await self.outline()
-        if position > self._last_position:
-            return None
-        while position > self._loaded_upto:
-            async with self._page_lock:
-                if position <= self._loaded_upto:
-                    break
-                rows = await self.db(self.store.journal_page(
-                    self.id, self._loaded_upto, limit=PAGE_ENTRIES, max_bytes=PAGE_BYTES))
-                if not rows:
-                    self._loaded_upto = self._last_position
-                    break
-                for r in rows:
-                    self._entries[r["position"]] = r
-                self._loaded_upto = rows[-1]["position"]
-        return self._entries.get(position)
+        return await self._journal.take(position)
 
     async def replays_failure(self, position: int, entry: dict[str, Any]) -> bool:
-        """A journaled failure is replayed (the workflow may have caught it and gone
-        on), except the failures that ended an earlier attempt, i.e. failures of an
-        earlier attempt with nothing after them but such failures (the last step,
-        or the last steps of parallel branches): a retry executes those again."""
-        if entry["attempt"] >= self.attempt:
-            return True
-        for p in range(position + 1, self._last_position + 1):
-            later = self._summary.get(p)
-            if later is None:
-                e = await self._peek(p)
-                later = (e["status"], e["attempt"]) if e is not None else ("missing", 0)
-            if not (later[0] == "failed" and later[1] < self.attempt):
-                return True
-        return False
+        """Whether a journaled failure is replayed, or executed again by this retry
+        (it ended an earlier attempt)."""
+        return await self._journal.replays_failure(position, entry, self.attempt)
 
     async def unreplayed(self) -> list[dict[str, Any]]:
         """Journal entries the workflow never asked for (its code changed under the run)."""
-        if not self._claim.has_journal:
-            return []
-        await self.outline()
-        missing = [p for p in range(self._last_position + 1) if p not in self._asked]
-        if not missing:
-            return []
-        found: list[dict[str, Any]] = []
-        for p in missing[:20]:
-            entry = self._entries.get(p)
-            if entry is None and p > self._loaded_upto:
-                entry = await self.entry(p)
-            if entry is not None:
-                found.append({"position": p, "name": entry["name"], "kind": entry["kind"]})
-        return found
+        return await self._journal.unreplayed(self._asked)
+
+    def budget(self, size: int) -> None:
+        self._journal.budget(size)
 
     # -- delivery order -------------------------------------------------------------
 
@@ -316,9 +228,10 @@ class Engine:
         self._changed = asyncio.Event()
 
     def _journaled_turn_pending(self) -> int | None:
-        while self._turn_idx < len(self._turns) and self._turns[self._turn_idx] in self._skipped:
+        turns = self._journal.turns
+        while self._turn_idx < len(turns) and turns[self._turn_idx] in self._skipped:
             self._turn_idx += 1
-        return self._turns[self._turn_idx] if self._turn_idx < len(self._turns) else None
+        return turns[self._turn_idx] if self._turn_idx < len(turns) else None
 
     async def await_replay_turn(self, turn: int | None, calls_before: int | None,
                                 what: str) -> None:
@@ -347,9 +260,11 @@ class Engine:
         self._progress()
 
     def take_turn(self) -> tuple[int, int]:
-        """Number a live delivery; the caller must ``deliver`` or ``drop`` it."""
-        turn = self._next_turn
-        self._next_turn += 1
+        """Number a live delivery; the caller must ``deliver`` or ``drop`` it. (Every
+        live call reads its journal entry first: the journaled turns are known.)"""
+        turns = self._journal.turns
+        turn = (turns[-1] + 1 if turns else 0) + self._live_taken
+        self._live_taken += 1
         self._live_turns.add(turn)
         return turn, self._position
 
@@ -386,9 +301,7 @@ class Engine:
             await asyncio.shield(self._gate)
             self.raise_if_closed()
         self.raise_if_closed()
-        if self._lease is not None and not await self._lease.ensure():
-            self._closed = "lease lost"
-            raise Abandoned("lease lost before a step started")
+        await self.confirm_lease()
         self._live += 1
         self._progress()
 
@@ -494,15 +407,6 @@ class Engine:
         """The database says the run is no longer ours (``reason``): unwind."""
         self._closed = reason
         raise Abandoned(reason)
-
-    def budget(self, size: int) -> None:
-        self._journal_bytes += size
-        if self._journal_bytes > self._max_journal_bytes:
-            raise JournalTooLarge(
-                f"run {self.id} would journal {self._journal_bytes} bytes, over its budget "
-                f"of {self._max_journal_bytes} (App(max_journal_bytes=...)); journal "
-                "references to large data instead of the data"
-            )
 
     async def journal_write(self, position: int, name: str, occurrence: int, kind: str,
                             status: str, output: str | None, error: dict[str, Any] | None,
