@@ -39,9 +39,10 @@ from ._run.steps import call_step_fn
 from ._run.steps import fingerprint as fingerprint
 from ._run.streams import STREAM_FLUSH_SECONDS as STREAM_FLUSH_SECONDS
 from ._unwind import Abandoned, Suspended
+from .children import ChildRun as ChildRun
+from .children import ChildSettings as ChildSettings
 
 if TYPE_CHECKING:
-    from .children import ChildRun, ChildSettings
     from .serializer import Serializer
     from .store import Claim, Store
 
