@@ -32,11 +32,11 @@ from ._run.engine import PAGE_ENTRIES as PAGE_ENTRIES
 from ._run.engine import REPLAY_STALL_SECONDS as REPLAY_STALL_SECONDS
 from ._run.engine import Engine
 from ._run.engine import LeaseGuard as LeaseGuard
+from ._run.engine import fingerprint as fingerprint
 from ._run.family import Family
 from ._run.flow import RATE_LOCAL_WAIT_SECONDS as RATE_LOCAL_WAIT_SECONDS
 from ._run.flow import RateSpec as RateSpec
 from ._run.steps import call_step_fn
-from ._run.steps import fingerprint as fingerprint
 from ._run.streams import STREAM_FLUSH_SECONDS as STREAM_FLUSH_SECONDS
 from ._unwind import Abandoned, Suspended
 from .children import ChildRun as ChildRun

@@ -21,6 +21,7 @@ Feature modules use the engine only through ``INTERFACE`` (tests/test_layout.py)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid as uuidlib
@@ -61,6 +62,18 @@ INTERFACE = frozenset({
 })
 #: What ``Run`` alone asks of the engine besides: the worker's calls around the body.
 LIFECYCLE = frozenset({"outline", "unreplayed", "close", "db_failed"})
+
+
+def fingerprint(fn: Callable[..., Any] | None, args: Any, kwargs: Any) -> str:
+    """A short hash of a call: the function's name and its arguments.
+
+    Values JSON cannot hold count by their type name only (their ``repr`` may
+    hold a memory address, which differs on every execution).
+    """
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"),
+                      default=lambda o: f"<{type(o).__qualname__}>")
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 class LeaseGuard(Protocol):

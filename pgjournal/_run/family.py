@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .._unwind import Suspended
 from ..children import ChildRun, ChildSettings, child_id
 from ..tracing import traced
-from .steps import fingerprint
+from .engine import fingerprint
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -4,7 +4,6 @@ UUID), executed once per run and journaled; a replay gets the journaled value.""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import json
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from .._exceptions import describe_exception, rebuild_exception
 from ..errors import TerminalError
 from ..tracing import traced
 from . import flow
+from .engine import fingerprint
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -45,18 +45,6 @@ async def call_step_fn(fn: Callable[..., Any], args: Any, kwargs: Any, *,
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-def fingerprint(fn: Callable[..., Any] | None, args: Any, kwargs: Any) -> str:
-    """A short hash of a call: the function's name and its arguments.
-
-    Values JSON cannot hold count by their type name only (their ``repr`` may
-    hold a memory address, which differs on every execution).
-    """
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"),
-                      default=lambda o: f"<{type(o).__qualname__}>")
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 @traced("step")

@@ -16,7 +16,7 @@ from .._exceptions import describe_exception, rebuild_exception
 from .._unwind import Abandoned
 from ..errors import JournalTooLarge, NonDeterminismError, SerializationError
 from ..tracing import traced_stream
-from .steps import fingerprint
+from .engine import fingerprint
 
 if TYPE_CHECKING:
     from .engine import Engine
