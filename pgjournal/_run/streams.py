@@ -62,7 +62,7 @@ class Stream:
         entry = await engine.entry(self.position)
         if entry is not None:
             engine.check(self.position, entry, "stream", self.name,
-                       fingerprint(self.fn, self.args, self.kwargs))
+                         fingerprint(self.fn, self.args, self.kwargs))
             if entry["status"] == "completed":
                 async for value in self._replay(entry):
                     yield value
@@ -72,7 +72,7 @@ class Stream:
                     yield value
                 exc = rebuild_exception(entry["error"])
                 await engine.await_replay_turn(entry["turn"], entry["calls_before"],
-                                             f"stream {self.name!r}")
+                                               f"stream {self.name!r}")
                 raise exc
             engine.skip(entry)
             after = -1

@@ -74,7 +74,7 @@ async def sleep(engine: Engine, name: str, seconds: float) -> None:
         wake_at = datetime.fromisoformat(entry["output"])
         if wake_at <= engine.db_now():
             await engine.await_replay_turn(entry["turn"], entry["calls_before"],
-                                          f"sleep {name!r}")
+                                           f"sleep {name!r}")
             return
     gate = await engine.close_gate()
     turn, calls = engine.take_turn()
@@ -94,7 +94,7 @@ async def sleep(engine: Engine, name: str, seconds: float) -> None:
             else:
                 engine.drop(turn)
                 await engine.await_replay_turn(entry["turn"], entry["calls_before"],
-                                              f"sleep {name!r}")
+                                               f"sleep {name!r}")
             return
         engine.lose(outcome)
     finally:
