@@ -1,31 +1,34 @@
 """Fault injection: pgjournal's promises checked from the database afterwards.
 
-    python -m bench.chaos --runs 300 --seconds 180          # the large run (on demand)
-    python -m bench.chaos --runs 40 --seconds 40 --server-kills 1   # what CI runs
+    python -m bench.chaos --runs 1000 --seconds 600 --settle 180   # large, on demand
+    python -m bench.chaos --runs 150 --seconds 90                  # medium
+    python -m bench.chaos --runs 40 --seconds 25 --settle 60 --server-kills 1  # CI
 
 A throwaway embedded PostgreSQL (fsync off: a process crash loses nothing, and
 ``track_commit_timestamp`` on, so commit order is read from the database) serves
 a schema ``chaos``. Worker processes (``python -m bench.chaos worker ...``) run
-one workflow per run: a loop of steps, parallel steps (``asyncio.gather`` of two
-branches of two steps, ``--no-parallel`` leaves them out), a durable sleep, a
-signal wait (the harness sends each run one signal) and a second loop. While
-they work, the harness at random ``kill -9``s workers (and starts new ones),
-pauses workers with SIGSTOP past their lease (then SIGCONT), and ``kill -9``s
-the server and restarts it.
+the workload of ``bench/chaos_workload.py``: the core ``chaos`` workflow (steps,
+parallel steps, a durable sleep, a signal wait), child runs (``spawn_many``,
+``wait_all``, ``wait_first``, cancel cascades), concurrency keys at their limit
+with forks, a rate bucket, a per-second schedule with backfills, concurrent
+``start_many`` with overlapping idempotency keys, and deadline failures
+repaired by retries, while ``pgjournal prune`` (short ``--older-than``) and
+``pgjournal maintain`` run every few seconds. Meanwhile this harness at random
+``kill -9``s workers (and starts new ones), pauses workers with SIGSTOP past
+their lease (then SIGCONT), and ``kill -9``s the server and restarts it.
 
 Every step's side effect commits a row (run, step, occurrence, pid, the lease
 epoch it ran under, when the step function was entered, when the effect
-happened) to ``chaos.effects``. Checked afterwards (1 and 16 by the entry time:
-a step started before a takeover may land its effect after it, which the
-user's store refuses with ``run.fencing_token``; the table counts those):
-
-1. no step ran again after its journal entry committed;
-2. every journal entry carries the epoch of a claim of its run, one entry per
-   position and per (name, occurrence), and no later claim had committed before it;
-3. every run completed; every signal was consumed exactly once, by the journal
-   entry of the wait at its position;
-16. no step started under an epoch after a later claim (or cancel) of its run had
-   committed: a worker paused past its lease starts nothing when it wakes up.
+happened) to ``chaos.effects``. Afterwards ``bench/chaos_checks.py`` checks,
+one row each whose count must be 0: invariants 1, 2a-2c, 3a-3b and 16 (1 and 16
+by the entry time: a step started before a takeover may land its effect after
+it, which the user's store refuses with ``run.fencing_token``), parents woken
+exactly when their last awaited child ended (P1), no child lost (P2), cancel
+cascades (C), key limits (K, sampled), forks keeping their key (F), rate
+windows (R), schedule slots exactly once (S), ``start_many`` (SM), fresh
+deadlines on retry (D), nothing needed pruned (N), no deadlock reaching a
+user (X). Pruned rows are kept for the checks by the harness's own triggers
+(schema ``chaos_audit``).
 
 Prints progress and a table of faults and checks; exits 1 on any violation.
 """
@@ -36,18 +39,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,98 +58,12 @@ import psycopg
 
 import pgjournal
 
+from . import chaos_checks as checks
+from . import chaos_workload as wl
+from .chaos_checks import AUDIT, audit_sql
+from .chaos_workload import QUEUE, worker_main
+
 SCHEMA = "chaos"
-QUEUE = "chaos"
-
-# -- the worker side -------------------------------------------------------------------
-
-_local = threading.local()
-_target: tuple[str, str] = ("", "")
-
-
-def effect(run_id: str, step: str, occurrence: int, epoch: int, pause: float) -> str:
-    """A step's side effect: one committed row per execution, written first.
-
-    ``started`` is the wall clock when the step function was entered (the server
-    runs on this host: the same clock as its commit timestamps); ``at``, set by
-    the server, is when the side effect happened (after connecting, maybe later).
-    """
-    started = datetime.now(UTC)
-    dsn, schema = _target
-    deadline = time.monotonic() + 120
-    while True:  # the server may be down for a moment (server kills)
-        try:
-            conn = getattr(_local, "conn", None)
-            if conn is None or conn.closed:
-                conn = _local.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
-            conn.execute(
-                f'INSERT INTO "{schema}".effects (run_id, step, occurrence, pid, epoch, '
-                "started) VALUES (%s, %s, %s, %s, %s, %s)",
-                (run_id, step, occurrence, os.getpid(), epoch, started))
-            break
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            _local.conn = None
-            time.sleep(0.2)
-    time.sleep(pause)
-    return f"{step}#{occurrence}"
-
-
-def _epoch(run: pgjournal.Run) -> int:
-    token = getattr(run, "fencing_token", None)
-    return int(token if token is not None else run._claim.epoch)
-
-
-def build_app(dsn: str, schema: str) -> pgjournal.App:
-    global _target
-    _target = (dsn, schema)
-    app = pgjournal.App(dsn, schema=schema, poll_interval=0.2)
-
-    async def step(run: pgjournal.Run, name: str, occurrence: int, pause: float) -> str:
-        def call() -> str:
-            # The epoch is read when the step function runs: the one it executes
-            # under. Not an argument: arguments are fingerprinted for replay.
-            return effect(str(run.id), name, occurrence, _epoch(run), pause)
-
-        return str(await run.step(name, call))
-
-    @app.workflow(queue=QUEUE, max_attempts=3, retry_backoff=0.1, max_recoveries=1000)
-    async def chaos(run: pgjournal.Run, ticks: int, nap: float, parallel: bool,
-                    pause: float) -> list[str]:
-        out = [await step(run, "tick", i, pause) for i in range(ticks)]
-        if parallel:
-            async def branch(b: str) -> list[str]:
-                return [await step(run, f"{b}1", 0, pause), await step(run, f"{b}2", 0, pause)]
-            pa, pb = await asyncio.gather(branch("pa"), branch("pb"))
-            out += pa + pb
-        await run.sleep("nap", nap)
-        got = await run.wait_signal("go")
-        out.append(f"go={got}")
-        out += [await step(run, "tock", i, pause) for i in range(ticks)]
-        return out
-
-    return app
-
-
-def worker_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos worker")
-    parser.add_argument("dsn")
-    parser.add_argument("schema")
-    parser.add_argument("--lease", type=float, default=2.0)
-    parser.add_argument("--concurrency", type=int, default=4)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = build_app(args.dsn, args.schema)
-    worker = pgjournal.Worker(app, queues=[QUEUE], concurrency=args.concurrency,
-                              lease=args.lease, grace_period=2.0)
-
-    async def serve() -> None:
-        async with app:
-            await worker.run()
-
-    asyncio.run(serve())
-
 
 # -- the harness -----------------------------------------------------------------------
 
@@ -158,6 +75,10 @@ class Faults:
     server_kills: int = 0
     signals_sent: int = 0
     workers_started: int = 0
+
+    def brief(self) -> str:
+        return (f"kill {self.worker_kills} pause {self.worker_pauses} "
+                f"server {self.server_kills} signals {self.signals_sent}")
 
 
 @dataclass
@@ -187,7 +108,7 @@ class Harness:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-                    self._conn.execute(f'SET search_path TO "{self.schema}"')
+                    self._conn.execute(f'SET search_path TO {AUDIT}, "{self.schema}"')
                 cur = self._conn.execute(query, params)
                 return cur.fetchall() if cur.description else []
             except psycopg.OperationalError:
@@ -249,10 +170,11 @@ class Harness:
 
     def send_signals(self) -> None:
         """One signal per run, sometimes before its wait, sometimes while it waits."""
-        rows = self.q("SELECT r.id::text, r.status = 'suspended' AND r.wait_signal = 'go' "
-                      "FROM runs r WHERE r.status NOT IN ('completed', 'failed', 'dead', "
-                      "'cancelled') AND EXISTS (SELECT 1 FROM steps s WHERE s.run_id = r.id "
-                      "AND s.name = 'nap')")
+        rows = self.q(
+            "SELECT r.id::text, r.status = 'suspended' AND r.wait_signal = 'go' FROM runs r "
+            "WHERE r.workflow = 'chaos' AND r.status NOT IN ('completed', 'failed', 'dead', "
+            "'cancelled') AND EXISTS (SELECT 1 FROM steps s WHERE s.run_id = r.id "
+            "AND s.name = 'nap')")
         for run_id, waiting in rows:
             if run_id in self.signaled or not (waiting or self.rng.random() < 0.3):
                 continue
@@ -270,7 +192,13 @@ class Harness:
             self.faults.signals_sent += 1
 
     def status_counts(self) -> dict[str, int]:
-        return {str(s): int(n) for s, n in self.q("SELECT status, count(*) FROM runs GROUP BY 1")}
+        """Runs by status, the pruned ones (ended) included."""
+        return {str(s): int(n)
+                for s, n in self.q("SELECT status, count(*) FROM a_runs GROUP BY 1")}
+
+    def server_log(self) -> str:
+        path = getattr(self.server, "log_file", None)
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
 
 
 def enqueue(h: Harness, i: int) -> None:
@@ -283,70 +211,40 @@ def enqueue(h: Harness, i: int) -> None:
         json.dumps({"args": args, "kwargs": {}}), f"chaos-{i}")
 
 
-INVARIANTS: list[tuple[str, str, str, str]] = [
-    # (label, what is checked, query counting the items checked, query listing violations)
-    ("1", "no step ran again after its journal entry committed",
-     "SELECT count(*) FROM effects",
-     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.started
-        FROM effects e JOIN steps s ON s.run_id = e.run_id AND s.name = e.step
-             AND s.occurrence = e.occurrence AND s.status = 'completed'
-        WHERE e.started > pg_xact_commit_timestamp(s.xmin)"""),
-    ("2a", "every journal entry's epoch is a claim epoch of its run",
-     "SELECT count(*) FROM steps",
-     """SELECT s.run_id, s.position, s.name, s.lease_epoch FROM steps s
-        WHERE NOT EXISTS (SELECT 1 FROM run_events v WHERE v.run_id = s.run_id
-                          AND v.to_status = 'running' AND v.lease_epoch = s.lease_epoch)"""),
-    ("2b", "no entry committed after a later claim of its run had committed",
-     "SELECT count(*) FROM steps",
-     """SELECT s.run_id, s.position, s.name, s.lease_epoch, v.lease_epoch AS later
-        FROM steps s JOIN run_events v ON v.run_id = s.run_id
-             AND v.lease_epoch > s.lease_epoch
-        WHERE pg_xact_commit_timestamp(v.xmin) < pg_xact_commit_timestamp(s.xmin)"""),
-    ("2c", "one entry per (run, name, occurrence) and per position",
-     "SELECT count(DISTINCT run_id) FROM steps",
-     """SELECT run_id, name, occurrence, count(*) FROM steps
-        GROUP BY 1, 2, 3 HAVING count(*) > 1
-        UNION ALL
-        SELECT run_id, position::text, NULL, count(*) FROM steps
-        GROUP BY 1, 2 HAVING count(*) > 1"""),
-    ("3a", "every run completed",
-     "SELECT count(*) FROM runs",
-     "SELECT id, status, error->>'type', error->>'message' FROM runs "
-     "WHERE status <> 'completed'"),
-    ("3b", "every signal consumed exactly once, by the wait journaled at its position",
-     "SELECT count(*) FROM signals",
-     """SELECT g.run_id, g.id, g.consumed_position, s.name, s.kind FROM signals g
-        LEFT JOIN steps s ON s.run_id = g.run_id AND s.position = g.consumed_position
-        WHERE g.consumed_at IS NULL OR s.kind IS DISTINCT FROM 'signal'
-           OR s.output::jsonb IS DISTINCT FROM g.payload::jsonb
-        UNION ALL
-        SELECT s.run_id, NULL, s.position, s.name, 'entry without its signal' FROM steps s
-        WHERE s.kind = 'signal' AND s.status = 'completed' AND (SELECT count(*) FROM signals g
-              WHERE g.run_id = s.run_id AND g.consumed_position = s.position) <> 1"""),
-    ("16", "no step started under an epoch a later claim or cancel had superseded",
-     "SELECT count(*) FROM effects",
-     """SELECT e.run_id, e.step, e.occurrence, e.pid, e.epoch, min(v.lease_epoch),
-               e.started
-        FROM effects e JOIN run_events v ON v.run_id = e.run_id
-             AND v.lease_epoch > e.epoch
-        WHERE pg_xact_commit_timestamp(v.xmin) < e.started
-        GROUP BY e.id, e.run_id, e.step, e.occurrence, e.pid, e.epoch, e.started"""),
-]
-
-
-def check(h: Harness) -> list[tuple[str, str, int, list[tuple[Any, ...]]]]:
-    out = []
-    for label, what, count_q, bad_q in INVARIANTS:
-        checked = int(h.q(count_q)[0][0])
-        out.append((label, what, checked, h.q(bad_q)))
-    return out
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def setup(dsn: str) -> float:
+    """The schema, the harness's tables and triggers, and the flow-control settings
+    (as an operator would set them, through the App); returns when the
+    per-second schedule was created (its first slot is the next second)."""
+    pgjournal.migrate(dsn, schema=SCHEMA)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE "{SCHEMA}".effects (id bigserial PRIMARY KEY, run_id uuid NOT '
+            "NULL, step text NOT NULL, occurrence int NOT NULL, pid int NOT NULL, "
+            "epoch bigint NOT NULL, started timestamptz NOT NULL, "
+            "at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        conn.execute(audit_sql(SCHEMA))
+
+    async def limits() -> None:
+        async with wl.build_app(dsn, SCHEMA) as app:
+            await app.set_concurrency_limit(wl.SOLO, 1)
+            await app.set_concurrency_limit("tenant-*", 2)
+            await app.set_rate_limit(wl.BUCKET, wl.CAPACITY, wl.REFILL)
+            await app.set_schedule(wl.SCHEDULE, "* * * * * *", "ticked", catchup="all",
+                                   catchup_window=7200)
+
+    asyncio.run(limits())
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(f'SELECT fire_after FROM "{SCHEMA}".schedules WHERE name = %s',
+                           (wl.SCHEDULE,)).fetchone()
+    assert row is not None
+    return float(row[0].timestamp())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -356,21 +254,30 @@ def run(args: argparse.Namespace) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="pgjournal-chaos-"))
     server = throwaway_server(settings={"fsync": "off", "track_commit_timestamp": "on"})
     h: Harness | None = None
+    bg: list[Any] = []
     try:
         dsn = server.dsn
-        pgjournal.migrate(dsn, schema=SCHEMA)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                f'CREATE TABLE "{SCHEMA}".effects (id bigserial PRIMARY KEY, run_id uuid NOT '
-                "NULL, step text NOT NULL, occurrence int NOT NULL, pid int NOT NULL, "
-                "epoch bigint NOT NULL, started timestamptz NOT NULL, "
-                "at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        plan, ranges = wl.make_plan(args, rng, time.time())
+        sched_lo = setup(dsn)
         h = Harness(dsn, SCHEMA, args, logdir, rng, server=server)
-        print(f"chaos: {args.runs} runs, {args.workers} workers (lease {args.lease}s), "
-              f"parallel steps {'on' if args.parallel else 'off'}, seed {args.seed}; "
-              f"logs in {logdir}", flush=True)
+        print(f"chaos: {args.runs} runs of each mix, {args.workers} workers (lease "
+              f"{args.lease}s), parallel steps {'on' if args.parallel else 'off'}, "
+              f"prune --older-than {args.older_than}, seed {args.seed}; logs in {logdir}",
+              flush=True)
         for _ in range(args.workers):
             h.spawn()
+        driver = wl.Driver(dsn, SCHEMA, plan, rng.randrange(1 << 30))
+        sampler = wl.KeySampler(dsn, SCHEMA)
+        # Failed runs are kept for the operator (the deadline repairs retry them).
+        pruner = wl.Maintenance(dsn, SCHEMA, ["prune", "--older-than", args.older_than,
+                                              "--status", "completed", "--status", "cancelled"],
+                                args.prune_interval, logdir / "prune.log")
+        maint = wl.Maintenance(dsn, SCHEMA, ["maintain"], args.maintain_interval,
+                               logdir / "maintain.log")
+        bg = [sampler, pruner, maint]
+        for t in bg:
+            t.start()
+        driver.start()
         t0 = time.monotonic()
         # Runs arrive over the first 60% of the fault window, so faults meet
         # runs at every stage (steps, sleeps, waits, replays).
@@ -380,9 +287,11 @@ def run(args: argparse.Namespace) -> int:
         server_kill_at = sorted(t0 + rng.uniform(0.2, 0.8) * args.seconds
                                 for _ in range(args.server_kills))
         next_fault = t0 + rng.uniform(0.5, 1.5) * args.fault_interval
-        next_report = t0
+        next_report = next_count = t0
+        counts: dict[str, int] = {}
         final_deadline = fault_end + args.settle
-        ended = ("completed", "failed", "dead", "cancelled")
+        sched_hi: float | None = None
+        sched_error: str | None = None
         while True:
             now = time.monotonic()
             while started < args.runs and arrivals[started] <= now:
@@ -390,14 +299,28 @@ def run(args: argparse.Namespace) -> int:
                 started += 1
             h.resume_due(force=now >= fault_end)
             h.send_signals()
-            counts = h.status_counts()
-            done = sum(counts.get(s, 0) for s in ended)
+            if now >= fault_end and sched_hi is None:
+                # Every slot up to now must fire; then the schedule is paused.
+                (db_now,) = h.q("SELECT now()")[0]
+                sched_error = wl.wait_schedule_caught_up(h.q, db_now, 30)
+                h.q("SELECT pause_schedule(%s)", wl.SCHEDULE)
+                sched_hi = db_now.timestamp()
+            if now >= next_count:   # a scan of every run: once a second is enough
+                counts = h.status_counts()
+                next_count = now + 1
+            live = sum(counts.get(s, 0) for s in ("queued", "running", "suspended"))
             if now >= next_report:
                 print(f"  t={now - t0:5.1f}s  " + "  ".join(
-                    f"{k}={v}" for k, v in sorted(counts.items())) + f"  | faults {h.faults}",
-                    flush=True)
+                    f"{k}={v}" for k, v in sorted(counts.items())) +
+                    f"  | faults {h.faults.brief()} | prunes {pruner.ok}, cancels "
+                    f"{driver.tally.cancels}, "
+                    f"forks {driver.tally.forks + driver.tally.tree_forks}, retries "
+                    f"{driver.tally.deadline_retries}", flush=True)
                 next_report = now + 2
-            if (started == args.runs and done == args.runs) or now > final_deadline:
+            if driver.error is not None:
+                raise RuntimeError("the client side failed") from driver.error
+            if (sched_hi is not None and started == args.runs and driver.done.is_set()
+                    and live == 0) or now > final_deadline:
                 break
             if now < fault_end:
                 if server_kill_at and now >= server_kill_at[0]:
@@ -409,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
                     next_fault = now + rng.uniform(0.5, 1.5) * args.fault_interval
             time.sleep(0.1)
         h.resume_due(force=True)
+        for t in bg:
+            t.halt.set()
+        driver.join(10)
         for w in h.alive():
             w.proc.send_signal(signal.SIGTERM)
         for w in h.workers:
@@ -417,73 +343,128 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait(5)
+        for t in bg:
+            t.join(130)
         elapsed = time.monotonic() - t0
-        results = check(h)
-        (recov,) = h.q("SELECT coalesce(sum(recoveries), 0)::int, count(*) FILTER "
-                       "(WHERE attempt > 1)::int, coalesce(sum(interruptions), 0)::int "
-                       "FROM runs")
-        (journal,) = h.q("SELECT count(*) FILTER (WHERE kind = 'step'), count(*) FILTER "
-                         "(WHERE kind = 'sleep'), count(*) FILTER (WHERE kind = 'signal'), "
-                         "count(*) FILTER (WHERE name ~ '^p[ab][12]$') FROM steps")
-        (late,) = h.q("SELECT count(*) FROM effects e WHERE EXISTS (SELECT 1 FROM "
-                      "run_events v WHERE v.run_id = e.run_id AND v.lease_epoch > e.epoch "
-                      "AND pg_xact_commit_timestamp(v.xmin) < e.at)")
-        (reexec,) = h.q("SELECT count(*) - count(DISTINCT (run_id, step, occurrence)) "
-                        "FROM effects")
-        refused = sum(w.log.read_text(errors="replace").count("lost the lease")
-                      for w in h.workers)
-        f = h.faults
-        print(f"\nchaos: {args.runs} runs in {elapsed:.1f}s\n")
-        print(table([
-            ("fault / event", "count"),
-            ("worker kill -9 (a new worker started each time)", str(f.worker_kills)),
-            ("worker paused (SIGSTOP) past its lease", str(f.worker_pauses)),
-            ("server kill -9 + restart", str(f.server_kills)),
-            ("signals sent", str(f.signals_sent)),
-            ("worker processes started", str(f.workers_started)),
-            ("crash recoveries (claims of an expired lease)", str(recov[0])),
-            ("claims after a server restart (interruptions)", str(recov[2])),
-            ("runs retried (attempt > 1)", str(recov[1])),
-            ("journal entries: steps / sleeps / signals / parallel", "/".join(map(str, journal))),
-            ("step re-executions (side effect before a lost journal write)", str(reexec[0])),
-            ("'lost the lease' in worker logs (fenced off)", str(refused)),
-            ("side effects landing after a takeover (step started before it)", str(late[0])),
-        ]))
-        print()
-        print(table([("invariant", "checked", "violations", "what")] + [
-            (label, str(n), str(len(bad)), what) for label, what, n, bad in results]))
-        bad_total = 0
-        for label, _what, _n, bad in results:
-            bad_total += len(bad)
-            for row in bad[:5]:
-                print(f"  violation {label}: {row}")
-        print(f"\nchaos: {'FAIL' if bad_total else 'PASS'}"
-              f" ({bad_total} violations); worker logs in {logdir}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "runs": args.runs, "seconds": elapsed, "faults": f.__dict__,
-                "recoveries": recov[0], "retried": recov[1], "interruptions": recov[2],
-                "fenced_off": refused, "late_effects": late[0], "parallel": args.parallel,
-                "pauses": args.pauses,
-                "invariants": {label: {"checked": n, "violations": len(bad),
-                                       "examples": [list(map(str, r)) for r in bad[:5]]}
-                               for label, _w, n, bad in results}}, indent=2))
-        return 1 if bad_total else 0
+        return report(h, args, elapsed, driver, sampler, pruner, maint,
+                      (sched_lo, sched_hi or time.time(), ranges, sched_error))
     finally:
         for w in h.workers if h is not None else []:
             if w.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.proc.pid, signal.SIGKILL)
                 w.proc.wait(10)
+        for t in bg:
+            t.halt.set()
         with contextlib.suppress(Exception):
             server.kill()
+        with contextlib.suppress(OSError):   # the deadlocks' details, for the report
+            shutil.copy(server.log_file, logdir / "server.log")
         server.cleanup()
+
+
+def report(h: Harness, args: argparse.Namespace, elapsed: float, driver: wl.Driver,
+           sampler: wl.KeySampler, pruner: wl.Maintenance, maint: wl.Maintenance,
+           sched: tuple[float, float, list[tuple[float, float]], str | None]) -> int:
+    """Print the faults and events, then the checks (one row each, 0 violations
+    wanted); write the figures as JSON when asked. Returns the exit code."""
+    q = h.q
+    tally = driver.tally
+    worker_logs = [w.log.read_text(errors="replace") for w in h.workers]
+    rows = checks.core_rows(q, tally, sampler, sched)
+    # A worker's deadlock reached the user when it surfaced as a failure (a claim,
+    # a batch of completions, a run's write reported as an outage), not when a
+    # retry of it was merely logged.
+    user_deadlocks = (tally.user_deadlocks + pruner.deadlocks + maint.deadlocks
+                      + [line[:200] for text in worker_logs for line in text.splitlines()
+                         if "deadlock" in line and ("failed" in line
+                                                    or "unavailable" in line)])
+    rows.append(checks.Row("X", "no deadlock or serialization failure reached a user "
+                           "(start_many/cancel/retry callers, worker logs, prune, maintain)",
+                           tally.start_many_calls + tally.cancels + pruner.ok + maint.ok,
+                           [(d,) for d in user_deadlocks]))
+    (recov,) = q("SELECT coalesce(sum(recoveries), 0)::int, count(*) FILTER "
+                 "(WHERE attempt > 1)::int, coalesce(sum(interruptions), 0)::int "
+                 "FROM a_runs")
+    (journal,) = q("SELECT count(*) FILTER (WHERE kind = 'step'), count(*) FILTER "
+                   "(WHERE kind = 'sleep'), count(*) FILTER (WHERE kind = 'signal'), "
+                   "count(*) FILTER (WHERE name ~ '^p[ab][12]$'), count(*) FILTER "
+                   "(WHERE kind = 'spawn'), count(*) FILTER (WHERE kind = 'children'), "
+                   "count(*) FILTER (WHERE kind = 'rate') FROM a_steps")
+    (late,) = q("SELECT count(*) FROM effects e WHERE EXISTS (SELECT 1 FROM "
+                "a_events v WHERE v.run_id = e.run_id AND v.lease_epoch > e.epoch "
+                "AND v.committed < e.at)")
+    (reexec,) = q("SELECT count(*) - count(DISTINCT (run_id, step, occurrence)) FROM effects")
+    (mix,) = q("SELECT count(*), count(*) FILTER (WHERE parent_run_id IS NOT NULL), "
+               "count(*) FILTER (WHERE meta ? 'schedule'), (SELECT count(*) FROM gone_runs) "
+               "FROM a_runs")
+    deadlocks_logged = h.server_log().count("deadlock detected") if h.server else 0
+    refused = sum(text.count("lost the lease") for text in worker_logs)
+    f = h.faults
+    print(f"\nchaos: {mix[0]} runs in {elapsed:.1f}s\n")
+    print(table([
+        ("fault / event", "count"),
+        ("worker kill -9 (a new worker started each time)", str(f.worker_kills)),
+        ("worker paused (SIGSTOP) past its lease", str(f.worker_pauses)),
+        ("server kill -9 + restart", str(f.server_kills)),
+        ("signals sent", str(f.signals_sent)),
+        ("worker processes started", str(f.workers_started)),
+        ("runs: all / children / schedule slots / pruned meanwhile", "/".join(map(str, mix))),
+        ("start_many calls (3 at once, overlapping keys)", str(tally.start_many_calls)),
+        ("trees cancelled / trees forked / solo runs forked / deadline repair retries",
+         f"{tally.cancels}/{tally.tree_forks}/{tally.forks}/{tally.deadline_retries}"),
+        ("prune runs ok / failed in an outage / failed otherwise",
+         f"{pruner.ok}/{pruner.outages}/{pruner.failed}"),
+        ("maintain runs ok / failed in an outage / failed otherwise",
+         f"{maint.ok}/{maint.outages}/{maint.failed}"),
+        ("key samples (running, live lease); peak per key",
+         f"{sampler.samples}; " + ", ".join(f"{k}={v}" for k, v in sorted(sampler.peak.items()))),
+        ("client calls that rode out an outage (retried)", str(tally.outages_ridden)),
+        ("deadlocks in the server log (retried or not)", str(deadlocks_logged)),
+        ("crash recoveries (claims of an expired lease)", str(recov[0])),
+        ("claims after a server restart (interruptions)", str(recov[2])),
+        ("runs retried (attempt > 1)", str(recov[1])),
+        ("journal: steps/sleeps/signals/parallel/spawns/child waits/rate takes",
+         "/".join(map(str, journal))),
+        ("step re-executions (side effect before a lost journal write)", str(reexec[0])),
+        ("'lost the lease' in worker logs (fenced off)", str(refused)),
+        ("side effects landing after a takeover (step started before it)", str(late[0])),
+    ]))
+    print()
+    print(table([("check", "checked", "violations", "what")] + [
+        (r.label, str(r.checked), str(r.violations), r.what) for r in rows]))
+    bad_total = sum(r.violations for r in rows)
+    for r in rows:
+        for example in r.bad[:5]:
+            print(f"  violation {r.label}: {example}")
+        if r.label == "3a" and r.bad:   # which runs, by workflow, status and error
+            kinds = Counter(f"{wf} {status} {etype}" for _, wf, status, etype, _ in r.bad)
+            print("  3a by kind: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
+        if r.label == "K" and r.bad:
+            print(f"  K: {sum(1 for o in sampler.over if not o[3])} of the samples over a "
+                  "limit had no keyless run among the key's running runs")
+    print(f"\nchaos: {'FAIL' if bad_total else 'PASS'}"
+          f" ({bad_total} violations); logs in {h.logdir}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "runs": args.runs, "all_runs": mix[0], "seconds": elapsed, "faults": f.__dict__,
+            "recoveries": recov[0], "retried": recov[1], "interruptions": recov[2],
+            "fenced_off": refused, "late_effects": late[0], "parallel": args.parallel,
+            "pauses": args.pauses, "pruned": mix[3], "deadlocks_logged": deadlocks_logged,
+            "invariants": {r.label: {"what": r.what, "checked": r.checked,
+                                     "violations": r.violations,
+                                     "examples": [list(map(str, e)) for e in r.bad[:5]]}
+                           for r in rows}}, indent=2))
+    return 1 if bad_total else 0
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--runs", type=int, default=300,
+                   help="runs of the core workflow; the feature mix scales with it "
+                        "(runs/8 trees, runs/4 keyed, runs/8 rated, runs/20 deadline "
+                        "repairs, runs/10 rounds of start_many)")
     p.add_argument("--seconds", type=float, default=180.0,
                    help="how long faults are injected (then the runs may finish)")
     p.add_argument("--settle", type=float, default=90.0,
@@ -496,6 +477,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-kills", type=int, default=2)
     p.add_argument("--step-pause", type=float, default=0.2,
                    help="seconds each step function takes after its side effect")
+    p.add_argument("--hold", type=float, default=0.6,
+                   help="seconds a keyed run holds its key in its middle step")
+    p.add_argument("--idle", type=float, default=4.0,
+                   help="seconds a tree sleeps while its second children end (prune "
+                        "may come by)")
+    p.add_argument("--deadline", type=float, default=3.0,
+                   help="timeout= of the child a deadliner spawns (it sleeps 2x that)")
+    p.add_argument("--older-than", default="1s",
+                   help="prune's --older-than, run every --prune-interval seconds")
+    p.add_argument("--prune-interval", type=float, default=3.0,
+                   help="seconds between prunes (each a CLI process: about a second "
+                        "of CPU)")
+    p.add_argument("--maintain-interval", type=float, default=8.0,
+                   help="seconds between `pgjournal maintain` runs")
+    p.add_argument("--backfill-slots", type=int, default=1000,
+                   help="slots of the first backfill queued from SQL (1000 = one "
+                        "round's budget: the second backfill then plans in a round "
+                        "with none left)")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="include the parallel steps (asyncio.gather)")
     p.add_argument("--pauses", action=argparse.BooleanOptionalAction, default=True,

@@ -217,6 +217,8 @@ class App:
         self.workflows: dict[str, Workflow] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self._store: Store | None = None
+        #: workflow -> (queue live workers serve it on, monotonic expiry): see _client_queue.
+        self._served: dict[str, tuple[str, float]] = {}
         self._open_lock: asyncio.Lock | None = None
         self._done_listener: Listener | None = None
         self._waiters: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
@@ -443,9 +445,12 @@ class App:
         (``UnknownWorkflow``, naming the closest registered ones): a typo must
         not sit in a queue forever. A client-only app (no workflows
         registered) may start any name; only workers that registered it claim
-        the run. The same ``idempotency_key`` always yields the same run.
+        the run; without ``queue=`` it goes to the queue live workers
+        registered the name on (``ConfigurationError`` if they serve it on
+        several), or ``default`` if no live worker knows it yet. The same
+        ``idempotency_key`` always yields the same run.
         """
-        target = self._start_target(workflow, queue)
+        target = self._start_target(workflow, await self._client_queue(workflow, queue))
         input_json = self.serializer.dumps({"args": list(args), "kwargs": kwargs},
                                            what=f"input of workflow {target.name!r}")
         store = await self.store()
@@ -496,7 +501,7 @@ class App:
         The new runs' ids are UUIDs of version 7 (time-ordered; see
         ``_new_run_ids``), where ``start`` makes version 4 ones.
         """
-        target = self._start_target(workflow, queue)
+        target = self._start_target(workflow, await self._client_queue(workflow, queue))
         if isinstance(items, str | bytes | Mapping):
             raise ConfigurationError(
                 f"start_many: items is a {type(items).__qualname__}; give a list with "
@@ -578,6 +583,36 @@ class App:
         texts = [self.serializer.dumps(p, what=f"input of workflow {name!r} (item {i})")
                  for i, p in enumerate(payloads)]
         return "[" + ",".join(texts) + "]"
+
+    async def served_queues(self, workflow: str) -> list[str]:
+        """The queues on which live workers take runs of ``workflow`` (each worker
+        registers its workflows' queues), sorted."""
+        store = await self.store()
+        rows = await store.fetch("served_queues", workflow=workflow)
+        return sorted(str(r["queue"]) for r in rows)
+
+    async def _client_queue(self, workflow: str | Callable[..., Any],
+                            queue: str | None) -> str | None:
+        """The queue a client-only app (no workflows registered) starts ``workflow``
+        on when no ``queue=`` is given: the one live workers serve it on. Without
+        this a run went to ``default`` while a worker served the name on another
+        queue, and waited there forever. Answers are kept 30 s (one query, not
+        one per start)."""
+        if queue is not None or self.workflows or not isinstance(workflow, str):
+            return queue
+        now = time.monotonic()
+        known = self._served.get(workflow)
+        if known is not None and known[1] > now:
+            return known[0]
+        queues = await self.served_queues(workflow)
+        if len(queues) > 1:
+            raise ConfigurationError(
+                f"live workers serve workflow {workflow!r} on several queues "
+                f"({', '.join(queues)}); pass queue= to choose one")
+        if not queues:
+            return None
+        self._served[workflow] = (queues[0], now + 30.0)
+        return queues[0]
 
     def _start_target(self, workflow: str | Callable[..., Any],
                       queue: str | None) -> _StartTarget:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import select
+import sys
 from typing import Any
 
 import psycopg
@@ -126,10 +127,20 @@ def resolve_dsn(dsn: str | None = None) -> str:
     from .embedded import dev_server
 
     server = dev_server()
-    log.warning("no DSN given and PGJOURNAL_DSN unset: using the embedded dev server at %s "
-                "(data in %s); set PGJOURNAL_DSN for a real database, or "
-                "PGJOURNAL_REQUIRE_DSN=1 to make this an error", server.dsn, server.data_dir)
+    if server.dsn not in _DEV_WARNED:  # once per process (the dashboard resolves twice)
+        _DEV_WARNED.add(server.dsn)
+        message = (f"no DSN given and PGJOURNAL_DSN unset: using the embedded dev server at "
+                   f"{server.dsn} (data in {server.data_dir}); set PGJOURNAL_DSN for a real "
+                   "database, or PGJOURNAL_REQUIRE_DSN=1 to make this an error")
+        if log.hasHandlers():
+            log.warning(message)
+        else:  # logging not set up (the CLI, a script): Python would drop the level
+            print(f"WARNING: pgjournal: {message}", file=sys.stderr)
     return server.dsn
+
+
+#: Dev-server DSNs this process has warned about.
+_DEV_WARNED: set[str] = set()
 
 
 def describe_connect_error(dsn: str, exc: BaseException) -> str:

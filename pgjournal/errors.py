@@ -20,8 +20,21 @@ class DatabaseUnavailable(PgJournalError):
     """The database cannot be reached or refuses the connection."""
 
 
+class TransactionConflict(PgJournalError):
+    """A statement lost a deadlock (40P01) or a serialization conflict (40001)
+    with another transaction, and kept losing it after the store's bounded
+    retries. Nothing it meant to write was written (the transaction rolled
+    back) and the database is up: trying again later is safe. Not an outage,
+    so it is not a ``DatabaseUnavailable``."""
+
+
 class SchemaNotReady(PgJournalError):
     """The schema is missing or at another version than this code."""
+
+
+class PermissionDenied(PgJournalError, PermissionError):
+    """The database role may not do this: e.g. a dashboard, scrape or listing on the
+    worker role of ``sql/roles.sql``, which reads no view (the reader role does)."""
 
 
 class SerializationError(PgJournalError, TypeError):

@@ -30,9 +30,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from psycopg import errors as pgerr
 from psycopg import sql
 
 from ._sql import named_queries, schema_query
+from .roles import permission_denied
 
 if TYPE_CHECKING:
     from .app import App
@@ -149,18 +151,25 @@ def query_names() -> list[str]:
 async def fetch_rows(app: App, *, window: float = DEFAULT_WINDOW
                      ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """Every named statement's rows, in one read-only snapshot, and the seconds
-    each took (as the client saw them)."""
+    each took (as the client saw them). A role that may not read them (the
+    worker role of ``sql/roles.sql``) gets ``PermissionDenied`` naming the
+    reader role."""
     store = await app.store()
     rows: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
-    async with store.pool.connection() as conn, conn.transaction():
-        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        await conn.execute(f"SET LOCAL statement_timeout = {int(SCRAPE_TIMEOUT * 1000)}")
-        for name in query_names():
-            started = time.perf_counter()
-            cur = await conn.execute(metrics_query(name, app.schema), {"window": window})
-            rows[name] = [dict(r) for r in await cur.fetchall()]
-            seconds[name] = time.perf_counter() - started
+    async with store.pool.connection() as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                await conn.execute(f"SET LOCAL statement_timeout = {int(SCRAPE_TIMEOUT * 1000)}")
+                for name in query_names():
+                    started = time.perf_counter()
+                    cur = await conn.execute(metrics_query(name, app.schema), {"window": window})
+                    rows[name] = [dict(r) for r in await cur.fetchall()]
+                    seconds[name] = time.perf_counter() - started
+        except pgerr.InsufficientPrivilege as exc:
+            # e.g. scraping as the worker role, which reads no view: say which role to use.
+            raise permission_denied(exc, schema=app.schema, user=conn.info.user) from exc
     return rows, seconds
 
 
@@ -248,13 +257,37 @@ async def collect_families(app: App, *, window: float = DEFAULT_WINDOW) -> list[
     scrape = Family("pgjournal_scrape_seconds", "gauge", "Seconds this scrape took.")
     scrape.add(time.perf_counter() - started)
     return [queue_runs, expired, claimable, lag, paused, limit, ended, takeovers, window_fam,
-            workers, slots, keys, behind, available, capacity, cost, scrape]
+            workers, slots, keys, behind, available, capacity, *_lag_families(rows), cost,
+            scrape]
+
+
+def _lag_families(rows: dict[str, list[dict[str, Any]]]) -> list[Family]:
+    """The lag of resumptions and of new runs, apart (statement ``queue_lag``).
+
+    A claim takes a run that already started (timer due, signal arrived,
+    children ended, lease expired) ahead of new runs of its priority, so the
+    two lags tell different stories: a resumption lag that grows means the
+    workers do not keep up with work in progress (timers fire late, crashed
+    runs wait); a new-run lag that grows alone means a backlog of new work.
+    """
+    lag = Family("pgjournal_queue_lag_seconds", "gauge",
+                 "How long the oldest claimable run of the kind has been due (0: none); "
+                 "kind=resumption: it started before (timer, signal, children, expired "
+                 "lease), claimed first; kind=new: it never started.")
+    due = Family("pgjournal_queue_due_runs", "gauge",
+                 "Claimable runs of the queue by kind (resumption, new).")
+    for r in rows["queue_lag"]:
+        lag.add(r["resumption_seconds"], queue=r["queue"], kind="resumption")
+        lag.add(r["new_seconds"], queue=r["queue"], kind="new")
+        due.add(r["resumptions_due"], queue=r["queue"], kind="resumption")
+        due.add(r["new_due"], queue=r["queue"], kind="new")
+    return [lag, due]
 
 
 async def collect(app: App, *, window: float = DEFAULT_WINDOW) -> str:
     """The database-wide gauges of ``app``'s schema in the Prometheus text format.
 
-    Six statements (``sql/metrics.sql``) in one read-only snapshot, each
+    The statements of ``sql/metrics.sql`` in one read-only snapshot, each
     index-backed: the cost does not grow with the history of finished runs.
     """
     return render(await collect_families(app, window=window))

@@ -8,10 +8,11 @@ can only read, runs the script this module returns, e.g.
 
 from __future__ import annotations
 
+import psycopg
 from psycopg import sql
 
 from ._sql import sql_dir, validate_identifier
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PermissionDenied
 
 DEFAULT_WORKER_ROLE = "pgjournal_worker"
 DEFAULT_READER_ROLE = "pgjournal_reader"
@@ -44,3 +45,24 @@ def roles_sql(
         params[key] = sql.Identifier(name)
         params[f"{key}_name"] = sql.Literal(name)
     return sql.SQL(template).format(**params).as_string(None)
+
+
+def permission_denied(exc: psycopg.Error, *, schema: str, user: str | None,
+                      write: bool = False) -> PermissionDenied:
+    """A refused statement (``insufficient_privilege``) as one clear sentence: what
+    the database said, which role, and which role of the roles script may do it.
+
+    Dashboards, scrapes and listings pointed at the worker role (which reads no
+    view, by design) or at a role without grants answer this, never a traceback.
+    ``write``: the refused statement changes state (an action, not a read).
+    """
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    who = f"role {user!r}" if user else "this database role"
+    if write:
+        return PermissionDenied(
+            f"{said}: {who} may not change schema {schema!r}. Actions need the schema's "
+            "owner, or a role granted the client functions (docs/dba.md, Roles)")
+    return PermissionDenied(
+        f"{said}: {who} may not read schema {schema!r}. Dashboards, metrics scrapes "
+        f"and read-only commands need the reader role (`pgjournal roles --schema {schema}`, "
+        "docs/dba.md) or SELECT on the schema's tables and views")

@@ -119,6 +119,9 @@ class Run:
         when the wait is long. A third item, ``rate=(bucket, units, usage)``, is
         a function of the step's result returning the units really used: the
         bucket is corrected by the difference (see also ``report_usage``).
+        Every call of ``fn`` takes its units: an in-process retry, and a new
+        attempt of the run calling a step that failed, take them again (and
+        wait for them); a replay, or a call made again after a crash, does not.
         """
         return await steps.step(self._engine, name, fn, args, kwargs, retries=retries,
                                 backoff=backoff, rate=rate, reserved=self._reserved)

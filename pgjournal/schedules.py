@@ -382,6 +382,53 @@ def plan_round(rule: CronRule, policy: str, window: float, cursor: float,
     return Plan(fire, until, nxt_slot)
 
 
+def plan_backfills(rule: CronRule, requests: Sequence[dict[str, Any]], now: float,
+                   budget: int = MAX_SLOTS_PER_ROUND) -> tuple[list[dict[str, Any]], list[int]]:
+    """The slots one round starts for a schedule's queued backfill requests, and
+    the requests left for later rounds.
+
+    Requests are served in order, at most ``budget`` slots in all; a request
+    the budget cuts short continues after its last planned slot, and requests
+    the budget does not reach are left as they are (never planned from an
+    empty list). A backfill reaches no further than ``now``: later slots are
+    the schedule's own, fired on time (or not at all while it is paused), so
+    a request's future part is dropped rather than started early -- starting
+    it would take the slot's idempotency key before the slot came.
+
+    A request that cannot be planned (hand-written, out of range) is kept,
+    marked with ``"error"``, and skipped from then on: it must not stop the
+    schedule's regular slots nor the other requests. ``set_schedule`` clears
+    such requests.
+    """
+    left: list[dict[str, Any]] = []
+    fire: list[int] = []
+    for req in requests:
+        if "error" in req:
+            left.append(req)  # failed earlier: kept for the operator, not retried
+            continue
+        if budget <= 0:
+            left.append(req)  # the next round's
+            continue
+        try:
+            lo = datetime.fromisoformat(req["from"]).timestamp()
+            hi = min(datetime.fromisoformat(req["to"]).timestamp(), now)
+            # Slots in [from, to]: strictly after one second before ``from``.
+            got = [t for t in rule.slots_between(math.ceil(lo) - 1, math.floor(hi),
+                                                 limit=budget + 1) if lo <= t <= hi]
+        except Exception as exc:  # any failure is this request's alone
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("schedule backfill %s cannot be planned: %s", req, reason)
+            left.append({**req, "error": f"cannot plan this backfill: {type(exc).__name__}: "
+                                         f"{reason}"})
+            continue
+        if len(got) > budget:
+            got = got[:budget]
+            left.append({"from": from_epoch(got[-1] + 1).isoformat(), "to": req["to"]})
+        budget -= len(got)
+        fire.extend(got)
+    return left, fire
+
+
 # -- declarations --------------------------------------------------------------
 
 
@@ -553,7 +600,6 @@ class Scheduler:
         rule = self._rule(row["cron"], row["timezone"])
         now = row["db_now"].timestamp()
         slots: list[int] = []
-        backfills: list[dict[str, str]] = []
         if not row["paused"] and (row["next_fire_at"] is None
                                   or row["next_fire_at"] <= row["db_now"]):
             plan = plan_round(rule, row["catchup"],
@@ -563,32 +609,27 @@ class Scheduler:
             item["fire_after"] = from_epoch(plan.cursor).isoformat()
             item["next_fire_at"] = (from_epoch(plan.next_fire).isoformat()
                                     if plan.next_fire is not None else None)
-        budget = MAX_SLOTS_PER_ROUND
-        for req in row["backfills"] or []:
-            lo = datetime.fromisoformat(req["from"]).timestamp()
-            hi = datetime.fromisoformat(req["to"]).timestamp()
-            # Slots in [from, to]: strictly after one second before ``from``.
-            got = rule.slots_between(math.ceil(lo) - 1, math.floor(hi), limit=budget + 1)
-            got = [t for t in got if lo <= t <= hi]
-            if len(got) > budget:
-                got = got[:budget]
-                backfills.append({"from": from_epoch(got[-1] + 1).isoformat(),
-                                  "to": req["to"]})
-            budget -= len(got)
-            item.setdefault("backfill_slots", []).extend(
-                from_epoch(t).isoformat() for t in got)
+        backfills, back = plan_backfills(rule, row["backfills"] or [], now)
+        if back:
+            item["backfill_slots"] = [from_epoch(t).isoformat() for t in back]
         item["backfills"] = backfills
         item["slots"] = [from_epoch(t).isoformat() for t in slots]
         return item
 
 
-def backfill_slots(cron: str, timezone: str, start: datetime, end: datetime) -> list[datetime]:
-    """The slots of a rule in ``[start, end]`` (aware datetimes), for a backfill."""
+def backfill_slots(cron: str, timezone: str, start: datetime, end: datetime,
+                   now: datetime | None = None) -> list[datetime]:
+    """The slots of a rule in ``[start, end]`` (aware datetimes) that a backfill
+    starts: those not after ``now`` (default: the current time). Later slots
+    are left to the schedule, which fires them on time; a backfill that
+    started them would start them early and take their idempotency keys
+    (``backfill_schedule`` in SQL drops them too, by the database's clock)."""
     rule = CronRule(cron, timezone)
     lo, hi = to_epoch(start), to_epoch(end)
     if hi < lo:
         raise ConfigurationError(f"backfill range ends ({end.isoformat()}) before it starts "
                                  f"({start.isoformat()})")
+    hi = min(hi, to_epoch(now) if now is not None else datetime.now(UTC).timestamp())
     got = rule.slots_between(math.ceil(lo) - 1, math.floor(hi), limit=MAX_BACKFILL_SLOTS + 1)
     got = [t for t in got if lo <= t <= hi]
     if len(got) > MAX_BACKFILL_SLOTS:

@@ -20,7 +20,7 @@ float, ``-0.0`` stays negative zero) survive the database.
   ``{"$pgjournal": "dict", "data": {...}}``, so stored data can never pose as
   one of our envelopes.
 - Anything else is refused with a clear error, unless pickle was switched on
-  explicitly (``Serializer(allow_pickle=True)``): unpickling what a database
+  explicitly (``App(..., allow_pickle=True)``): unpickling what a database
   row holds runs code, so it is never the default.
 """
 
@@ -60,6 +60,10 @@ def _text_problem(text: str) -> str | None:
         return (f"contains a lone surrogate (\\u{ord(m.group()):04x}), which is not "
                 "valid UTF-8 (a badly decoded string?)")
     return None
+
+
+#: How a user opts in, named the same in every message and in the README.
+PICKLE_OPT_IN = "App(..., allow_pickle=True)"
 
 
 def find_problem(value: Any, path: str = "$", *, allow_pickle: bool = False,
@@ -169,8 +173,10 @@ class Serializer:
         where = f"{found[0]} {found[1]}" if found else fallback
         hint = ""
         if found and "JSON serializable" in found[1] and not self.allow_pickle:
-            hint = ("; return JSON data or a pydantic model, or opt in to pickle "
-                    "with Serializer(allow_pickle=True)")
+            # What the code returns (a step's result, a workflow's output) or passes.
+            verb = "return" if what.startswith(("result", "output")) else "pass"
+            hint = (f"; {verb} JSON data or a pydantic model, or opt in to pickle "
+                    f"with {PICKLE_OPT_IN}")
         elif found and ("NUL" in found[1] or "surrogate" in found[1]):
             hint = "; clean the text before returning it (e.g. text.replace('\\x00', ''))"
         return SerializationError(f"cannot store the {what}: {where}{hint}")
@@ -220,8 +226,8 @@ class Serializer:
             if tag == "pickle":
                 if not self.allow_pickle:
                     raise SerializationError(
-                        "this value was stored with pickle; load it with "
-                        "Serializer(allow_pickle=True) if you trust the database"
+                        f"this value was stored with pickle; read it with {PICKLE_OPT_IN} "
+                        "if you trust the database"
                     )
                 return pickle.loads(base64.b64decode(value["data"]))
             return {k: self.loads(v) for k, v in value.items()}

@@ -8,7 +8,10 @@ Database errors that a user can cause come out as pgjournal errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +29,7 @@ from .errors import (
     DatabaseUnavailable,
     InvalidState,
     SchemaNotReady,
+    TransactionConflict,
     UnknownRun,
     UnknownSchedule,
 )
@@ -34,6 +38,30 @@ from .serializer import Serializer
 
 Row = dict[str, Any]
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Row]]
+
+log = logging.getLogger("pgjournal.store")
+
+#: SQLSTATEs of a transaction that lost a conflict with another one: a deadlock
+#: (40P01) or a serialization failure (40001). The server rolled the whole
+#: transaction back and is up; nothing it wrote is left.
+CONFLICT_STATES = frozenset({"40P01", "40001"})
+
+#: How many times the store sends a statement that lost such a conflict (the
+#: first try included) before it raises ``TransactionConflict``.
+CONFLICT_TRIES = 6
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a deadlock or a serialization failure (see ``CONFLICT_STATES``)."""
+    return getattr(exc, "sqlstate", None) in CONFLICT_STATES
+
+
+def conflict_pause(attempt: int) -> float:
+    """Seconds to wait before try ``attempt + 1`` of a statement that lost a
+    conflict: uniform between 0 and 20 ms x 2^(attempt-1), at most 1 s ("full
+    jitter"). Two transactions that deadlocked each other, sent again at once,
+    tend to meet again; a random pause lets one of them finish first."""
+    return random.uniform(0.0, min(1.0, 0.02 * 2 ** max(attempt - 1, 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +97,14 @@ def translate_error(exc: psycopg.Error, schema: str) -> Exception:
         return UnknownRun(msg)
     if state == "PJ409":
         return InvalidState(msg)
+    if state in CONFLICT_STATES:
+        # Before the OperationalError test below: psycopg's DeadlockDetected
+        # and SerializationFailure are OperationalErrors, but the database is
+        # up and nothing was written.
+        what = "a deadlock" if state == "40P01" else "a serialization failure"
+        return TransactionConflict(
+            f"the statement lost {what} with another transaction ({msg}); nothing was "
+            "written and trying again is safe")
     if isinstance(exc, pgerr.UndefinedTable | pgerr.UndefinedFunction | pgerr.InvalidSchemaName):
         return SchemaNotReady(
             f"schema {schema!r} is missing or incomplete ({msg}); run "
@@ -80,7 +116,18 @@ def translate_error(exc: psycopg.Error, schema: str) -> Exception:
 
 
 class Store:
-    """Async access to one pgjournal schema through a connection pool."""
+    """Async access to one pgjournal schema through a connection pool.
+
+    Each named query is one statement on an autocommit connection: one whole
+    transaction. One that loses a deadlock or a serialization failure
+    (``CONFLICT_STATES``) was rolled back entirely, so it is sent again, up to
+    ``conflict_tries`` times with a random pause (``conflict_pause``): its
+    caller never sees it, and it is never reported as ``DatabaseUnavailable``.
+    Past that it raises ``TransactionConflict``.
+    """
+
+    #: Tries of a statement that keeps losing conflicts (see the class docstring).
+    conflict_tries: int = CONFLICT_TRIES
 
     def __init__(self, pool: Pool, *, schema: str = "pgjournal",
                  serializer: Serializer | None = None) -> None:
@@ -125,29 +172,64 @@ class Store:
 
         A query that is safe to repeat is retried once on a broken connection
         (after a server restart the pool may still hold dead connections).
+        Any query is sent again after a deadlock or a serialization failure:
+        on the pool's autocommit connections it was a whole transaction, and
+        the server rolled all of it back (see the class docstring).
         """
         tries = 2 if query in _RETRYABLE else 1
-        for attempt in range(tries):
+        broken = conflicts = 0
+        while True:
             try:
                 async with self.pool.connection() as conn:
                     cur = await conn.execute(self.q[query], params)
                     return await cur.fetchall() if cur.description else []
-            except psycopg.OperationalError as exc:
-                if attempt + 1 < tries:
-                    continue
-                raise translate_error(exc, self.schema) from exc
             except psycopg.Error as exc:
+                if is_conflict(exc):
+                    conflicts += 1
+                    if conflicts < self.conflict_tries:
+                        await self._pause_after_conflict(query, exc, conflicts)
+                        continue
+                elif isinstance(exc, psycopg.OperationalError):
+                    broken += 1
+                    if broken < tries:
+                        continue
                 raise translate_error(exc, self.schema) from exc
-        raise AssertionError("unreachable")
 
     async def fetch_on(self, conn: psycopg.AsyncConnection[Row], query: str, /,
                        **params: Any) -> list[Row]:
-        """Run the named query on ``conn`` (not the pool), translating errors."""
-        try:
-            cur = await conn.execute(self.q[query], params)
-            return await cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise translate_error(exc, self.schema) from exc
+        """Run the named query on ``conn`` (not the pool), translating errors.
+
+        On an autocommit connection outside a transaction block the statement
+        is a whole transaction, and is sent again after a deadlock or a
+        serialization failure, as in ``fetch``. Inside a caller's transaction
+        it is not (the caller's transaction is aborted): the caller gets
+        ``TransactionConflict`` and decides.
+        """
+        whole = conn.autocommit and \
+            conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        conflicts = 0
+        while True:
+            try:
+                cur = await conn.execute(self.q[query], params)
+                return await cur.fetchall() if cur.description else []
+            except psycopg.Error as exc:
+                if whole and is_conflict(exc):
+                    conflicts += 1
+                    if conflicts < self.conflict_tries:
+                        await self._pause_after_conflict(query, exc, conflicts)
+                        continue
+                raise translate_error(exc, self.schema) from exc
+
+    async def _pause_after_conflict(self, query: str, exc: psycopg.Error, attempt: int) -> None:
+        """Say (at INFO: it is no fault) that ``query`` lost a conflict and
+        will be sent again, then wait a random while (``conflict_pause``)."""
+        pause = conflict_pause(attempt)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.info("%s lost a conflict with another transaction (%s, SQLSTATE %s); "
+                 "retry %d of %d in %.0f ms", query, first,
+                 getattr(exc, "sqlstate", None), attempt, self.conflict_tries - 1,
+                 pause * 1000)
+        await asyncio.sleep(pause)
 
     async def fetchone(self, query: str, /, **params: Any) -> Row | None:
         rows = await self.fetch(query, **params)
@@ -340,9 +422,11 @@ class Store:
 
     async def take_units(self, **params: Any) -> tuple[str, datetime]:
         """Take units from a rate bucket for a journal entry (see ``take_units`` in SQL):
-        ('taken' | 'suspended' | 'lost:<status>', the time the units are ready)."""
+        ('taken' | 'lost:<status>', the time the units are ready). ``again=True``
+        takes them again for the entry already journaled (a new call of its step)."""
         params.setdefault("turn", None)
         params.setdefault("calls_before", None)
+        params.setdefault("again", False)
         row = await self.fetchone("take_units", **params)
         assert row is not None
         return row["outcome"], row["ready_at"]
@@ -491,17 +575,31 @@ class Store:
         """One scheduler round in one transaction: claim due schedules (skipping
         rows other rounds hold), ``plan(row)`` each in Python, start the runs and
         advance the rows. Returns the number of runs started."""
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                rows = await self.fetch_on(conn, "claim_schedules", workflows=list(workflows),
-                                           declared=list(declared), limit=limit)
-                if not rows:
-                    return 0
-                items = [plan(row) for row in rows]
-                out = await self.fetch_on(conn, "fire_schedules", items=json.dumps(items))
-                return int(out[0]["started"]) if out else 0
-        except psycopg.OperationalError as exc:
-            raise translate_error(exc, self.schema) from exc
+        conflicts = 0
+        while True:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    rows = await self.fetch_on(conn, "claim_schedules",
+                                               workflows=list(workflows),
+                                               declared=list(declared), limit=limit)
+                    if not rows:
+                        return 0
+                    items = [plan(row) for row in rows]
+                    out = await self.fetch_on(conn, "fire_schedules", items=json.dumps(items))
+                    return int(out[0]["started"]) if out else 0
+            except (TransactionConflict, psycopg.Error) as exc:
+                # A conflict (in a statement, or at commit) rolled the round's
+                # transaction back whole; the plan is computed from the rows it
+                # claims, so the round runs again.
+                cause = exc.__cause__ if isinstance(exc, TransactionConflict) else exc
+                if isinstance(cause, psycopg.Error) and is_conflict(cause):
+                    conflicts += 1
+                    if conflicts < self.conflict_tries:
+                        await self._pause_after_conflict("schedule round", cause, conflicts)
+                        continue
+                if isinstance(exc, psycopg.OperationalError):
+                    raise translate_error(exc, self.schema) from exc
+                raise
 
     async def schedules_next_due(self, workflows: Sequence[str], declared: Sequence[str],
                                  ) -> tuple[datetime | None, datetime]:

@@ -95,6 +95,9 @@ _claimed: OrderedDict[tuple[uuid.UUID, int], tuple[dict[str, str] | None, Any]] 
 _CLAIMED_MAX = 10_000
 
 
+#: Whether reading the stored trace contexts failed once already (warned once).
+_warned = False
+
 #: A provider given to ``set_tracer_provider`` (else the global one is used).
 _provider: Any = None
 
@@ -243,22 +246,26 @@ async def _claim(otel: Any, store: Store, coro: Awaitable[list[Claim]]) -> list[
 
 async def _read_contexts(store: Store, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
     """The stored trace context of each run: its own, else its parent's, else its
-    root's (child runs carry the context of the run that spawned them)."""
-    from psycopg import sql
+    root's (child runs carry the context of the run that spawned them).
 
-    query = sql.SQL(
-        "SELECT r.id, coalesce(r.meta->'trace', p.meta->'trace', t.meta->'trace') AS trace "
-        "FROM {s}.runs r LEFT JOIN {s}.runs p ON p.id = r.parent_run_id "
-        "LEFT JOIN {s}.runs t ON t.id = r.root_run_id WHERE r.id = ANY(%s)"
-    ).format(s=sql.Identifier(store.schema))
+    Read through the schema's ``trace_contexts`` function (``sql/queries.sql``),
+    never from ``runs`` directly: the worker role of ``sql/roles.sql`` may not
+    read tables, and its spans would silently leave the caller's trace."""
+    global _warned
     try:
         async with store.pool.connection() as conn:
-            cur = await conn.execute(query, (ids,))
+            cur = await conn.execute(store.q["trace_contexts"], {"ids": ids})
             rows = await cur.fetchall()
-    except Exception as exc:  # tracing never fails a run
-        log.debug("could not read trace contexts: %s", exc)
+    except Exception as exc:  # tracing never fails a run, but says once why it is cut
+        if not _warned:
+            _warned = True
+            log.warning("could not read the trace contexts of claimed runs (their spans "
+                        "start traces of their own): %s", str(exc).splitlines()[0]
+                        if str(exc) else type(exc).__name__)
+        else:
+            log.debug("could not read trace contexts: %s", exc)
         return {}
-    return {r["id"]: r["trace"] for r in rows if isinstance(r["trace"], dict)}
+    return {r["run_id"]: r["trace"] for r in rows if isinstance(r["trace"], dict)}
 
 
 def _empty_context() -> Any:

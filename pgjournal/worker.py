@@ -31,13 +31,14 @@ from .errors import (
     DatabaseUnavailable,
     SerializationError,
     TerminalError,
+    TransactionConflict,
 )
 from .lease import Lease
 from .listener import Listener
 from .metrics import DEFAULT_HOST, WorkerMetrics, bound_address, serve_metrics
 from .run import Abandoned, Run, Suspended, describe_exception
 from .schedules import WAKE_TOPIC, Scheduler
-from .store import Claim, Store
+from .store import Claim, Store, conflict_pause
 from .tracing import attempt as traced_attempt
 from .tracing import claim as traced_claim
 
@@ -63,7 +64,16 @@ class _Completer:
     anything but a lost database, its items are retried one by one, so only
     the item the database refuses gets the error (its run then fails
     terminally) while the others complete.
+
+    A batch that lost a deadlock or serialization conflict even after the
+    store's own retries (``TransactionConflict``: rolled back, nothing
+    written, the database is up) is sent again after a random pause, up to
+    ``conflict_rounds`` times: giving its runs up made each wait out its lease
+    and count a crash recovery (issue 20, row 7).
     """
+
+    #: Sends of one batch that keeps losing conflicts, the first included.
+    conflict_rounds = 4
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -78,6 +88,7 @@ class _Completer:
         return await fut
 
     async def _flush(self) -> None:
+        conflicts = 0
         while self._pending:
             batch, self._pending = self._pending, []
             try:
@@ -86,6 +97,21 @@ class _Completer:
                 for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+                continue
+            except TransactionConflict as exc:
+                conflicts += 1
+                if conflicts < self.conflict_rounds:
+                    pause = conflict_pause(conflicts + self._store.conflict_tries)
+                    log.info("a batch of %d completions lost a conflict with another "
+                             "transaction (%s); sending it again in %.0f ms", len(batch),
+                             exc, pause * 1000)
+                    await asyncio.sleep(pause)
+                    self._pending = batch + self._pending
+                    continue
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                conflicts = 0
                 continue
             except Exception as exc:
                 if len(batch) == 1:
@@ -96,6 +122,7 @@ class _Completer:
                             "by one", len(batch), type(exc).__name__, exc)
                 await self._one_by_one(batch)
                 continue
+            conflicts = 0
             for run_id, _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(run_id in done)
@@ -175,6 +202,9 @@ class Worker:
         self._stuck_beats: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Set once the worker is registered (its workflows' queues are known to
+        #: clients: ``App.start`` without ``queue=``) and about to claim.
+        self.serving = asyncio.Event()
         self._store: Store | None = None
         self._completer: _Completer | None = None
         self._hungry = False
@@ -244,13 +274,19 @@ class Worker:
             if free <= 0 or self._stopping.is_set():
                 return
             sent = time.monotonic()
+            looks = self._expired_turn()
             try:
                 claims = await traced_claim(store, store.claim(
                     self.id, self.queues, free, self.lease, workflows=self.workflows,
-                    expired=self._expired_turn(), conn=conn))
+                    expired=looks, conn=conn))
+            except TransactionConflict:
+                # Rolled back whole, not an outage: the claim loop claims again.
+                self._wake.set()
+                return
             except BaseException:
                 self._wake.set()  # the claim loop tries, on a pool connection
                 raise
+            self._after_look(looks, claims)
             self.metrics.claim_latency(time.monotonic() - sent)
             got = self._spawn_all(claims, sent)
         if got == free:
@@ -264,12 +300,25 @@ class Worker:
         expiry is in no index, so heartbeats stay HOT updates), which made each
         claim cost 1.6x with 2,000 running runs and 3.9x with 10,000; expired
         leases are rare and no NOTIFY announces them, so one claim per poll
-        interval looks."""
+        interval looks (and the claim after a look that took a run over, see
+        ``_after_look``)."""
         now = time.monotonic()
         if now - self._expired_looked_at < self.poll_interval:
             return False
         self._expired_looked_at = now
         return True
+
+    def _after_look(self, looked: bool, claims: list[Claim]) -> None:
+        """After a look for expired leases that took a run over, the next claim
+        looks again, not one poll interval later: a dead worker leaves up to its
+        concurrency of runs behind, and a busy worker claims only as many as it
+        has free slots (often one), so looking once per poll interval took them
+        over one at a time (takeover p50 above lease + poll interval at 2x
+        load, bench/README.md). A claim counts as a takeover when a run it
+        returned was ever taken over or interrupted: a run recovered long ago
+        costs at most one extra look."""
+        if looked and any(c.recoveries or c.interruptions for c in claims):
+            self._expired_looked_at = -math.inf
 
     def _on_listen(self) -> None:
         """(Re)connected to LISTEN: look again, wake-ups may have been missed."""
@@ -308,6 +357,7 @@ class Worker:
             return
         self._store = store
         self._completer = _Completer(store)
+        self.serving.set()
         log.info("worker %s serving queues %s (concurrency %d, lease %.0fs)", self.id,
                  ",".join(self.queues), self.concurrency, self.lease)
         loop = asyncio.get_running_loop()
@@ -404,6 +454,15 @@ class Worker:
                         free = self.concurrency - len(self._inflight)
                         got = await self._claim_round(free) if free > 0 else 0
                     backoff = 0.1
+                except TransactionConflict as exc:
+                    # Not an outage: the claim was rolled back whole; claim again
+                    # after a random pause (the store already retried it).
+                    pause = conflict_pause(self._store.conflict_tries)
+                    log.info("claim lost a conflict with another transaction (%s); "
+                             "claiming again in %.0f ms", exc, pause * 1000)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), pause)
+                    continue
                 except DatabaseUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
                     with contextlib.suppress(TimeoutError):
@@ -420,9 +479,11 @@ class Worker:
         short); how many runs it got. Called with ``_claiming`` held."""
         assert self._store is not None
         sent = time.monotonic()
+        looks = self._expired_turn()
         claims = await traced_claim(self._store, self._store.claim(
             self.id, self.queues, free, self.lease, workflows=self.workflows,
-            expired=self._expired_turn()))
+            expired=looks))
+        self._after_look(looks, claims)
         self.metrics.claim_latency(time.monotonic() - sent)
         got = self._spawn_all(claims, sent)
         if got < free and (got > 0 or not self._hungry):
@@ -432,9 +493,11 @@ class Worker:
             # runs may have been cut to its room, and the runs of
             # other keys behind them are claimable now.
             sent = time.monotonic()
+            looks = self._expired_turn()
             claims = await traced_claim(self._store, self._store.claim(
                 self.id, self.queues, free - got, self.lease, hungry=True,
-                workflows=self.workflows, expired=self._expired_turn()))
+                workflows=self.workflows, expired=looks))
+            self._after_look(looks, claims)
             self.metrics.claim_latency(time.monotonic() - sent)
             got += self._spawn_all(claims, sent)
             self._hungry = got < free
@@ -568,7 +631,7 @@ class Worker:
                 text = self.app.serializer.dumps(
                     output, what=f"output of workflow {wf.name!r} of run {claim.run_id}")
                 completed = await self._completer.complete(claim.run_id, claim.epoch, text)
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, TransactionConflict):
                 raise
             except Exception as exc:
                 # Refused in Python (SerializationError) or, alone, by the database:
@@ -583,6 +646,13 @@ class Worker:
         except DatabaseUnavailable as exc:
             log.warning("run %s: database unavailable (%s); its lease will expire and the "
                         "run will be replayed", claim.run_id, exc)
+        except TransactionConflict as exc:
+            # Not an outage: a write lost lock conflicts every time it was
+            # sent (the store's and the completer's retries); nothing of it
+            # was written. The run is left to its lease like a lost write.
+            log.warning("run %s: its last write kept losing conflicts with other "
+                        "transactions (%s); its lease will expire and the run will be "
+                        "replayed", claim.run_id, exc)
 
     def _log_abandoned(self, claim: Claim, status: str) -> None:
         key = (claim.run_id, claim.epoch)
@@ -703,6 +773,10 @@ class Worker:
             except asyncio.CancelledError:
                 beat.cancel()
                 raise
+            except TransactionConflict as exc:
+                # Not an outage (the connection is fine): the next beat renews.
+                log.info("heartbeat lost a conflict with another transaction (%s); "
+                         "renewing at the next beat", exc)
             except Exception as exc:
                 await self._drop_heartbeat_conn()
                 if isinstance(exc, DatabaseUnavailable | psycopg.OperationalError | TimeoutError):

@@ -42,15 +42,20 @@ SELECT {schema}.adapter_compact(%(run)s, %(source)s) AS removed;
 -- name: delete_run
 DELETE FROM {schema}.runs WHERE id = %(run)s AND source = ANY(%(sources)s::text[]);
 
+-- Reads of one run's rows name the partition key (runs.created_at) too: the
+-- executor then scans that run's partition only (migration 0011).
+
 -- name: get_named
 SELECT s.output, s.created_at, s.updated_at, s.position FROM {schema}.steps s
-WHERE s.run_id = %(run)s AND s.name = %(name)s AND s.kind = %(kind)s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.name = %(name)s AND s.kind = %(kind)s
   AND s.status = 'completed'
 ORDER BY s.position LIMIT 1;
 
 -- name: get_chunks
 SELECT k.chunk FROM {schema}.stream_chunks k
-WHERE k.run_id = %(run)s AND k.position = %(position)s ORDER BY k.seq;
+WHERE k.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND k.run_id = %(run)s AND k.position = %(position)s ORDER BY k.seq;
 
 -- name: get_run
 SELECT r.id, r.workflow, r.status, r.input, r.output, r.error, r.source, r.meta,
@@ -71,12 +76,14 @@ LIMIT %(limit)s;
 -- name: entries
 SELECT s.position, s.name, s.status, s.output, s.error, s.meta, s.started_at
 FROM {schema}.steps s
-WHERE s.run_id = %(run)s AND s.position >= %(from_position)s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.position >= %(from_position)s
 ORDER BY s.position;
 
 -- name: last_position
-SELECT max(s.position) AS last FROM {schema}.steps s WHERE s.run_id = %(run)s;
+SELECT max(s.position) AS last FROM {schema}.steps s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND s.run_id = %(run)s;
 
 -- name: max_iteration
 SELECT max((s.meta ->> 'iteration')::bigint) AS iteration FROM {schema}.steps s
-WHERE s.run_id = %(run)s;
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND s.run_id = %(run)s;

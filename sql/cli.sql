@@ -20,11 +20,23 @@ WHERE %(all)s OR (stopped_at IS NULL AND heartbeat_at > now() - interval '1 hour
 ORDER BY started_at DESC, id;
 
 -- name: prune_count
-SELECT count(*) AS n FROM {schema}.runs
-WHERE status = ANY (%(statuses)s::text[])
-  AND status IN ('completed', 'failed', 'cancelled', 'dead')
-  AND created_at < now() - make_interval(secs => %(age)s)
-  AND finished_at < now() - make_interval(secs => %(age)s);
+-- The runs a prune would delete: ended, old enough, and needed by no run
+-- (run_pinned, 0017: no ancestor, and no fork of the run or of an ancestor,
+-- that is not prunable itself). Only runs in a tree or with forks are asked.
+SELECT count(*) AS n FROM {schema}.runs r
+WHERE r.status = ANY (%(statuses)s::text[])
+  AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
+  AND r.created_at < now() - make_interval(secs => %(age)s)
+  AND r.finished_at < now() - make_interval(secs => %(age)s)
+  AND coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                       AND p.status = ANY (%(statuses)s::text[])
+                       AND p.finished_at < now() - make_interval(secs => %(age)s)
+                FROM {schema}.runs p WHERE p.id = r.parent_run_id), true)
+  AND NOT (coalesce(r.parent_run_id IS NOT NULL
+                    OR (SELECT true FROM {schema}.runs f WHERE f.forked_from = r.id LIMIT 1),
+                    false)
+           AND {schema}.run_pinned(r.id, now() - make_interval(secs => %(age)s),
+                                   %(statuses)s::text[], false));
 
 -- name: prune_cutoff
 -- The one cutoff a whole prune uses: runs must have ended before it.
@@ -57,15 +69,29 @@ FROM {schema}.maintain(%(ahead)s, %(moves)s);
 -- suspended); rows a concurrent transaction holds (e.g. a retry) are skipped
 -- and the status is re-checked under the row lock. created_at <= finished_at,
 -- so the created_at bound lets the runs_created index find the old rows.
--- Steps, chunks and signals go with their run (ON DELETE CASCADE), events by
--- the trigger runs_forget_events (0007).
+-- A run another run still needs is kept: run_pinned (0017) locks the
+-- ancestors and forks that look prunable, so a retry or fork of one of them
+-- under way keeps the run too. Steps, chunks and signals go with their run,
+-- events by the trigger runs_forget_events (0007, 0011).
 WITH doomed AS (
-    SELECT id FROM {schema}.runs
-    WHERE status = ANY (%(statuses)s::text[])
-      AND status IN ('completed', 'failed', 'cancelled', 'dead')
-      AND created_at < now() - make_interval(secs => %(age)s)
-      AND finished_at < now() - make_interval(secs => %(age)s)
-    ORDER BY created_at
+    SELECT r.id FROM {schema}.runs r
+    WHERE r.status = ANY (%(statuses)s::text[])
+      AND r.status IN ('completed', 'failed', 'cancelled', 'dead')
+      AND r.created_at < now() - make_interval(secs => %(age)s)
+      AND r.finished_at < now() - make_interval(secs => %(age)s)
+      -- (a parent not prunable: one lookup; a scalar subquery for the forks,
+      -- so runs_forked_from is probed per run, never all of runs hashed)
+      AND coalesce((SELECT p.status IN ('completed', 'failed', 'cancelled', 'dead')
+                           AND p.status = ANY (%(statuses)s::text[])
+                           AND p.finished_at < now() - make_interval(secs => %(age)s)
+                    FROM {schema}.runs p WHERE p.id = r.parent_run_id), true)
+      AND NOT (coalesce(r.parent_run_id IS NOT NULL
+                        OR (SELECT true FROM {schema}.runs f WHERE f.forked_from = r.id
+                            LIMIT 1),
+                        false)
+               AND {schema}.run_pinned(r.id, now() - make_interval(secs => %(age)s),
+                                       %(statuses)s::text[], true))
+    ORDER BY r.created_at
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
@@ -230,6 +256,13 @@ SELECT id, source FROM {schema}.runs
 WHERE meta->>'original_id' = %(original)s
 ORDER BY created_at DESC LIMIT 5;
 
+-- name: runs_by_prefix
+-- Runs whose id starts with a prefix (the dashboard shows 8 characters): a
+-- range on the primary key, [prefix000..., prefixfff...].
+SELECT id FROM {schema}.runs
+WHERE id BETWEEN %(lo)s::uuid AND %(hi)s::uuid
+ORDER BY id LIMIT 6;
+
 -- name: demo_lock
 -- One demo per schema at a time: a session advisory lock held while the demo runs.
 SELECT pg_try_advisory_lock(hashtext('pgjournal demo ' || %(schema)s)) AS got;
@@ -241,13 +274,6 @@ SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.runs WHERE queue = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.workers
                WHERE %(name)s = ANY (queues) AND stopped_at IS NULL) AS known;
-
--- name: workflow_queues
--- Where live workers take runs of a workflow: the queue each live worker
--- registered it on (`pgjournal start` without --app or --queue).
-SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
-FROM {schema}.worker_health w
-WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
 
 -- name: live_workflows
 -- Every workflow some live worker serves (for "did you mean").

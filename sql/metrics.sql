@@ -52,8 +52,10 @@ ORDER BY state;
 -- Concurrency keys with unfinished runs, how many of them are at their limit,
 -- and the queued runs that carry a key: what the concurrency_keys view says,
 -- counted, not listed (keys are often tenants, too many for labels). One pass
--- over the unfinished runs (runs_unfinished_status) and one key_limit() call
--- per key, where the view calls it twice and counts each key's runs apart.
+-- over the unfinished runs (runs_unfinished_status) and one limit lookup per
+-- key, where the view counts each key's runs apart. The lookup is the rule of
+-- key_limit() (exact key, else the longest prefix pattern), written out as the
+-- view writes it: the reader role that scrapes may call no function.
 WITH k AS (
     SELECT r.concurrency_key AS key,
            count(*) FILTER (WHERE r.status = 'running'
@@ -64,12 +66,30 @@ WITH k AS (
     GROUP BY r.concurrency_key
 )
 SELECT count(*) AS keys,
-       count(*) FILTER (WHERE k.running >= {schema}.key_limit(k.key)) AS at_limit,
+       count(*) FILTER (WHERE k.running >= l.max_running) AS at_limit,
        coalesce(sum(k.queued), 0)::bigint AS queued_behind
-FROM k;
+FROM k
+LEFT JOIN LATERAL (
+    SELECT cl.max_running FROM {schema}.concurrency_limits cl
+    WHERE cl.pattern = k.key
+       OR (right(cl.pattern, 1) = '*' AND starts_with(k.key, left(cl.pattern, -1)))
+    ORDER BY (cl.pattern = k.key) DESC, length(cl.pattern) DESC
+    LIMIT 1
+) AS l ON true;
 
 -- name: rate_buckets
 -- Every rate bucket (a small table): capacity and units available now.
 SELECT name, capacity, available
 FROM {schema}.rate_limits
 ORDER BY name;
+
+-- name: queue_lag
+-- Per queue, the lag of resumptions apart from the lag of new runs (the
+-- queue_depth view, migration 0020): how many claimable runs of each kind, and
+-- how long the oldest of each has been due. A claim takes resumptions first
+-- at equal priority, so under overload new runs absorb the wait.
+SELECT queue, resumptions_due, new_due,
+       coalesce(extract(epoch FROM oldest_resumption_age), 0)::float8 AS resumption_seconds,
+       coalesce(extract(epoch FROM oldest_new_age), 0)::float8 AS new_seconds
+FROM {schema}.queue_depth
+ORDER BY queue;

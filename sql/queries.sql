@@ -83,18 +83,27 @@ SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
 -- name: get_run
 SELECT * FROM {schema}.runs WHERE id = %(run)s;
 
+-- Reads of one run's history name the partition key (runs.created_at, read
+-- by primary key in the same statement): the executor then scans the run's
+-- partition only, not one index per partition (migration 0011).
+
 -- name: get_steps
-SELECT * FROM {schema}.steps WHERE run_id = %(run)s ORDER BY position;
+SELECT * FROM {schema}.steps
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY position;
 
 -- name: get_chunks
 SELECT position, seq, chunk FROM {schema}.stream_chunks
-WHERE run_id = %(run)s ORDER BY position, seq;
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY position, seq;
 
 -- name: get_signals
 SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id;
 
 -- name: get_events
-SELECT * FROM {schema}.run_events WHERE run_id = %(run)s ORDER BY id;
+SELECT * FROM {schema}.run_events
+WHERE run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND run_id = %(run)s
+ORDER BY id;
 
 -- name: list_runs
 SELECT id, workflow, queue, status, priority, attempt, recoveries, error,
@@ -141,7 +150,7 @@ SELECT {schema}.set_rate_limit(%(name)s, %(capacity)s, %(refill)s);
 -- name: take_units
 SELECT outcome, ready_at FROM {schema}.take_units(
     %(run)s, %(epoch)s, %(position)s, %(name)s, %(occurrence)s, %(bucket)s, %(units)s,
-    %(attempt)s, %(turn)s, %(calls_before)s);
+    %(attempt)s, %(turn)s, %(calls_before)s, %(again)s);
 
 -- name: concurrency_keys
 SELECT * FROM {schema}.concurrency_keys ORDER BY at_limit DESC, running DESC, key;
@@ -220,3 +229,17 @@ SELECT * FROM {schema}.schedule_status WHERE name = %(name)s;
 
 -- name: list_schedules
 SELECT * FROM {schema}.schedule_status ORDER BY name;
+
+-- name: served_queues
+-- Where live workers take runs of a workflow: the queue each live worker
+-- registered it on (App.start of a client-only app, `pgjournal start`,
+-- without a queue).
+SELECT DISTINCT w.workflow_queues ->> %(workflow)s AS queue
+FROM {schema}.worker_health w
+WHERE w.state = 'alive' AND w.workflow_queues ? %(workflow)s;
+
+-- name: trace_contexts
+-- The stored trace context of claimed runs (their own, a parent's or the
+-- root's), for tracing only: through a function, so the worker role, which
+-- may not read runs, gets them too (migration 0016).
+SELECT run_id, trace FROM {schema}.trace_contexts(%(ids)s::uuid[]);

@@ -23,10 +23,13 @@
 --   migrations table (the schema version check) and EXECUTE on the functions a
 --   pgjournal.Worker calls. No DML, no DDL, no client functions (start, signal,
 --   cancel, retry, fork, set_queue): grant those separately if workflow code starts
---   or signals other runs.
+--   or signals other runs. It reads no other table and no view: dashboards,
+--   scrapes and listings are for the reader role.
 -- * {reader} (NOLOGIN group role): USAGE on the schema and SELECT on every
 --   table and view in it, now and (when created by the role running this
---   script) in the future. No EXECUTE on any function.
+--   script) in the future. No EXECUTE on any function; no view calls one
+--   (a function a view calls is checked against the caller), so SELECT is
+--   enough for every view, the dashboard and the metrics.
 --
 -- Give people and services login roles that are members, e.g.
 --   CREATE ROLE worker_host1 LOGIN PASSWORD '...' IN ROLE pgjournal_worker;
@@ -57,7 +60,8 @@ DECLARE
         'sleep_until', 'complete_runs', 'fail_run', 'release_runs', 'heartbeat',
         'register_worker', 'stop_worker', 'journal_page', 'chunk_page', 'journal_outline',
         'note_run_event', 'spawn_runs', 'wait_children', 'take_units',
-        'declare_schedules', 'claim_schedules', 'fire_schedules', 'schedules_next_due'];
+        'declare_schedules', 'claim_schedules', 'fire_schedules', 'schedules_next_due',
+        'trace_contexts'];
     -- What clients call (the App API, the CLI, a DBA in psql).
     v_client text[] := ARRAY[
         'start_run', 'start_runs', 'send_signal', 'cancel_run', 'retry_run',

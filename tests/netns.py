@@ -38,6 +38,16 @@ from pgjournal import embedded
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 SETPRIV = shutil.which("setpriv")
+IPTABLES = shutil.which("iptables") or ("/usr/sbin/iptables"
+                                         if os.path.exists("/usr/sbin/iptables") else None)
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """``iptables ARGS`` where it is installed (else None: no rules to get past)."""
+    if IPTABLES is None:
+        return None
+    return subprocess.run([IPTABLES, "-w", "5", *args], capture_output=True, text=True,
+                          timeout=30, check=False)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -131,6 +141,13 @@ def sweep_stale() -> None:
         name = fields[1].strip().split("@")[0] if len(fields) > 1 else ""
         if name.startswith("pj") and len(name) > 10 and _dead(name[2:10]):
             _ip("link", "del", name, check=False)
+    listed = _iptables("-S", "FORWARD")
+    for line in (listed.stdout.splitlines() if listed and listed.returncode == 0 else []):
+        words = line.split()
+        if words[:2] == ["-A", "FORWARD"] and "-i" in words:
+            name = words[words.index("-i") + 1]
+            if name.startswith("pj") and name.endswith("br") and _dead(name[2:10]):
+                _iptables("-D", *words[1:])
 
 
 class Network:
@@ -150,6 +167,12 @@ class Network:
         self._made: list[tuple[str, str]] = []  # ("ns" | "link", name), for close()
         _ip("link", "add", self.bridge, "type", "bridge")
         self._made.append(("link", self.bridge))
+        # With br_netfilter (bridge-nf-call-iptables=1) bridged packets cross
+        # iptables' FORWARD chain, whose policy a Docker engine sets to DROP:
+        # let this bridge's own traffic through, as Docker does for docker0.
+        added = _iptables("-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
+        if added is not None and added.returncode == 0:
+            self._made.append(("rule", self.bridge))
         _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
@@ -192,6 +215,8 @@ class Network:
         for kind, name in reversed(self._made):
             if kind == "ns":
                 _ip("netns", "del", name, check=False)
+            elif kind == "rule":
+                _iptables("-D", "FORWARD", "-i", name, "-o", name, "-j", "ACCEPT")
             else:
                 _ip("link", "del", name, check=False)
         self._made.clear()

@@ -50,6 +50,11 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 def cli(pgjournal_dsn: str, pgjournal_schema: str) -> Cli:
     """Run a command against the test's schema; fails the test on a non-zero exit
     unless ``expect`` says otherwise."""
+    return cli_for(pgjournal_dsn, pgjournal_schema)
+
+
+def cli_for(pgjournal_dsn: str, pgjournal_schema: str) -> Cli:
+    """The ``cli`` fixture's callable (other test modules build theirs with it)."""
     def call(*args: str, expect: int = 0, **kw: Any) -> subprocess.CompletedProcess[str]:
         res = run_cli("--dsn", pgjournal_dsn, "--schema", pgjournal_schema, *args, **kw)
         assert res.returncode == expect, (args, res.returncode, res.stdout, res.stderr)
@@ -519,7 +524,7 @@ def test_app_reads_pgjournal_schema_and_psql_opens_on_it(pgjournal_dsn: str,
     assert res.stdout.strip() == pgjournal_schema, res.stderr
     res = run_cli("psql", "--", "-Atc", "SHOW search_path", env=env)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"{pgjournal_schema},public"
+    assert res.stdout.strip() == f'"{pgjournal_schema}",public'
     res = run_cli("psql", "--", "-Atc", "SELECT count(*) FROM run_overview", env=env)
     assert res.returncode == 0 and res.stdout.strip() == "0", res.stderr
 

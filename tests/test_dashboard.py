@@ -254,7 +254,7 @@ def test_cancel_signal_queue_actions(client_for: Any, pgjournal_dsn: str,
     assert "queue agents: running, limit 3" in r.text
     r = c.post("/queues/agents", headers=h, data={"csrf": csrf, "action": "limit",
                                                   "limit": "-2"})
-    assert "a limit is a number" in r.text
+    assert "a concurrency limit must be at least 1" in r.text  # as `pgjournal queues` says
 
 
 def test_filters_keyset_pages_and_bulk(client_for: Any, pgjournal_dsn: str,
@@ -396,6 +396,28 @@ def test_live_poller_reports_changes_and_newer_runs(pgjournal_dsn: str,
     asyncio.run(go())
 
 
+@pytest.mark.parametrize(("direct_url", "hint"), [
+    ('{"url": "file:///home/ann/src/pgjournal", "dir_info": {"editable": true}}',
+     "pip install -e '/home/ann/src/pgjournal[dashboard]'"),
+    ('{"url": "file:///tmp/pgjournal-0.1.0-py3-none-any.whl", "archive_info": {}}',
+     "pip install '/tmp/pgjournal-0.1.0-py3-none-any.whl[dashboard]'"),
+    (None, "pip install 'pgjournal[dashboard]'"),
+])
+def test_install_hint_names_the_clone_it_was_installed_from(
+        monkeypatch: pytest.MonkeyPatch, direct_url: str | None, hint: str) -> None:
+    """From a clone, `pip install 'pgjournal[dashboard]'` fails (not on PyPI)."""
+    from importlib import metadata
+
+    from pgjournal._install import extra_hint
+
+    class Dist:
+        def read_text(self, name: str) -> str | None:
+            return direct_url if name == "direct_url.json" else None
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist())
+    assert extra_hint("dashboard") == hint
+
+
 def test_cli_without_the_extra_says_so(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import pgjournal.dashboard as dashboard
@@ -404,7 +426,7 @@ def test_cli_without_the_extra_says_so(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(dashboard, "missing_packages", lambda: ["starlette", "uvicorn"])
     assert main(["dashboard", "--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 1
     err = capsys.readouterr().err
-    assert "pip install 'pgjournal[dashboard]'" in err and "starlette" in err
+    assert dashboard.INSTALL_HINT in err and "[dashboard]'" in err and "starlette" in err
     with pytest.raises(pgjournal.ConfigurationError, match="dashboard"):
         create_app(pgjournal.App("postgresql://nobody@127.0.0.1:1/x"))
 
@@ -565,3 +587,69 @@ def test_the_command_refuses_a_bad_dsn_or_schema_at_once(pgjournal_dsn: str) -> 
                               *extra], capture_output=True, text=True, timeout=60)
         assert res.returncode == 1, res.stderr
         assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# -- a long run's page (issue 20, row 8) ---------------------------------------------------
+
+
+def add_steps(dsn: str, schema: str, run: uuid.UUID, first: int, last: int,
+              pad: int = 500) -> None:
+    """Steps first..last of ``run`` (an agent loop), each with a value of about
+    ``pad`` bytes that ends in the marker ``END-<position>``."""
+    sql(dsn, schema,
+        "INSERT INTO S.steps (run_created_at, run_id, position, name, occurrence, status, "
+        "output, lease_epoch, started_at, finished_at) "
+        "SELECT S.run_bucket(%s), %s, p, 'think', p, 'completed', "
+        "json_build_object('text', repeat('x', %s), 'end', 'END-' || p), 1, now(), now() "
+        "FROM generate_series(%s::int, %s::int) p", run, run, pad, first, last)
+
+
+def positions_in(html: str) -> list[int]:
+    return [int(p) for p in re.findall(r'<tr[^>]* data-position="(\d+)"', html)]
+
+
+def test_a_long_runs_page_is_paged_by_position_and_loads_values_on_demand(
+        client_for: Any, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """5,000 steps of 500 bytes: the page holds the first 50 steps, no full
+    values, and weighs what a run of 60 steps weighs; the next page comes by
+    keyset (after the last position shown), each value on demand, and a live
+    page asks only for the steps after the last one it has."""
+    d, s = pgjournal_dsn, pgjournal_schema
+    long_run = add_run(d, s, status="running")
+    short_run = add_run(d, s, status="running")
+    add_steps(d, s, long_run, 0, 4999)
+    add_steps(d, s, short_run, 0, 59)
+    c = client_for()
+    page = c.get(f"/runs/{long_run}")
+    assert page.status_code == 200
+    short = c.get(f"/runs/{short_run}")
+    assert len(page.content) < 80_000, f"the page of 5,000 steps is {len(page.content):,} bytes"
+    assert abs(len(page.content) - len(short.content)) < 300, (len(page.content),
+                                                               len(short.content))
+    assert positions_in(page.text) == list(range(50))
+    assert "END-3" not in page.text  # values are not in the page, only their start
+    # The next page, by keyset: the fragment the script appends, and the same
+    # rows as a whole page without script.
+    m = re.search(r'id="more-steps"[^>]* href="([^"]+)"', page.text)
+    assert m and m.group(1).endswith("?after=49"), m
+    more = c.get(f"/runs/{long_run}/steps?after=49")
+    assert more.status_code == 200 and positions_in(more.text) == list(range(50, 100))
+    assert len(more.content) < 40_000
+    assert positions_in(c.get(f"/runs/{long_run}{m.group(1)}").text) == list(range(50, 100))
+    last = c.get(f"/runs/{long_run}/steps?after=4980")
+    assert positions_in(last.text) == list(range(4981, 5000))
+    assert 'data-more="1"' in more.text and 'data-more="1"' not in last.text
+    # A value on demand: the whole of it, as text (the page shows it with textContent).
+    value = c.get(f"/runs/{long_run}/steps/4321/value")
+    assert value.status_code == 200 and value.headers["content-type"].startswith("text/plain")
+    assert "END-4321" in value.text and len(value.text) > 500
+    assert c.get(f"/runs/{long_run}/steps/5000/value").status_code == 404
+    # Live: the page asks for what is new after the last step it shows.
+    add_steps(d, s, long_run, 5000, 5000)
+    live = c.get(f"/runs/{long_run}/live?after=4999")
+    assert live.status_code == 200 and positions_in(live.text) == [5000]
+    assert 'id="live"' in live.text and len(live.content) < 20_000
+    # A page that does not show the tail asks for the summary only.
+    head = c.get(f"/runs/{long_run}/live")
+    assert positions_in(head.text) == [] and 'id="live"' in head.text
+    assert c.get(f"/runs/{uuid.uuid4()}/live").status_code == 404

@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+#: Debian's chromium and chromium-driver; PGJOURNAL_CHROMIUM / PGJOURNAL_CHROMEDRIVER
+#: name another build (e.g. the packages unpacked without installing them).
+CHROMIUM = os.environ.get("PGJOURNAL_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PGJOURNAL_CHROMEDRIVER", "/usr/bin/chromedriver")
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"browser tests need {CHROMIUM} and {CHROMEDRIVER} "
                 "(apt-get install chromium chromium-driver)", allow_module_level=True)
@@ -47,6 +50,8 @@ from .test_dashboard import (  # noqa: E402
     actions_of,
     add_run,
     add_step,
+    add_steps,
+    sql,
     status_of,
 )
 
@@ -241,6 +246,13 @@ def test_retry_a_failed_run_and_watch_it_complete_live(
         # The refreshed section shows the new steps and output, and who retried.
         wait_until(browser, lambda d: "summarise" in d.find_element(
             By.CSS_SELECTOR, "table.steps").text, "the new step in the timeline")
+        # The failed entry the retry ran again is shown completed: rows that
+        # can still change (failed, streams) are fetched again with the new ones.
+        wait_until(browser, lambda d: "completed" in d.find_element(
+            By.CSS_SELECTOR, '#step-rows tr[data-position="1"]').text,
+                   "the retried step completed in the timeline")
+        assert "timed out" not in text_of(browser, By.CSS_SELECTOR,
+                                          '#step-rows tr[data-position="1"]')
         assert "durable agents: 3 pages" in text_of(browser, By.ID, "output")
         assert "retry by ada" in text_of(browser, By.CSS_SELECTOR, "table.events")
         [note] = actions_of(pgjournal_dsn, pgjournal_schema, failed)
@@ -294,3 +306,52 @@ def test_user_values_never_execute(browser: webdriver.Chrome, artifacts: Path,
         assert browser.find_element(By.CSS_SELECTOR, "h1 .wf").text == XSS_ATTR
         assert browser.execute_script("return typeof window.__pwned;") == "undefined"
         browser.save_screenshot(str(artifacts / "escaped.png"))
+
+
+def test_a_long_run_pages_its_steps_loads_values_and_appends_new_steps_live(
+        browser: webdriver.Chrome, artifacts: Path, pgjournal_dsn: str,
+        pgjournal_schema: str) -> None:
+    """120 steps: the page shows 50; "later steps" appends the next pages in
+    place; an opened value is fetched then; a step journaled while the page is
+    open is appended live, fetched alone (the request asks for the steps after
+    the last one shown), and the rows already there are left as they are."""
+    d, s = pgjournal_dsn, pgjournal_schema
+    run = add_run(d, s, status="running")
+    add_steps(d, s, run, 0, 119)
+
+    def rows(drv: webdriver.Chrome) -> list[int]:
+        return [int(r.get_attribute("data-position")) for r in
+                drv.find_elements(By.CSS_SELECTOR, "#step-rows tr[data-position]")]
+
+    with Server(d, s, browser) as srv:
+        browser.get(f"{srv.url}/runs/{run}")
+        wait_until(browser, lambda b: "on" in b.find_element(By.ID, "live-state")
+                   .get_attribute("class"), "the live stream to connect")
+        assert rows(browser) == list(range(50))
+        browser.execute_script("window.__same_page = 7;")
+        browser.find_element(By.ID, "more-steps").click()
+        wait_until(browser, lambda b: rows(b) == list(range(100)), "the second page")
+        browser.find_element(By.ID, "more-steps").click()
+        wait_until(browser, lambda b: rows(b) == list(range(120)), "the third page")
+        assert not browser.find_element(By.ID, "more-steps").is_displayed()
+        # A value on demand.
+        cell = browser.find_element(By.CSS_SELECTOR,
+                                    '#step-rows tr[data-position="7"] details')
+        assert "END-7" not in cell.text
+        cell.find_element(By.TAG_NAME, "summary").click()
+        wait_until(browser, lambda b: "END-7" in b.find_element(
+            By.CSS_SELECTOR, '#step-rows tr[data-position="7"] pre').text, "the value")
+        # A new step, live: appended, fetched as the steps after 119 only.
+        add_steps(d, s, run, 120, 120)
+        sql(d, s, "UPDATE S.runs SET updated_at = now() WHERE id = %s", run)
+        wait_until(browser, lambda b: rows(b) == list(range(121)), "the new step, live")
+        assert browser.execute_script("return window.__same_page;") == 7, "page reloaded"
+        fetched = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(function (e) "
+            "{ return e.name; });")
+        assert any(u.endswith(f"/runs/{run}/live?after=119") for u in fetched), fetched
+        assert not any(u.endswith(f"/runs/{run}") for u in fetched), fetched
+        # The value opened before is still open: rows already shown are kept.
+        assert "END-7" in browser.find_element(
+            By.CSS_SELECTOR, '#step-rows tr[data-position="7"] pre').text
+        browser.save_screenshot(str(artifacts / "long-run.png"))

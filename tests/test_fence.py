@@ -20,9 +20,13 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Json
 
 Row = dict[str, Any]
-TABLES = ("runs", "steps", "stream_chunks", "signals")
+#: Every table a fenced writer could touch: the run rows (children included),
+#: the journal, chunks, signals, the event log the run triggers write, and the
+#: rate buckets' state.
+TABLES = ("runs", "steps", "stream_chunks", "signals", "run_events", "rate_buckets")
 
 
 class Sql:
@@ -101,6 +105,31 @@ class Sql:
     def release(self, run: uuid.UUID, epoch: int) -> int:
         return int(self.scalar("release_runs", ids=[run], epochs=[epoch]))
 
+    def spawn_runs(self, run: uuid.UUID, epoch: int, position: int,
+                   children: list[uuid.UUID]) -> Any:
+        """Spawn ``children`` (queue ``kids``, which no claim here serves)."""
+        return self.scalar(
+            "spawn_runs", parent=run, epoch=epoch, position=position, name=f"spawn{position}",
+            occurrence=0, attempt=1, turn=None, calls_before=None, fingerprint=None,
+            ids=children, workflow="wf", queue="kids",
+            inputs=[Json({"args": [], "kwargs": {}}) for _ in children],
+            max_attempts=3, max_recoveries=5, timeout_seconds=None)
+
+    def take_units(self, run: uuid.UUID, epoch: int, position: int,
+                   again: bool = False) -> tuple[str, Any]:
+        """``again``: take again into the take journaled at ``position`` (a retry)."""
+        (row,) = self.call("take_units", run=run, epoch=epoch, position=position,
+                           name="rate:api", occurrence=position, bucket="api", units=30.0,
+                           attempt=1, again=again)
+        return row["outcome"], row["ready_at"]
+
+    def wait_children(self, run: uuid.UUID, epoch: int, position: int,
+                      children: list[uuid.UUID]) -> tuple[str, Any]:
+        (row,) = self.call("wait_children", run=run, epoch=epoch, position=position,
+                           name="wait", occurrence=0, attempt=1, turn=None, calls_before=None,
+                           children=children, mode="all")
+        return row["outcome"], row["results"]
+
     def heartbeat(self, worker: uuid.UUID, run: uuid.UUID, epoch: int,
                   lease: float = 3600.0) -> list[Row]:
         return self.call("heartbeat", worker=worker, ids=[run], epochs=[epoch],
@@ -128,16 +157,22 @@ class Scene:
     """A run whose first owner (``stale``) was superseded by ``current``.
 
     The run has a completed step at position 0 (the stale owner's), a stream step
-    with flushed chunks at position 1 (the current owner's), and a signal ``go``
-    waiting to be consumed: material for every stale write to corrupt.
+    with flushed chunks at position 1 (the current owner's), two unended children
+    the stale owner spawned at position 2, its take from rate bucket ``api`` at
+    position 3, a signal ``go`` waiting to be consumed and units in the bucket:
+    material for every stale write to corrupt.
     """
 
     def __init__(self, db: Sql, how: str) -> None:
         self.db = db
+        db.call("set_rate_limit", name="api", capacity=100.0, refill_per_second=1.0)
         self.run = db.start()
         self.old_worker = db.register()
         self.stale = db.claim(self.old_worker, lease=0.0)  # expires at once
         assert db.journal_step(self.run, self.stale, 0) is None
+        self.children = sorted([uuid.uuid4(), uuid.uuid4()])
+        assert db.spawn_runs(self.run, self.stale, 2, self.children) is None
+        assert db.take_units(self.run, self.stale, 3)[0] == "taken"
         if how == "takeover":
             self.new_worker = db.register()
             self.current: int | None = db.claim(self.new_worker, lease=3600.0)
@@ -152,11 +187,12 @@ class Scene:
             assert db.call("claim_runs", worker=db.register(), queues=["default"], limit=1,
                            lease_seconds=3600.0) == []
             self.current = None
-        self.next_position = 2
+        self.next_position = 4
 
 
 FENCED = ["journal_step", "overwrite_step", "append_chunks", "wait_signal", "sleep_until",
-          "complete_runs", "fail_run", "release_runs", "heartbeat"]
+          "complete_runs", "fail_run", "release_runs", "heartbeat", "spawn_runs",
+          "take_units", "take_units_again", "wait_children"]
 
 
 def _attempt(scene: Scene, fn: str, epoch: int) -> tuple[bool, Any]:
@@ -187,6 +223,18 @@ def _attempt(scene: Scene, fn: str, epoch: int) -> tuple[bool, Any]:
     if fn == "release_runs":
         n = db.release(run, epoch)
         return n == 1, n
+    if fn == "spawn_runs":
+        out = db.spawn_runs(run, epoch, pos, [uuid.uuid4()])
+        return out is None, out
+    if fn == "take_units":
+        outcome, _ready = db.take_units(run, epoch, pos)
+        return outcome == "taken", outcome
+    if fn == "take_units_again":  # a retry's take, into the take at position 3
+        outcome, _ready = db.take_units(run, epoch, 3, again=True)
+        return outcome == "taken", outcome
+    if fn == "wait_children":  # the children are unended: the wait would suspend the run
+        outcome, results = db.wait_children(run, epoch, pos, scene.children)
+        return outcome != "lost", (outcome, results)
     if fn == "heartbeat":
         worker = scene.old_worker if epoch == scene.stale else scene.new_worker
         lost = db.heartbeat(worker, run, epoch)
@@ -205,11 +253,11 @@ def test_superseded_epoch_is_refused_and_changes_nothing(db: Sql, fn: str) -> No
     assert not accepted, f"{fn} accepted a write under a superseded epoch: {result!r}"
     assert db.snapshot() == before, f"{fn} refused, yet changed rows"
     # What the refusal reports: the run's status now (a lost lease, not a cancel).
-    if fn in ("journal_step", "overwrite_step", "append_chunks"):
+    if fn in ("journal_step", "overwrite_step", "append_chunks", "spawn_runs"):
         assert result == "running"
-    elif fn in ("wait_signal",):
+    elif fn in ("wait_signal", "wait_children"):
         assert result == ("lost", "running")
-    elif fn == "fail_run":
+    elif fn in ("fail_run", "take_units", "take_units_again"):
         assert result == "lost:running"
     elif fn == "heartbeat":
         assert [(r["status"], r["lease_epoch"]) for r in result] == [
@@ -239,10 +287,12 @@ def test_ended_run_refuses_its_owner(db: Sql, fn: str, how: str) -> None:
     accepted, result = _attempt(scene, fn, scene.stale)
     assert not accepted, f"{fn} wrote to a {status} run: {result!r}"
     assert db.snapshot() == before
-    if fn in ("journal_step", "overwrite_step", "append_chunks"):
+    if fn in ("journal_step", "overwrite_step", "append_chunks", "spawn_runs"):
         assert result == status
-    elif fn == "fail_run":
+    elif fn in ("fail_run", "take_units", "take_units_again"):
         assert result == f"lost:{status}"
+    elif fn == "wait_children":
+        assert result == ("lost", status)
 
 
 def test_stale_heartbeat_does_not_extend_the_new_lease(db: Sql) -> None:

@@ -76,10 +76,16 @@ async def both_workers_up(dsn: str, schema: str) -> None:
 
 def ready_times(dsn: str, schema: str) -> list[tuple[datetime, float]]:
     """When each take's units were ready, as the database reckoned them (journaled
-    with the take): the bucket's own accounting, which no worker delay bends."""
+    with the take): the bucket's own accounting, which no worker delay bends.
+    A take taken again for a retried call keeps its earlier takes in ``earlier``."""
     return [(t, float(u)) for t, u in _q(dsn, schema, """
         SELECT (output->>'ready_at')::timestamptz, (output->>'units')::float
-        FROM S.steps WHERE kind = 'rate' AND name LIKE 'rate:%%' ORDER BY 1""")]
+        FROM S.steps WHERE kind = 'rate' AND name LIKE 'rate:%%'
+        UNION ALL
+        SELECT (e->>'ready_at')::timestamptz, (e->>'units')::float
+        FROM S.steps s CROSS JOIN LATERAL json_array_elements(s.output->'earlier') AS e
+        WHERE s.kind = 'rate' AND s.name LIKE 'rate:%%'
+        ORDER BY 1""")]
 
 
 def started_before_ready(dsn: str, schema: str, started: str) -> list[Any]:

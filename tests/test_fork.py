@@ -4,12 +4,14 @@ later execute with the code the worker has now."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 import pgjournal
@@ -185,3 +187,85 @@ async def test_cli_fork(pgjournal_app: pgjournal.App, pgjournal_dsn: str,
     assert helped.returncode == 0
     assert "examples:" in helped.stdout and "pgjournal fork" in helped.stdout
     assert "--from-step" in helped.stdout and "replay" in helped.stdout
+
+
+# -- issue 20, row 4: a fork keeps its run's concurrency key and deadline rule ------------------
+
+async def test_a_fork_keeps_the_concurrency_key_and_does_not_run_beside_the_original(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """Key limited to 1, the original holds it (blocked in a step): the fork is
+    not claimable until the original ends, and never runs beside it."""
+    app = pgjournal_app
+    entered: list[str] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.workflow()
+    async def keyed(run: pgjournal.Run) -> str:
+        async def hold() -> str:
+            entered.append(str(run.id))
+            inside.set()
+            await release.wait()
+            return "held"
+        return await run.step("hold", hold)  # type: ignore[no-any-return]
+
+    await app.set_concurrency_limit("k1", 1)
+    async with serving(app, concurrency=4):
+        old = await app.start("keyed", concurrency_key="k1")
+        await asyncio.wait_for(inside.wait(), 60)
+        assert entered == [str(old.run_id)]
+        fork = await app.fork(old.run_id, from_step=0)
+        store = await app.store()
+        ghost = uuid.uuid4()
+        await store.register_worker(ghost, "test", 0, ["default"], 1, lease=60.0)
+        # A claim of the fork's queue while the original holds the key gets nothing.
+        claimed = await store.claim(ghost, ["default"], 10, 60.0)
+        row = await store.get_run(fork.run_id)
+        assert row is not None
+        assert row["concurrency_key"] == "k1", "the fork lost its run's concurrency key"
+        assert [c.run_id for c in claimed] == [] and row["status"] == "queued", (
+            f"the fork was claimed beside the original ({row['status']}, {claimed})")
+        release.set()
+        assert await old.result(timeout=60) == "held"
+        assert await fork.result(timeout=60) == "held"
+    # From the event log: the fork was claimed after the original completed.
+    # By event id, not `at` (a transaction's start: a claim that began before
+    # the completion committed, and waited for the key, carries an earlier time).
+    events = {h: await store.get_events(h) for h in (old.run_id, fork.run_id)}
+    old_done = next(e["id"] for e in events[old.run_id] if e["to_status"] == "completed")
+    fork_runs = [e["id"] for e in events[fork.run_id] if e["to_status"] == "running"]
+    assert fork_runs and min(fork_runs) > old_done
+
+
+async def test_a_fork_of_a_run_with_a_deadline_gets_the_same_timeout_from_its_start(
+        pgjournal_app: pgjournal.App, pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    app = pgjournal_app
+
+    @app.workflow()
+    async def waits(run: pgjournal.Run) -> str:
+        await run.wait_signal("go")
+        return "done"
+
+    @app.workflow()
+    async def parent(run: pgjournal.Run) -> str:
+        kid = await run.spawn("waits", timeout=3600)
+        return await kid.result()  # type: ignore[no-any-return]
+
+    async with serving(app):
+        top = await app.start("parent")
+        await until_status(top, "suspended")
+        store = await app.store()
+        (kid,) = [r["id"] for r in await store.list_runs(workflow="waits")]
+        fork = await app.fork(kid, from_step=0)
+        await until_status(fork, "suspended")
+        await app.cancel(top.run_id)
+    with psycopg.connect(pgjournal_dsn, autocommit=True) as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            f'SELECT id, deadline_at, created_at, now() FROM "{pgjournal_schema}".runs '
+            "WHERE id = ANY(%s)", ([kid, fork.run_id],))}
+    deadline, created, now = rows[fork.run_id]
+    assert deadline is not None, "the fork lost its run's deadline rule"
+    # The same timeout, counted from the fork's creation (not the original's deadline).
+    assert abs((deadline - created).total_seconds() - 3600) < 1
+    assert deadline > rows[kid][0] and deadline > now
+    await app.cancel(fork.run_id)

@@ -445,3 +445,45 @@ async def test_cut_off_worker_gives_up_its_runs_by_its_lease_deadline(
     finally:
         await app.close()
         db.conn.close()
+
+
+def test_hosts_reach_each_other_when_forward_policy_drops() -> None:
+    """A Docker engine sets iptables' FORWARD policy to DROP; with br_netfilter
+    (bridge-nf-call-iptables=1) that cut traffic between namespaces on our
+    bridge, and these tests failed with "timed out waiting for worker to
+    register" instead of running. The network lets its own bridge through."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"cannot build hosts in network namespaces: {reason}")
+    nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    if netns.IPTABLES is None or not nf.exists() or nf.read_text().strip() != "1":
+        pytest.skip("bridged traffic does not cross iptables here (no iptables, or "
+                    "br_netfilter off): a FORWARD policy cannot cut it")
+    before = netns._iptables("-S", "FORWARD")
+    assert before is not None and before.returncode == 0, before
+    policy = next(line.split()[2] for line in before.stdout.splitlines()
+                  if line.startswith("-P FORWARD"))
+    net = netns.Network()
+    try:
+        a, b = net.add_host("a"), net.add_host("b")
+        netns._iptables("-P", "FORWARD", "DROP")
+        server = subprocess.Popen(a.exec(sys.executable, "-c", (
+            "import socket\n"
+            f"s = socket.create_server(({a.addr!r}, 5555))\n"
+            "print('listening', flush=True)\n"
+            "c, _ = s.accept(); c.sendall(b'ok'); c.close()\n")),
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+            client = subprocess.run(b.exec(sys.executable, "-c", (
+                "import socket\n"
+                f"s = socket.create_connection(({a.addr!r}, 5555), timeout=5)\n"
+                "print(s.recv(2).decode())\n")), capture_output=True, text=True, timeout=30,
+                check=False)
+            assert client.stdout.strip() == "ok", client.stderr
+        finally:
+            server.kill()
+            server.wait(10)
+    finally:
+        netns._iptables("-P", "FORWARD", policy)
+        net.close()

@@ -4,6 +4,7 @@ and the conversion of an existing schema."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -322,3 +323,252 @@ async def test_migration_moves_an_existing_populated_schema(
         assert key_mismatches(db, s) == 0
     finally:
         db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(s)))
+
+
+# -- reads by run id name the partition key (issue 20, row 6) ---------------------------
+#
+# A year of weekly history is ~52 partitions per table. A read of one run's
+# history that does not say `run_created_at = <its run's created_at>` probes an
+# index in every partition (buffers grew 12 -> 68 from 3 to 34 partitions). The
+# key is runs.created_at: a reader learns it with one primary-key probe of
+# `runs`, inside the same statement (`run_created_at = (SELECT created_at FROM
+# runs WHERE id = $1)`, or `= r.created_at` when the statement joins runs), and
+# the executor prunes every other partition at run time.
+
+#: Files of named statements, and the reads of one run's history in them: each
+#: maps to the parameters it is called with (``T``: the target run, ``P``: its
+#: parent, ``C``: a child). A new statement that reads a history table must be
+#: added here (its partitions are then checked) or to NOT_BY_RUN with a reason.
+READ_FILES = {
+    "queries.sql": ROOT / "sql" / "queries.sql",
+    "adapters.sql": ROOT / "sql" / "adapters.sql",
+    "cli.sql": ROOT / "sql" / "cli.sql",
+    "dashboard": ROOT / "pgjournal" / "dashboard" / "queries.sql",
+}
+READS: dict[tuple[str, str], dict[str, Any]] = {
+    ("queries.sql", "get_steps"): {"run": "T"},
+    ("queries.sql", "get_chunks"): {"run": "T"},
+    ("queries.sql", "get_events"): {"run": "T"},
+    ("queries.sql", "journal_outline"): {"run": "T"},
+    ("queries.sql", "journal_page"): {"run": "T", "after": -1, "limit": 500,
+                                      "max_bytes": 1 << 20},
+    ("queries.sql", "chunk_page"): {"run": "T", "position": 1, "after": -1, "limit": 100,
+                                    "max_bytes": 1 << 20},
+    ("adapters.sql", "get_named"): {"run": "T", "name": "s", "kind": "step"},
+    ("adapters.sql", "get_chunks"): {"run": "T", "position": 1},
+    ("adapters.sql", "entries"): {"run": "T", "from_position": 0},
+    ("adapters.sql", "last_position"): {"run": "T"},
+    ("adapters.sql", "max_iteration"): {"run": "T"},
+    ("dashboard", "runs_page"): {"status": None, "workflow": "w", "queue": None, "key": None,
+                                 "since": None, "until": None, "cursor_at": None,
+                                 "cursor_id": None, "limit": 51},
+    ("dashboard", "watch"): {"ids": ["T", "P", "C"]},
+    ("dashboard", "run"): {"run": "T"},
+    ("dashboard", "steps_page"): {"run": "T", "after": -1, "limit": 51},
+    ("dashboard", "step_value"): {"run": "T", "position": 2},
+    ("dashboard", "events"): {"run": "T", "limit": 201},
+    ("dashboard", "children"): {"run": "P", "limit": 50},
+}
+#: Statements that read a history table, but not by one run's id (or not for
+#: a program to run), and why they need not name the key.
+NOT_BY_RUN = {
+    ("dashboard", "note_action"): "a write (the key comes from runs in the INSERT)",
+    ("cli.sql", "prune_count"): "prune: by age over all runs",
+    ("cli.sql", "prune_batch"): "prune: deletes runs; the trigger deletes on the key",
+    ("cli.sql", "demo_worker_state"): "the demo's handful of runs, today's partition",
+    ("cli.sql", "demo_check"): "the demo's handful of runs, today's partition",
+    ("cli.sql", "demo_journal_kinds"): "the demo's handful of runs, today's partition",
+    ("cli.sql", "demo_steps_by_worker"): "the demo's handful of runs, today's partition",
+    ("cli.sql", "dba_timeline"): "SQL printed for a person to paste, kept plain",
+    ("cli.sql", "dba_events"): "SQL printed for a person to paste, kept plain",
+    ("cli.sql", "dba_no_step_twice"): "SQL printed for a person: every run of the demo",
+}
+#: STABLE functions of the schema that read history, by run id (called through
+#: the READS above) or not at all by run.
+READ_FUNCTIONS = {"journal_page", "chunk_page", "journal_outline"}
+NOT_BY_RUN_FUNCTIONS = {"history_partitions": "the catalog, not a run's rows",
+                        "prunable_partitions": "ranges of partitions, not a run"}
+HISTORY_WORD = re.compile(r"\b(steps|stream_chunks|run_events)\b")
+
+
+def _statements() -> dict[tuple[str, str], str]:
+    return {(f, name): text for f, path in READ_FILES.items()
+            for name, text in _sql.parse_named_queries(path.read_text()).items()}
+
+
+def test_every_statement_reading_history_is_checked_or_exempt() -> None:
+    """The list the partition test runs is complete: a new read of a history
+    table fails here until it is added to READS (and so checked) or exempted."""
+    reading = {key for key, text in _statements().items()
+               if HISTORY_WORD.search(re.sub(r"--[^\n]*", "", text))}
+    unlisted = reading - set(READS) - set(NOT_BY_RUN)
+    assert not unlisted, f"statements reading history, neither checked nor exempt: {unlisted}"
+    gone = (set(READS) | set(NOT_BY_RUN)) - set(_statements())
+    assert not gone, f"listed statements that no longer exist: {gone}"
+
+
+def _partitions_of(db: Any, s: str, runs: list[Any]) -> set[str]:
+    """The partitions holding (or due to hold) the history of these runs."""
+    out: set[str] = set()
+    for table in HISTORY:
+        rows = db.execute(q("SELECT coalesce((SELECT h.partition_name "
+                            "FROM {s}.history_partitions(%s) h WHERE NOT h.is_default "
+                            "AND r.created_at >= h.lower_bound AND r.created_at < h.upper_bound), "
+                            "%s) AS p FROM {s}.runs r WHERE r.id = ANY(%s)", s),
+                          (table, f"{table}_default", runs)).fetchall()
+        out |= {r["p"] for r in rows}
+    return out
+
+
+def _history_relations(db: Any, s: str) -> dict[int, str]:
+    """Every partition of the history tables and each of their indexes (oid ->
+    the partition's name)."""
+    rows = db.execute(
+        "SELECT c.oid, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = ANY(ARRAY[%s::regclass, %s::regclass, %s::regclass]) "
+        "UNION ALL SELECT x.indexrelid, c.relname FROM pg_inherits i "
+        "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_index x ON x.indrelid = c.oid "
+        "WHERE i.inhparent = ANY(ARRAY[%s::regclass, %s::regclass, %s::regclass])",
+        [f'"{s}".{t}' for t in HISTORY] * 2).fetchall()
+    return {r["oid"]: r["relname"] for r in rows}
+
+
+def _scanned_in_plan(plan: dict[str, Any], history: set[str]) -> set[str]:
+    """The history partitions that a plan node actually scanned (loops > 0)."""
+    found: set[str] = set()
+    if plan.get("Relation Name") in history and plan.get("Actual Loops", 0) > 0:
+        found.add(plan["Relation Name"])
+    for child in plan.get("Plans", []):
+        found |= _scanned_in_plan(child, history)
+    return found
+
+
+def explain_partitions(db: Any, s: str, statement: Any, params: dict[str, Any]
+                       ) -> tuple[set[str], int, Any]:
+    """Run ``statement`` under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) in a
+    transaction: the history partitions it touched (scan nodes executed, and
+    any scan of a partition or its index counted by the statistics, which also
+    sees inside SQL functions), its shared buffers, and the plan."""
+    relations = _history_relations(db, s)
+    history = set(relations.values())
+    count = ("SELECT c.oid, pg_stat_get_xact_numscans(c.oid) AS n "
+             "FROM unnest(%s::oid[]) AS c(oid)")
+    with db.transaction():  # the counters only move between transactions' flushes
+        before = {r["oid"]: r["n"] for r in db.execute(count, (list(relations),))}
+        [row] = db.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + statement,
+                           params).fetchall()
+        after = {r["oid"]: r["n"] for r in db.execute(count, (list(relations),))}
+    plan = row["QUERY PLAN"]
+    plan = (json.loads(plan) if isinstance(plan, str) else plan)[0]
+    counted = {relations[o] for o, n in after.items() if n > before.get(o, 0)}
+    top = plan["Plan"]
+    buffers = top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
+    return _scanned_in_plan(top, history) | counted, buffers, plan
+
+
+@pytest.fixture
+def many_partitions(db: Any, pgjournal_schema: str) -> dict[str, Any]:
+    """A schema with a year of weekly partitions (~55 per table) and a run
+    family (parent P, target T, child C) each in a different week, beside
+    runs in other weeks; every run has steps, a stream's chunks and events."""
+    s = pgjournal_schema
+    db.execute(q("SELECT count(*) FROM {s}.maintain(p_ahead_days => 7, "
+                 "p_since => now() - interval '365 days')", s))
+    ids = {"P": uuid.uuid4(), "T": uuid.uuid4(), "C": uuid.uuid4()}
+    ages = {"P": 300, "T": 200, "C": 100}
+    others = [uuid.uuid4() for _ in range(4)]
+    rows = [(ids[k], ages[k], ids["P"] if k == "C" else (ids["P"] if k == "T" else None))
+            for k in ids] + [(o, 30 + 50 * i, None) for i, o in enumerate(others)]
+    # And one run of another workflow in every week, so that no partition is
+    # empty (probing an empty one costs no buffer).
+    fillers = [(uuid.uuid4(), days, None) for days in range(3, 365, 7)]
+    for rid, days, parent in rows + fillers:
+        db.execute(q("INSERT INTO {s}.runs (id, workflow, queue, input, status, created_at, "
+                     "parent_run_id, parent_position) VALUES (%s, %s, 'q', '{{}}', "
+                     "'completed', now() - make_interval(days => %s), %s, %s)", s),
+                   (rid, "w" if (rid, days, parent) in rows else "filler", days, parent,
+                    0 if parent else None))
+        db.execute(q("INSERT INTO {s}.steps (run_created_at, run_id, position, name, "
+                     "occurrence, kind, status, output, lease_epoch) "
+                     "SELECT {s}.run_bucket(%s), %s, p, CASE p WHEN 1 THEN 'tok' ELSE 's' END, "
+                     "p, CASE p WHEN 1 THEN 'stream' ELSE 'step' END, 'completed', "
+                     "'{{\"n\": 1}}', 1 FROM generate_series(0, 4) p", s), (rid, rid))
+        db.execute(q("INSERT INTO {s}.stream_chunks (run_created_at, run_id, position, seq, "
+                     "chunk) SELECT {s}.run_bucket(%s), %s, 1, k, '\"x\"' "
+                     "FROM generate_series(0, 3) k", s), (rid, rid))
+    db.execute(q("ANALYZE {s}.runs, {s}.steps, {s}.stream_chunks, {s}.run_events", s))
+    n = db.execute(q("SELECT count(*) AS n FROM {s}.history_partitions('steps')", s)
+                   ).fetchone()["n"]
+    assert n >= 50, n
+    return {"ids": ids, "others": others}
+
+
+def _bind(params: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
+    def one(v: Any) -> Any:
+        if isinstance(v, str) and v in ids:
+            return ids[v]
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+    return {k: one(v) for k, v in params.items()}
+
+
+def test_every_read_by_run_id_touches_only_that_runs_partitions(
+        db: Any, pgjournal_schema: str, many_partitions: dict[str, Any]) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of each read of READS, over ~55 partitions a
+    table, none of them empty: only the partitions of the runs it reads are
+    scanned, and its buffers stay below one per two partitions."""
+    s, ids = pgjournal_schema, many_partitions["ids"]
+    texts = _statements()
+    partitions = int(db.execute(q("SELECT count(*) AS n FROM {s}.history_partitions('steps')",
+                                  s)).fetchone()["n"])
+    failures = []
+    for key, params in READS.items():
+        bound = _bind(params, ids)
+        runs = [v for v in bound.values() if isinstance(v, uuid.UUID)]
+        runs += [x for v in bound.values() if isinstance(v, list) for x in v]
+        if key == ("dashboard", "runs_page"):
+            runs = list(ids.values()) + many_partitions["others"]
+        if key == ("dashboard", "children"):
+            runs = [ids["T"], ids["C"]]  # the parent's children
+        allowed = _partitions_of(db, s, runs)
+        statement = _sql.schema_query(texts[key], s)
+        explain_partitions(db, s, statement, bound)  # warm: a SQL function plans on its first call
+        touched, buffers, _plan = explain_partitions(db, s, statement, bound)
+        extra = touched - allowed
+        if extra or buffers >= partitions // 2:
+            failures.append(f"{key}: {len(extra)} other partitions scanned "
+                            f"({sorted(extra)[:3]}...), {buffers} buffers")
+    assert not failures, "\n".join(failures)
+
+
+async def test_a_kept_partition_keeps_no_rows_of_the_runs_prune_deleted(
+        pgjournal_app: pgjournal.App, db: Any, pgjournal_schema: str,
+        pgjournal_dsn: str) -> None:
+    """Issue 20, item 6: when drop_history_range keeps a range (a run of it was
+    held or retried meanwhile), the history of the runs prune_history_batch
+    already deleted must not stay behind in the kept partitions."""
+    s = pgjournal_schema
+    ids = (await run_some(pgjournal_app, 2))[:2]
+    backdate(db, s, ids, 200)
+    cli(pgjournal_dsn, s, "maintain")
+    (part,) = db.execute(q("SELECT * FROM {s}.prunable_partitions(now() - interval '30 days', "
+                           "ARRAY['completed'])", s)).fetchall()
+    lo, hi = part["lower_bound"], part["upper_bound"]
+    with psycopg.connect(pgjournal_dsn) as other:
+        other.execute(q("SELECT 1 FROM {s}.runs WHERE id = %s FOR UPDATE", s), (ids[0],))
+        n = db.execute(q("SELECT {s}.prune_history_batch(%s, %s, now() - interval '30 days', "
+                         "ARRAY['completed'], 100) AS n", s), (lo, hi)).fetchone()["n"]
+        assert n == 1
+        other.rollback()
+    assert db.execute(q("SELECT {s}.drop_history_range(%s, %s) AS d", s),
+                      (lo, hi)).fetchone()["d"] is None
+    for table in HISTORY:
+        orphans = db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{table} WHERE run_id = %s",
+                               s), (ids[1],)).fetchone()["n"]
+        assert orphans == 0, f"{table} keeps {orphans} rows of deleted run {ids[1]}"
+        kept = db.execute(q(f"SELECT count(*) AS n FROM {{s}}.{table} WHERE run_id = %s",
+                            s), (ids[0],)).fetchone()["n"]
+        assert kept > 0, table
+    assert db.execute(q("SELECT count(*) AS n FROM {s}.steps WHERE run_id = %s", s),
+                      (ids[0],)).fetchone()["n"] > 0

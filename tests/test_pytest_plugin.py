@@ -3,11 +3,16 @@ subprocesses with timeouts, so a hang fails instead of hanging the suite)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+import pgjournal
 
 pytest_plugins = ["pytester"]
 
@@ -188,3 +193,134 @@ def test_plugin_can_be_turned_off(pytester: pytest.Pytester, pgjournal_dsn: str,
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'pgjournal_dsn' not found*"])
     assert "pgjournal: postgres provider" not in result.stdout.str()
+
+
+# -- the bound app keeps every App setting (issue 20, row 10) ----------------------
+
+
+async def test_bound_worker_fires_the_apps_schedules(pgjournal_worker: Any) -> None:
+    """A module-level app with a schedule, tested with the fixture: the
+    schedule fires on the test's schema (the bound app used to drop
+    ``@app.schedule`` rules, so nothing ever fired)."""
+    app = pgjournal.App("postgresql://nowhere.invalid/db", schema="elsewhere",
+                        max_journal_bytes=123_456)
+    fired = asyncio.Event()
+
+    @app.schedule("* * * * * *", name="every-second", catchup="skip")
+    @app.workflow()
+    async def tick(run: pgjournal.Run) -> None:
+        fired.set()
+
+    bound = await pgjournal_worker(app)
+    await asyncio.wait_for(fired.wait(), 30)
+    assert bound.max_journal_bytes == 123_456
+    assert sorted(bound.schedules) == ["every-second"]
+
+
+def _state(value: Any) -> Any:
+    """A comparable picture of an object: plain objects by their attributes
+    (recursively), containers by their items, everything else as itself."""
+    if isinstance(value, dict):
+        return {k: _state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_state(v) for v in value]
+    if hasattr(value, "__dict__") and not callable(value) and not isinstance(value, type):
+        return (type(value).__qualname__, _state(vars(value)))
+    return value
+
+
+def _non_default(name: str, param: inspect.Parameter) -> Any:
+    special = {"dsn": "postgresql://dev.invalid/app", "schema": "elsewhere",
+               "pooler": "session", "listen_dsn": "postgresql://dev-listen.invalid/app"}
+    if name in special:
+        return special[name]
+    default = param.default
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 7
+    if isinstance(default, float):
+        return default * 3 + 0.5
+    raise AssertionError(f"App({name}=...) is new to this test: give it a non-default value "
+                         "here, and make sure the test helpers carry it")
+
+
+async def test_bind_app_keeps_every_setting_and_registry(pgjournal_dsn: str,
+                                                        pgjournal_schema: str) -> None:
+    """Generic over App's constructor: every parameter gets a non-default value,
+    and the bound app must equal the original in every attribute except those
+    the binding itself sets (the connection and the poll interval), which must
+    equal a fresh App built with those values. A setting added to App later is
+    covered without touching this test (or the test says what it needs)."""
+    from pgjournal.pytest_plugin import bind_app
+
+    params = {name: p for name, p in inspect.signature(pgjournal.App.__init__).parameters.items()
+              if name != "self"}
+    settings = {name: _non_default(name, p) for name, p in params.items()}
+    app = pgjournal.App(**settings)
+
+    @app.schedule("0 3 * * *", name="nightly", timezone="Europe/Berlin")
+    @app.workflow(queue="maint", max_attempts=9)
+    async def nightly(run: pgjournal.Run) -> None: ...
+
+    bound = bind_app(app, pgjournal_dsn, pgjournal_schema)
+    overrides = {"dsn": pgjournal_dsn, "schema": pgjournal_schema, "poll_interval": 0.2,
+                 "listen_dsn": pgjournal_dsn}
+    plain = pgjournal.App(**settings)                    # the settings, nothing registered
+    ref = pgjournal.App(**{**settings, **overrides})     # ... as the binding should set them
+    rebound = {k for k in vars(ref) if _state(vars(ref)[k]) != _state(vars(plain)[k])}
+    assert rebound, "the overrides changed nothing: the test is broken"
+    expected = {k: _state(vars(ref)[k] if k in rebound else v) for k, v in vars(app).items()}
+    got = {k: _state(v) for k, v in vars(bound).items()}
+    assert got == expected
+    # Registries are copies: registering on the bound app leaves the original alone.
+    assert bound.workflows is not app.workflows and bound.schedules is not app.schedules
+
+
+async def test_bind_app_starts_its_own_connections(pgjournal_dsn: str,
+                                                   pgjournal_schema: str) -> None:
+    """An app already used (store open) binds to a copy that shares no mutable
+    state with it but its registries' entries."""
+    from pgjournal.pytest_plugin import bind_app
+
+    app = pgjournal.App(pgjournal_dsn, schema=pgjournal_schema)
+
+    @app.workflow()
+    async def wf(run: pgjournal.Run) -> None: ...
+
+    await app.store()
+    bound = bind_app(app, pgjournal_dsn, pgjournal_schema)
+    try:
+        immutable = (type(None), str, int, float, bool, tuple, frozenset)
+        shared = [k for k, v in vars(bound).items()
+                  if v is vars(app).get(k) and not isinstance(v, immutable)]
+        assert shared == []
+        assert await bound.store() is not await app.store()
+    finally:
+        await bound.close()
+        await app.close()
+
+
+def test_bind_app_carries_or_refuses_a_setting_it_does_not_know() -> None:
+    """A constructor parameter added later (here by subclasses standing in for a
+    future App): carried when its value lives in an attribute of its name,
+    refused with a clear error when it does not -- never dropped."""
+    from pgjournal.pytest_plugin import bind_app
+
+    class Later(pgjournal.App):
+        def __init__(self, dsn: str | None = None, *, shiny: int = 1, **kw: Any) -> None:
+            super().__init__(dsn, **kw)
+            self.shiny = shiny
+
+    class Hidden(pgjournal.App):
+        def __init__(self, dsn: str | None = None, *, shiny: int = 1, **kw: Any) -> None:
+            super().__init__(dsn, **kw)
+            self._inner = {"shiny": shiny}
+
+    bound = bind_app(Later("postgresql://dev.invalid/a", shiny=5, max_journal_bytes=99),
+                     "postgresql://test.invalid/t", "t_x")
+    assert isinstance(bound, Later)
+    assert (bound.shiny, bound.max_journal_bytes, bound.schema) == (5, 99, "t_x")
+    with pytest.raises(pgjournal.ConfigurationError, match="setting 'shiny'"):
+        bind_app(Hidden("postgresql://dev.invalid/a", shiny=5), "postgresql://test.invalid/t",
+                 "t_x")

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import pgjournal
 from tests.conftest import serving, wait_for
@@ -250,3 +251,54 @@ def test_sql_function_for_a_dba(pgjournal_dsn: str, pgjournal_schema: str) -> No
                                  "ARRAY['1']::json[])").format(s), ([a, b],))
         assert conn.execute(sql.SQL("SELECT * FROM {}.start_runs('{{}}', 'wf', 'default', "
                                     "'{{}}')").format(s)).fetchall() == []
+
+
+async def test_two_clients_start_the_same_keys_in_opposite_orders(
+        pgjournal_dsn: str, pgjournal_schema: str) -> None:
+    """Issue 20, row 9, forced with an open transaction: client B's batch (keys
+    k2, k0, k1) waits at k0, which a third transaction inserted and has not
+    committed; client A's batch (k1, k2) comes in; then k0 commits. Inserted
+    in the caller's order, B held k2 and A held k1, each waiting for the other:
+    a deadlock, reported as "database connection failed". Inserted in key
+    order, both calls return the same run for each key."""
+    tag = uuid.uuid4().hex[:8]
+    k0, k1, k2 = (f"{tag}-{i}" for i in range(3))
+    name = f"start-many-{tag}"
+    a = pgjournal.App(make_conninfo(pgjournal_dsn, application_name=f"{name}-a"),
+                      schema=pgjournal_schema)
+    b = pgjournal.App(make_conninfo(pgjournal_dsn, application_name=f"{name}-b"),
+                      schema=pgjournal_schema)
+    holder = await psycopg.AsyncConnection.connect(pgjournal_dsn)
+    try:
+        await holder.execute(
+            sql.SQL("SELECT * FROM {}.start_run(gen_random_uuid(), 'wf', 'default', "
+                    "'{{}}'::json, 0, 0, %s)").format(sql.Identifier(pgjournal_schema)), (k0,))
+
+        async def waiting(client: str) -> bool:
+            async with await psycopg.AsyncConnection.connect(pgjournal_dsn,
+                                                             autocommit=True) as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND application_name = %s", (f"{name}-{client}",))
+                row = await cur.fetchone()
+            return bool(row and row[0])
+
+        late = asyncio.create_task(b.start_many("wf", [1, 2, 3], idempotency_keys=[k2, k0, k1]))
+        await wait_for(lambda: waiting("b"), what="B waiting for k0")
+        early = asyncio.create_task(a.start_many("wf", [4, 5], idempotency_keys=[k1, k2]))
+        await wait_for(lambda: _either(early, waiting("a")), what="A waiting or done")
+        await holder.commit()
+        got_b, got_a = await late, await early
+    finally:
+        await holder.close()
+        await a.close()
+        await b.close()
+    assert [h.run_id for h in got_a] == [got_b[2].run_id, got_b[0].run_id]
+    assert len({h.run_id for h in got_b}) == 3
+
+
+async def _either(task: asyncio.Task[Any], check: Any) -> bool:
+    if task.done():
+        check.close()
+        return True
+    return bool(await check)

@@ -18,6 +18,14 @@ def doc_files() -> dict[str, str]:
     return dict(pattern.findall(DOC.read_text()))
 
 
+def doc_variant(name: str) -> dict[str, str]:
+    """The blocks after ``<!-- variant NAME, file: PATH -->``: files a variant of
+    the project adds (tests/test_user_project.py runs them)."""
+    pattern = re.compile(rf"<!-- variant {re.escape(name)}, file: (\S+) -->\n```\w*\n(.*?)```",
+                         re.S)
+    return dict(pattern.findall(DOC.read_text()))
+
+
 def test_the_testing_recipe_runs_as_written(tmp_path: Path, pgjournal_dsn: str) -> None:
     files = doc_files()
     assert set(files) == {"pyproject.toml", "jobs.py", "tests/test_jobs.py"}

@@ -41,9 +41,10 @@ def call_rate(engine: Engine, rate: RateSpec) -> tuple[int, int, str, float]:
 
 @traced("rate")
 async def take_units(engine: Engine, position: int, occurrence: int, bucket: str,
-                     units: float, *, reserved: dict[str, float]) -> None:
+                     units: float, *, reserved: dict[str, float]) -> int | None:
     """Take ``units`` from ``bucket`` (journaled, with the time they are ready),
-    then wait until they are (``wait_until``)."""
+    then wait until they are (``wait_until``). Returns the attempt that took
+    them last when the take was replayed, None when it was taken now."""
     name = f"rate:{bucket}"
     entry = await engine.entry(position)
     if entry is not None:
@@ -52,7 +53,7 @@ async def take_units(engine: Engine, position: int, occurrence: int, bucket: str
         reserved[bucket] = float(entry["output"]["units"])
         await engine.await_replay_turn(entry["turn"], entry["calls_before"], name)
         await wait_until(engine, ready, position, occurrence, name)
-        return
+        return int(entry["attempt"])
     await engine.enter_live()
     try:
         turn, calls = engine.take_turn()
@@ -69,6 +70,30 @@ async def take_units(engine: Engine, position: int, occurrence: int, bucket: str
             engine.drop(turn)
     finally:
         engine.exit_live()
+    await wait_until(engine, ready, position, occurrence, name)
+    return None
+
+
+async def retake_units(engine: Engine, position: int, occurrence: int, bucket: str,
+                       units: float, *, reserved: dict[str, float], in_step: bool) -> None:
+    """Take a step's units again for a new call of its function, into the take
+    already journaled at ``position`` (``take_units`` with ``again``), then wait
+    until they are ready: in the worker when called between the tries of a
+    step (``in_step``: the step is live work), else as any take."""
+    name = f"rate:{bucket}"
+    if not in_step:
+        await engine.enter_live()
+    try:
+        outcome, ready = await engine.db(engine.store.take_units(
+            run=engine.id, epoch=engine.epoch, position=position, name=name,
+            occurrence=occurrence, bucket=bucket, units=units, attempt=engine.attempt,
+            again=True))
+        if outcome.startswith("lost:"):
+            engine.lose(outcome[5:])
+        reserved[bucket] = units
+    finally:
+        if not in_step:
+            engine.exit_live()
     await wait_until(engine, ready, position, occurrence, name)
 
 

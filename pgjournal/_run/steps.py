@@ -55,8 +55,9 @@ async def step(engine: Engine, name: str, fn: Callable[..., Any], args: tuple[An
     that none of them can be taken for an option of this function."""
     take = flow.call_rate(engine, rate) if rate is not None else None
     position, occurrence = engine.call(name)
+    taken_in: int | None = None
     if take is not None:
-        await flow.take_units(engine, *take, reserved=reserved)
+        taken_in = await flow.take_units(engine, *take, reserved=reserved)
     fp = fingerprint(fn, args, kwargs)
     entry = await engine.entry(position)
     if entry is not None:
@@ -74,6 +75,11 @@ async def step(engine: Engine, name: str, fn: Callable[..., Any], args: tuple[An
                                            f"step {name!r}")
             raise exc
         engine.skip(entry)
+        if take is not None and taken_in is not None and taken_in <= entry["attempt"]:
+            # This attempt calls again a step whose call failed in an earlier
+            # one: the new call takes its units (once: a replay of this
+            # attempt finds the take's attempt moved on).
+            await flow.retake_units(engine, *take, reserved=reserved, in_step=False)
     await engine.enter_live()
     try:
         started = engine.db_now()
@@ -90,6 +96,12 @@ async def step(engine: Engine, name: str, fn: Callable[..., Any], args: tuple[An
             except Exception as exc:
                 if tries <= retries and not isinstance(exc, TerminalError):
                     await asyncio.sleep(backoff * 2 ** (tries - 1))
+                    if take is not None:
+                        await flow.retake_units(engine, *take, reserved=reserved,
+                                                in_step=True)
+                    # A retry is a new execution of the step: not past a lost
+                    # lease (the backoff or the wait may outlast it).
+                    await engine.confirm_lease()
                     continue
                 turn, calls = engine.take_turn()
                 try:

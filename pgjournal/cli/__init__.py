@@ -88,7 +88,13 @@ def _read_only_error(args: argparse.Namespace, exc: psycopg.Error) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgjournal`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # psql's own options (`pgjournal psql -c 'SELECT 1'`) pass through, with or
+    # without `--`; every other command keeps argparse's refusal of unknowns.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "command", None) != "psql":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.psql_args = [*unknown, *args.psql_args]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

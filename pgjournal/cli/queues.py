@@ -12,12 +12,11 @@ from .._output import (
     use_colour,
 )
 from .._queries import cli_fetch
-from .._sql import validate_identifier
+from .._queue_change import change_queue
 from ..app import App
 from ._common import (
     Add,
     Row,
-    fail,
     parse_limit,
     plural,
     print_json,
@@ -30,24 +29,9 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
     async def go(app: App) -> list[Row]:
         if action:
-            name = validate_identifier(args.name, "queue name")
-            known = (await cli_fetch(app, "queue_known", name=name))[0]["known"]
-            if not known and not args.create:
-                raise fail(
-                    f"queue {name!r} has never been seen in schema {app.schema!r} (no "
-                    "runs, settings or workers); check the name, or pass --create to "
-                    "configure it ahead of its first run")
-            current = await cli_fetch(app, "queue_settings", name=name)
-            limit = current[0]["concurrency_limit"] if current else None
-            paused = bool(current[0]["paused"]) if current else False
-            if action == "pause":
-                paused = True
-            elif action == "resume":
-                paused = False
-            elif action == "limit":
-                limit = _parse_limit(args.limit)
-            # set_queue replaces both settings, so the untouched one is passed back.
-            await app.set_queue(name, concurrency_limit=limit, paused=paused)
+            await change_queue(app, args.name, action, args.limit, create=args.create,
+                               lift=_LIFT, unknown_hint=", or pass --create to configure it "
+                                                        "ahead of its first run")
         unserved.extend(await cli_fetch(app, "unserved"))
         return await cli_fetch(app, "queues")
 
@@ -72,18 +56,21 @@ def cmd_queues(args: argparse.Namespace) -> int:
     colour = use_colour(sys.stdout)
     cells, styles = [], []
     for r in rows:
-        age = r["oldest_due_age"]
         cells.append([r["queue"], str(r["queued_due"]), str(r["delayed"]), str(r["running"]),
                       str(r["expired_leases"]), str(r["suspended"]),
-                      human_seconds(age.total_seconds()) if age is not None else "-",
+                      _lag(r, "resumptions_due", "oldest_resumption_age"),
+                      _lag(r, "new_due", "oldest_new_age"),
                       str(r["concurrency_limit"] or "-"), "yes" if r["paused"] else "no"])
         row_styles: list[str | None] = [None] * 4
-        row_styles += ["red" if r["expired_leases"] else None, None, None, None]
+        row_styles += ["red" if r["expired_leases"] else None, None, None, None, None]
         row_styles.append("yellow" if r["paused"] else None)
         styles.append(row_styles)
+    # A claim takes runs that already started (timer due, signal arrived,
+    # children ended, lease expired) before new runs of the same priority, so
+    # their lags are shown apart: RESUMING should stay small even when NEW grows.
     print(table(cells, ["QUEUE", "DUE", "DELAYED", "RUNNING", "EXPIRED-LEASES", "SUSPENDED",
-                        "OLDEST-DUE", "LIMIT", "PAUSED"], colour=colour, styles=styles,
-                right=(1, 2, 3, 4, 5, 6, 7)))
+                        "RESUMING (LAG)", "NEW (LAG)", "LIMIT", "PAUSED"], colour=colour,
+                styles=styles, right=(1, 2, 3, 4, 5, 6, 7, 8)))
     for u in unserved:
         print(paint(f"{plural(u['runs'], 'queued run')} of workflow {u['workflow']!r} on "
                     f"queue {u['queue']}, which no live worker knows (a typo, or a worker "
@@ -91,14 +78,25 @@ def cmd_queues(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIFT = "to stop a queue use `pgjournal queues pause`, to lift the limit use 'none'"
+
+
+def _lag(row: Row, count: str, age: str) -> str:
+    """``3 (12s)``: claimable runs of one kind and how long the oldest has been due."""
+    n, oldest = row.get(count), row.get(age)
+    if n is None:  # a schema before migration 0020 has no such column
+        return "?"
+    return f"{n} ({human_seconds(oldest.total_seconds())})" if oldest is not None else str(n)
+
+
 def _parse_limit(text: str) -> int | None:
-    return parse_limit(text, lift="to stop a queue use `pgjournal queues pause`, to lift "
-                                   "the limit use 'none'")
+    return parse_limit(text, lift=_LIFT)
 
 
 def register(add: Add, db: argparse.ArgumentParser, js: argparse.ArgumentParser) -> None:
     """Add this group's commands to the parser (see ``build_parser``)."""
-    p = add("queues", "queue depth, running, oldest due, limits; pause, resume, limit",
+    p = add("queues", "queue depth, running, lag of resumptions and of new runs, limits; "
+                      "pause, resume, limit",
             """
             pgjournal queues
             pgjournal queues pause agents

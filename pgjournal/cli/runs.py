@@ -88,8 +88,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 async def _served_queue(app: App, workflow: str) -> str:
     """The queue on which live workers take runs of ``workflow``, or a clear refusal:
     a run nobody can take (a typo, a worker not deployed yet) would sit forever."""
-    rows = await cli_fetch(app, "workflow_queues", workflow=workflow)
-    queues = sorted(r["queue"] for r in rows)
+    queues = await app.served_queues(workflow)
     if len(queues) == 1:
         return str(queues[0])
     if queues:
@@ -165,24 +164,42 @@ def offset(t0: datetime, moment: datetime | None) -> str:
     return "+" + between(t0, max(moment, t0))
 
 
+#: The shortest run-id prefix accepted (the dashboard and listings show 8).
+MIN_PREFIX = 4
+
+
 async def resolve_run_id(app: App, text: str) -> uuid.UUID:
-    """A run id, or an adapter's own id (``order-42``) kept in ``meta.original_id``."""
+    """A run id, a unique prefix of one (``e569f25f``), or an adapter's own id
+    (``order-42``) kept in ``meta.original_id``."""
     try:
         return uuid.UUID(text)
     except ValueError:
         pass
+    digits = text.replace("-", "").lower()
+    if MIN_PREFIX <= len(digits) < 32 and all(c in "0123456789abcdef" for c in digits):
+        lo, hi = (uuid.UUID(digits.ljust(32, pad)) for pad in "0f")
+        ids = [r["id"] for r in await cli_fetch(app, "runs_by_prefix", lo=lo, hi=hi)]
+        if len(ids) == 1:
+            return uuid.UUID(str(ids[0]))
+        if ids:
+            shown = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+            raise UnknownRun(f"{text!r} is the start of several run ids ({shown}); "
+                             "give more characters")
     rows = await cli_fetch(app, "run_by_original_id", original=text)
     if len(rows) == 1:
         return uuid.UUID(str(rows[0]["id"]))
     if not rows:
-        raise UnknownRun(f"{text!r} is not a run id (a UUID), nor the id of an adapter's "
-                         f"run in schema {app.schema!r}")
+        raise UnknownRun(f"{text!r} is not a run id (a UUID or a unique prefix of at least "
+                         f"{MIN_PREFIX} characters), nor the id of an adapter's run in "
+                         f"schema {app.schema!r}")
     found = ", ".join(f"{r['id']} ({r['source']})" for r in rows)
     raise UnknownRun(f"{text!r} names several adapter runs: {found}; give the run id")
 
 
 #: Children listed by ``pgjournal show`` (the rest: ``pgjournal runs --parent``).
 SHOW_CHILDREN = 20
+#: A run's error in ``pgjournal show``: whole unless huge (``--json`` has all of it).
+SHOW_ERROR_CHARS = 2000
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -236,7 +253,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run["output"] is not None:
         print(f"  output {compact(run['output'], 100)}")
     if run["error"]:
-        print("  error  " + paint(error_text(run["error"], 100), "red", colour))
+        # Whole: the useful part (e.g. "$.cost is of type Decimal") is often at the end.
+        print("  error  " + paint(error_text(run["error"], SHOW_ERROR_CHARS), "red", colour))
 
     chunks: dict[int, int] = {}
     for c in data["chunks"]:
@@ -255,6 +273,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(textwrap.indent(table(cells, ["#", "AT", "TOOK", "KIND", "NAME", "STATUS",
                                             "ATT", "TRIES", "RESULT"],
                                     colour=colour, styles=styles, right=(0, 6, 7)), "  "))
+    elif run["finished_at"]:
+        print(f"no steps journaled: the run ended ({run['status']}) before its first "
+              "journal entry" + (", error above" if run["error"] else ""))
     else:
         print("no steps journaled yet")
     if data["children"]:
@@ -312,15 +333,25 @@ def cmd_signal(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    async def go(app: App) -> str:
-        return await app.cancel(args.run_id, children=not args.keep_children)
+#: Statuses of runs that have ended (a cancel leaves them as they are).
+ENDED = frozenset({"completed", "failed", "cancelled", "dead"})
 
-    status = with_app(args, go)
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    async def go(app: App) -> tuple[uuid.UUID, str, int]:
+        run_id = await resolve_run_id(app, args.run_id)
+        unfinished = 0
+        if not args.keep_children:
+            counts = await cli_fetch(app, "children_counts", run=run_id)
+            unfinished = sum(int(r["n"]) for r in counts if r["status"] not in ENDED)
+        return run_id, await app.cancel(run_id, children=not args.keep_children), unfinished
+
+    run_id, status, unfinished = with_app(args, go)
     if status != "cancelled":
-        raise InvalidState(f"run {args.run_id} had already ended ({status}); not cancelled")
-    print(f"run {args.run_id} cancelled" + ("" if args.keep_children else
-                                            " (with its unfinished child runs)"))
+        raise InvalidState(f"run {run_id} had already ended ({status}); not cancelled")
+    print(f"run {run_id} cancelled" + (
+        f" with its {unfinished} unfinished child run{'s' if unfinished != 1 else ''}"
+        if unfinished else ""))
     return 0
 
 

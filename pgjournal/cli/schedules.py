@@ -71,15 +71,19 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         zone = validate_timezone(row["timezone"])
         start = parse_time(args.start, zone, "--from")
         end = parse_time(args.end, zone, "--to")
-        slots = backfill_slots(row["cron"], row["timezone"], start, end)
+        now = datetime.now(UTC)
+        slots = backfill_slots(row["cron"], row["timezone"], start, end, now=now)
         started = await store.backfill_schedule(args.name, start, end, slots)
-        return (len(slots), started or 0, start, end)
+        return (len(slots), started or 0, start, end, end > now)
 
     result = with_app(args, go, read_only=action == "list")
     if action == "list":
         assert isinstance(result, list)
         return _print_list(result, args.json)
     if args.json:
+        if action == "backfill":  # [slots, started, from, to], as before
+            assert isinstance(result, tuple)
+            result = list(result[:4])
         print_json({"schedule": args.name, "action": action, "result": result})
         return 0
     if action == "pause":
@@ -93,9 +97,10 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         print(f"started run {result} of schedule {args.name}")
     else:
         assert isinstance(result, tuple)
-        n, started, start, end = result
+        n, started, start, end, future = result
         print(f"schedule {args.name}: {plural(n, 'slot')} from {local(start)} to {local(end)}; "
-              f"{plural(started, 'run')} started, {n - started} already had one")
+              f"{plural(started, 'run')} started, {n - started} already had one"
+              + ("; slots after now are left to fire on time" if future else ""))
     return 0
 
 

@@ -5,7 +5,8 @@
     from pgjournal.dashboard import create_app
     service.mount("/pgjournal", create_app(app, token=os.environ["DASH_TOKEN"]))
 
-It needs the ``dashboard`` extra (``pip install 'pgjournal[dashboard]'``):
+It needs the ``dashboard`` extra (``pip install 'pgjournal[dashboard]'``, or
+the path of your clone in place of ``pgjournal``):
 nothing here imports Starlette or Jinja2 before ``create_app`` is called.
 See docs/dashboard.md.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._install import extra_hint
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 #: The packages of the ``dashboard`` extra, by import name.
 REQUIRED = ("starlette", "jinja2", "sse_starlette", "uvicorn", "python_multipart")
-INSTALL_HINT = "pip install 'pgjournal[dashboard]'"
+#: The pip command for this installation (a clone's path when installed from one).
+INSTALL_HINT = extra_hint("dashboard")
 
 
 def missing_packages() -> list[str]:

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 
 import jinja2
 import psycopg
+from psycopg import errors as pgerr
 from psycopg_pool import AsyncConnectionPool
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -27,9 +28,11 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._output import between, compact, human_seconds, shorten, to_json
+from .._queue_change import change_queue
 from ..app import App
 from ..connect import mask_dsn, open_pool
-from ..errors import ConfigurationError, PgJournalError, SerializationError
+from ..errors import ConfigurationError, PermissionDenied, PgJournalError, SerializationError
+from ..roles import permission_denied
 from ..store import translate_error
 from ._data import (
     BULK_LIMIT,
@@ -50,6 +53,11 @@ log = logging.getLogger("pgjournal.dashboard")
 HERE = Path(__file__).parent
 #: Children listed on a run page (the rest: the runs list filtered by parent).
 CHILDREN_SHOWN = 50
+#: Steps a page of a run's timeline holds (the next page by keyset: ?after=).
+STEPS_PAGE = 50
+#: The latest signals and events a run page shows (all of them: pgjournal show).
+SIGNALS_SHOWN = 100
+EVENTS_SHOWN = 200
 FLASH = "pgjournal_dashboard_flash"
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -107,8 +115,14 @@ class Dashboard:
         pool = await self._pool()
         try:
             async with pool.connection() as conn:
-                cur = await conn.execute(query(name, self.schema), params)
-                return await cur.fetchall() if cur.description else []
+                try:
+                    cur = await conn.execute(query(name, self.schema), params)
+                    return await cur.fetchall() if cur.description else []
+                except pgerr.InsufficientPrivilege as exc:
+                    # A role that may not read (the worker role of sql/roles.sql):
+                    # a 403 page naming the reader role, not a 500.
+                    raise permission_denied(exc, schema=self.schema,
+                                            user=conn.info.user) from exc
         except psycopg.Error as exc:
             raise translate_error(exc, self.schema) from exc
 
@@ -116,13 +130,18 @@ class Dashboard:
         """Named writes in one transaction, on ``app``'s own pool; the first one's rows."""
         store = await self.app.store()
         try:
-            async with store.pool.connection() as conn, conn.transaction():
-                first: list[Row] | None = None
-                for name, params in steps:
-                    cur = await conn.execute(query(name, self.schema), params)
-                    rows = await cur.fetchall() if cur.description else []
-                    first = rows if first is None else first
-                return first or []
+            async with store.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        first: list[Row] | None = None
+                        for name, params in steps:
+                            cur = await conn.execute(query(name, self.schema), params)
+                            rows = await cur.fetchall() if cur.description else []
+                            first = rows if first is None else first
+                        return first or []
+                except pgerr.InsufficientPrivilege as exc:
+                    raise permission_denied(exc, schema=self.schema, user=conn.info.user,
+                                            write=True) from exc
         except psycopg.Error as exc:
             raise translate_error(exc, self.schema) from exc
 
@@ -182,6 +201,16 @@ def _error(error: Any, width: int = 120) -> str:
     return shorten(str(error), width)
 
 
+def _head(text: Any, width: int = 80) -> str:
+    """The start of a value's JSON text (the page never carries whole values)."""
+    return shorten(text or "", width)
+
+
+def _step_error(row: Row, width: int = 80) -> str:
+    return shorten(f"{row.get('error_type') or 'Error'}: {row.get('error_message') or ''}",
+                   width)
+
+
 def _interval(value: Any) -> str:
     if value is None:
         return "-"
@@ -210,7 +239,8 @@ def _environment() -> jinja2.Environment:
         autoescape=True,  # every value is escaped; step outputs are user data
     )
     env.filters.update(local=_local, ago=_ago, compact=compact, pretty=_pretty,
-                       error=_error, took=_took, interval=_interval, cell=_cell, fp=fingerprint)
+                       error=_error, took=_took, interval=_interval, cell=_cell, fp=fingerprint,
+                       head=_head, step_error=_step_error)
     env.globals.update(offset=_offset, statuses=STATUSES)
     return env
 
@@ -352,31 +382,99 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
                       workflows=[c["value"] for c in choices if c["kind"] == "workflow"],
                       bulk_limit=BULK_LIMIT, filter_query=urlencode(f.query_items()))
 
-    @reader
-    async def run_page(request: Request) -> Response:
+    def position_of(request: Request, default: int | None) -> int | None:
+        """The keyset of a steps page: ``?after=<position>`` (-1: from the start)."""
+        text = request.query_params.get("after", "")
         try:
-            run_id = uuid.UUID(request.path_params["run_id"])
+            return max(int(text), -1)
         except ValueError:
+            return default
+
+    async def run_or_missing(request: Request) -> Row | Response:
+        run_id = run_of(request)
+        if run_id is None:
             return render(request, "missing.html", status_code=404, page="runs",
                           what=f"{request.path_params['run_id']!r} is not a run id")
         rows = await dash.fetch("run", run=run_id)
         if not rows:
             return render(request, "missing.html", status_code=404, page="runs",
                           what=f"run {run_id} does not exist in schema {dash.schema!r}")
-        run = rows[0]
-        steps = await dash.fetch("steps", run=run_id)
-        chunks = {r["position"]: r["n"] for r in await dash.fetch("chunk_counts", run=run_id)}
+        return rows[0]
+
+    async def steps_after(run: Row, after: int | None) -> dict[str, Any]:
+        """One page of the timeline after position ``after`` (keyset; None: none)."""
+        if after is None:
+            return {"steps": [], "more": False, "last": None, "after": None}
+        rows = await dash.fetch("steps_page", run=run["id"], after=after,
+                                limit=STEPS_PAGE + 1)
+        more = len(rows) > STEPS_PAGE
+        rows = rows[:STEPS_PAGE]
+        return {"steps": rows, "more": more, "after": after,
+                "last": rows[-1]["position"] if rows else after}
+
+    async def run_parts(run: Row) -> dict[str, Any]:
+        """The summary, children, signals and events of a run page: each list
+        bounded, so the page's weight does not grow with the run's history."""
+        run_id = run["id"]
         children = await dash.fetch("children", run=run_id, limit=CHILDREN_SHOWN)
         counts = {r["status"]: r["n"] for r in await dash.fetch("children_counts", run=run_id)}
-        run["last_position"] = steps[-1]["position"] if steps else None
-        return render(request, "run.html", page="run", run=run, steps=steps, chunks=chunks,
-                      children=children, children_counts=counts,
-                      children_total=sum(counts.values()),
-                      signals=await dash.fetch("signals", run=run_id),
-                      events=await dash.fetch("events", run=run_id),
-                      events_url=f"{base(request)}/events",
-                      retryable=run["status"] in RETRYABLE,
-                      cancellable=run["status"] in CANCELLABLE)
+        signals = await dash.fetch("signals", run=run_id, limit=SIGNALS_SHOWN + 1)
+        events = await dash.fetch("events", run=run_id, limit=EVENTS_SHOWN + 1)
+        return {"run": run, "children": children, "children_counts": counts,
+                "children_total": sum(counts.values()),
+                "signals": signals[:SIGNALS_SHOWN][::-1],
+                "signals_more": len(signals) > SIGNALS_SHOWN,
+                "events": events[:EVENTS_SHOWN][::-1],
+                "events_more": len(events) > EVENTS_SHOWN,
+                "page_size": STEPS_PAGE,
+                "retryable": run["status"] in RETRYABLE,
+                "cancellable": run["status"] in CANCELLABLE}
+
+    @reader
+    async def run_page(request: Request) -> Response:
+        run = await run_or_missing(request)
+        if isinstance(run, Response):
+            return run
+        page = await steps_after(run, position_of(request, -1))
+        return render(request, "run.html", page="run", events_url=f"{base(request)}/events",
+                      **page, **await run_parts(run))
+
+    @reader
+    async def run_steps(request: Request) -> Response:
+        """The next page of a run's timeline, as rows the page appends."""
+        run = await run_or_missing(request)
+        if isinstance(run, Response):
+            return run
+        page = await steps_after(run, position_of(request, -1))
+        return render(request, "run_steps.html", page="run", run=run, **page)
+
+    @reader
+    async def run_live(request: Request) -> Response:
+        """What a live run page fetches after its run changed: the bounded parts,
+        and the steps after ``?after=`` (the last it shows, when it shows the
+        tail of the timeline); never the steps it already has."""
+        run = await run_or_missing(request)
+        if isinstance(run, Response):
+            return run
+        page = await steps_after(run, position_of(request, None))
+        return render(request, "run_live.html", page="run", **page, **await run_parts(run))
+
+    @reader
+    async def step_value(request: Request) -> Response:
+        """One step's whole value (its error, if it failed), as text: the page
+        puts it in with textContent when the value is opened."""
+        run_id = run_of(request)
+        position = request.path_params["position"]
+        rows = [] if run_id is None else await dash.fetch("step_value", run=run_id,
+                                                           position=position)
+        if not rows:
+            return PlainTextResponse(f"no step {position} in run {request.path_params['run_id']}\n",
+                                     status_code=404)
+        step = rows[0]
+        value = step["error"] if step["status"] == "failed" else step["output"]
+        response = PlainTextResponse(_pretty(value))
+        response.headers["cache-control"] = "no-store"
+        return response
 
     @reader
     async def queues_page(request: Request) -> Response:
@@ -556,33 +654,20 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
     async def queue_action(request: Request, sess: Session, form: Any) -> Response:
         name = request.path_params["name"]
         back = f"{base(request)}/queues"
-        what = form.get("action")
-        rows = await dash.fetch("queue_settings", name=name)
-        limit = rows[0]["concurrency_limit"] if rows else None
-        paused = bool(rows[0]["paused"]) if rows else False
-        if what == "pause":
-            paused = True
-        elif what == "resume":
-            paused = False
-        elif what == "limit":
-            text = str(form.get("limit") or "").strip().lower()
-            if text in ("", "none"):
-                limit = None
-            elif text.isdigit() and int(text) >= 1:
-                limit = int(text)
-            else:
-                return redirect(request, back, "a limit is a number >= 1, or none",
-                                error=True)
-        else:
-            return redirect(request, back, "unknown queue action", error=True)
+        what = str(form.get("action") or "")
+        # A blank limit field lifts the limit; everything else is parsed and checked as
+        # `pgjournal queues` does (pgjournal/_queue_change.py): same names, same limits,
+        # and no queue the schema has never seen.
+        text = str(form.get("limit") or "").strip() or "none"
         try:
-            await dash.act([("set_queue", {"name": name, "limit": limit, "paused": paused})])
+            done = await change_queue(dash.app, name, what, text, lift="to stop the queue "
+                                      "pause it, to lift the limit leave the field empty")
         except PgJournalError as exc:
             return redirect(request, back, f"not changed: {exc}", error=True)
         log.info("dashboard: %s set queue %s: limit %s, paused %s", actor(request, sess),
-                 name, limit, paused)
-        return redirect(request, back, f"queue {name}: " + (
-            "paused" if paused else "running") + f", limit {limit or 'none'}")
+                 done.name, done.concurrency_limit, done.paused)
+        return redirect(request, back, f"queue {done.name}: " + (
+            "paused" if done.paused else "running") + f", limit {done.concurrency_limit or 'none'}")
 
     # -- live -------------------------------------------------------------------------
 
@@ -622,9 +707,22 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
 
         try:
             text = await collect(dash.metrics_app())
+        except PermissionDenied as exc:  # e.g. the worker role: it reads no view
+            return PlainTextResponse(f"403 Forbidden: scrape refused: {exc}\n",
+                                     status_code=403)
         except PgJournalError as exc:
             return PlainTextResponse(f"scrape failed: {exc}\n", status_code=503)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        """A read or an action the database role may not do: 403 with the reason (which
+        names the reader role), on any page, never a 500 with a traceback."""
+        if isinstance(exc, pgerr.InsufficientPrivilege):  # outside Dashboard.fetch/act
+            exc = permission_denied(exc, schema=dash.schema, user=None)
+        log.warning("dashboard: %s %s refused: %s", request.method, request.url.path, exc)
+        if request.url.path.endswith("/events"):
+            return PlainTextResponse(f"403 Forbidden: {exc}\n", status_code=403)
+        return render(request, "denied.html", status_code=403, page="", what=str(exc))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -636,6 +734,9 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
     routes = [
         Route("/", runs_page, name="runs"),
         Route("/runs/{run_id}", run_page, name="run"),
+        Route("/runs/{run_id}/steps", run_steps),
+        Route("/runs/{run_id}/live", run_live),
+        Route("/runs/{run_id}/steps/{position:int}/value", step_value),
         Route("/runs/{run_id}/retry", retry, methods=["POST"]),
         Route("/runs/{run_id}/cancel", cancel, methods=["POST"]),
         Route("/runs/{run_id}/signal", signal, methods=["POST"]),
@@ -652,7 +753,8 @@ def build(app: App, *, token: str | None, read_only: bool, reader_dsn: str | Non
         Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    asgi = Starlette(routes=routes, lifespan=lifespan)
+    asgi = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        PermissionDenied: refused, pgerr.InsufficientPrivilege: refused})
     asgi.add_middleware(SecurityHeaders)
     asgi.state.dashboard = dash
     return asgi

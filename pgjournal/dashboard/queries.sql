@@ -4,12 +4,19 @@
 -- schema's own functions (retry_run, cancel_run, send_signal), exactly as
 -- App.retry/cancel/signal do, and note who acted in run_events in the same
 -- transaction.
+--
+-- Every read of a run's history (steps, stream_chunks, run_events) names the
+-- partition key, run_created_at = runs.created_at of the run (from the runs
+-- row the statement reads anyway, or one primary-key probe of runs): the
+-- executor then scans that run's partition only, however many weeks of
+-- history partitions there are (tests/test_partitions.py checks each read).
 
 -- name: runs_page
 -- One page of the runs list, newest first, keyset-paginated by (created_at, id).
 SELECT id, workflow, queue, status, attempt, max_attempts, recoveries, error,
        concurrency_key, created_at, updated_at, started_at, finished_at, parent_run_id,
-       (SELECT s.position FROM {schema}.steps s WHERE s.run_id = r.id
+       (SELECT s.position FROM {schema}.steps s
+        WHERE s.run_created_at = r.created_at AND s.run_id = r.id
         ORDER BY s.position DESC LIMIT 1) AS last_position
 FROM {schema}.runs r
 WHERE (%(status)s::text IS NULL OR status = %(status)s)
@@ -60,9 +67,11 @@ ORDER BY 1, 2;
 -- name: watch
 -- The live poll: what changed about the runs some open page shows.
 -- Primary-key lookups, plus the last journal position of each (one backward
--- step of the steps primary key), so a run page also sees new steps.
+-- step of the steps primary key in the run's own partition), so a run page
+-- also sees new steps.
 SELECT r.id, r.status, r.attempt, r.lease_epoch, r.updated_at, r.finished_at,
-       (SELECT s.position FROM {schema}.steps s WHERE s.run_id = r.id
+       (SELECT s.position FROM {schema}.steps s
+        WHERE s.run_created_at = r.created_at AND s.run_id = r.id
         ORDER BY s.position DESC LIMIT 1) AS last_position
 FROM {schema}.runs r WHERE r.id = ANY (%(ids)s::uuid[]);
 
@@ -70,29 +79,59 @@ FROM {schema}.runs r WHERE r.id = ANY (%(ids)s::uuid[]);
 SELECT max(created_at) AS newest FROM {schema}.runs;
 
 -- name: run
-SELECT * FROM {schema}.runs WHERE id = %(run)s;
+-- The run, and the last position of its journal (as watch reads it, so the
+-- page's fingerprint matches the live poll's).
+SELECT r.*,
+       (SELECT s.position FROM {schema}.steps s
+        WHERE s.run_created_at = r.created_at AND s.run_id = r.id
+        ORDER BY s.position DESC LIMIT 1) AS last_position
+FROM {schema}.runs r WHERE r.id = %(run)s;
 
--- name: steps
-SELECT * FROM {schema}.steps WHERE run_id = %(run)s ORDER BY position;
+-- name: steps_page
+-- One page of a run's timeline, keyset-paginated by position: the rows after
+-- %(after)s, without the values (their first 200 characters and size only;
+-- the page loads a value when it is opened: step_value). A long agent loop's
+-- page so weighs the same at 50 steps as at 20,000.
+SELECT s.position, s.name, s.kind, s.status, s.attempt, s.tries, s.started_at,
+       s.finished_at,
+       left(s.output::text, 200) AS output_head,
+       octet_length(s.output::text) AS output_bytes,
+       s.error ->> 'type' AS error_type, left(s.error ->> 'message', 200) AS error_message,
+       CASE WHEN s.kind = 'stream' THEN
+           (SELECT count(*) FROM {schema}.stream_chunks k
+            WHERE k.run_created_at = s.run_created_at AND k.run_id = s.run_id
+              AND k.position = s.position) END AS chunks
+FROM {schema}.steps s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.position > %(after)s
+ORDER BY s.position
+LIMIT %(limit)s;
 
--- name: chunk_counts
-SELECT position, count(*) AS n FROM {schema}.stream_chunks
-WHERE run_id = %(run)s GROUP BY position;
+-- name: step_value
+-- The whole value of one step (its output, or its error), on demand.
+SELECT s.position, s.status, s.output, s.error FROM {schema}.steps s
+WHERE s.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s)
+  AND s.run_id = %(run)s AND s.position = %(position)s;
 
 -- name: signals
-SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id;
+-- The latest %(limit)s signals (newest first; the page shows them in order).
+SELECT * FROM {schema}.signals WHERE run_id = %(run)s ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: events
--- Events with the worker that held the run (host and pid) where it is known.
+-- The latest %(limit)s events (newest first; the page shows them in order),
+-- with the worker that held the run (host and pid) where it is known.
 SELECT e.*, w.host AS worker_host, w.pid AS worker_pid
 FROM {schema}.run_events e
 LEFT JOIN {schema}.workers w ON w.id = e.worker_id
-WHERE e.run_id = %(run)s ORDER BY e.id;
+WHERE e.run_created_at = (SELECT r.created_at FROM {schema}.runs r WHERE r.id = %(run)s) AND e.run_id = %(run)s
+ORDER BY e.id DESC
+LIMIT %(limit)s;
 
 -- name: children
 SELECT id, workflow, status, created_at, started_at, finished_at, error, parent_position,
        updated_at,
-       (SELECT s.position FROM {schema}.steps s WHERE s.run_id = r.id
+       (SELECT s.position FROM {schema}.steps s
+        WHERE s.run_created_at = r.created_at AND s.run_id = r.id
         ORDER BY s.position DESC LIMIT 1) AS last_position
 FROM {schema}.runs r WHERE parent_run_id = %(run)s
 ORDER BY parent_position, created_at, id
@@ -104,9 +143,6 @@ GROUP BY status ORDER BY status;
 
 -- name: queues
 SELECT * FROM {schema}.queue_depth ORDER BY queue;
-
--- name: queue_settings
-SELECT name, concurrency_limit, paused FROM {schema}.queues WHERE name = %(name)s;
 
 -- name: workers
 -- Live workers, and the ones that stopped or went silent in the last day.
@@ -133,14 +169,11 @@ SELECT {schema}.cancel_run(%(run)s, %(children)s) AS status;
 -- name: signal
 SELECT {schema}.send_signal(%(run)s, %(name)s, %(payload)s::json, NULL) AS signal_id;
 
--- name: set_queue
-SELECT {schema}.set_queue(%(name)s, %(limit)s, %(paused)s);
-
 -- name: note_action
 -- Who did what from the dashboard: an event without a status change (from =
 -- to = the status after the action), like note_run_event, written in the
 -- action's own transaction.
--- run_created_at: the partition key of the history (migration 0013).
+-- run_created_at: the partition key of the history (migration 0011).
 INSERT INTO {schema}.run_events (run_created_at, run_id, from_status, to_status, attempt,
                                  lease_epoch, worker_id, detail)
 SELECT r.created_at, r.id, r.status, r.status, r.attempt, r.lease_epoch, NULL,

@@ -40,26 +40,129 @@
     return typed;
   }
 
+  // -- a run page ---------------------------------------------------------
+  // The page holds one page of the timeline (keyset: the steps after a
+  // position) without values. "later steps" appends the next page, an opened
+  // value is fetched then, and a change of the run fetches the bounded parts
+  // of the page plus, when the page shows the tail, only the steps after the
+  // last one it has.
+
+  function stepsTable() { return document.querySelector("table.steps[data-steps]"); }
+
+  function get(url) {
+    return fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); });
+  }
+
+  function parse(html) { return new DOMParser().parseFromString(html, "text/html"); }
+
+  // A row that can change keeps the markup it came with, to tell whether a
+  // fetched copy differs (its live DOM differs once a value is opened).
+  function remember(row, markup) {
+    if (row.getAttribute("data-open") === "1") {
+      row.setAttribute("data-html", markup.innerHTML);
+    }
+    return row;
+  }
+
+  // Move the rows of a fetched <tbody id="new-steps"> to the page's timeline.
+  function appendSteps(doc) {
+    var fresh = doc.getElementById("new-steps");
+    var rows = document.getElementById("step-rows");
+    if (!fresh || !rows) { return; }
+    var have = rows.getAttribute("data-last");
+    fresh.querySelectorAll("tr[data-position]").forEach(function (tr) {
+      var pos = tr.getAttribute("data-position");
+      if (Number(pos) > Number(have)) {
+        rows.appendChild(remember(document.importNode(tr, true), tr));
+        return;
+      }
+      // A row fetched again because it could change: replaced if it did (an
+      // unchanged row is kept, with its value open if it was).
+      var old = rows.querySelector('tr[data-position="' + pos + '"]');
+      if (old && old.getAttribute("data-html") !== tr.innerHTML) {
+        old.replaceWith(remember(document.importNode(tr, true), tr));
+      }
+    });
+    if (Number(fresh.getAttribute("data-last")) > Number(have)) {
+      rows.setAttribute("data-last", fresh.getAttribute("data-last"));
+    }
+    rows.setAttribute("data-more", fresh.getAttribute("data-more"));
+    var more = document.getElementById("more-steps");
+    if (more) {
+      more.hidden = fresh.getAttribute("data-more") !== "1";
+      more.setAttribute("href", "?after=" + rows.getAttribute("data-last"));
+    }
+  }
+
+  // The live refresh asks for the steps after the last one shown, or from the
+  // earliest row that can still change (data-open) among the last page shown.
+  function liveAfter(rows) {
+    var after = Number(rows.getAttribute("data-last"));
+    var shown = rows.querySelectorAll("tr[data-position]");
+    for (var i = Math.max(shown.length - 50, 0); i < shown.length; i++) {
+      if (shown[i].getAttribute("data-open") === "1") {
+        after = Math.min(after, Number(shown[i].getAttribute("data-position")) - 1);
+        break;
+      }
+    }
+    return after;
+  }
+
+  function replaceById(doc, id) {
+    var fresh = doc.getElementById(id);
+    var old = document.getElementById(id);
+    if (fresh && old) { old.replaceWith(document.importNode(fresh, true)); }
+  }
+
   function refreshRun() {
     if (refreshing) { again = true; return; }
     if (busy()) { return; }
+    var table = stepsTable();
+    var rows = document.getElementById("step-rows");
+    if (!table || !rows) { return; }
     refreshing = true;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
-      .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+    var url = table.getAttribute("data-steps") + "/live";
+    if (rows.getAttribute("data-more") !== "1") {
+      url += "?after=" + encodeURIComponent(liveAfter(rows));
+    }
+    get(url)
       .then(function (html) {
-        var doc = new DOMParser().parseFromString(html, "text/html");
-        var fresh = doc.getElementById("live");
-        var old = document.getElementById("live");
-        if (fresh && old) {
-          old.replaceWith(document.importNode(fresh, true));
-          connect();  // the page may show new child runs: watch those too
-        }
+        var doc = parse(html);
+        replaceById(doc, "live");
+        replaceById(doc, "live-tail");
+        appendSteps(doc);
+        connect();  // the page may show new child runs: watch those too
       })
       .catch(function () { /* the next event or a reload will do */ })
       .then(function () {
         refreshing = false;
         if (again) { again = false; refreshRun(); }
       });
+  }
+
+  function moreSteps(e) {
+    var table = stepsTable();
+    var rows = document.getElementById("step-rows");
+    if (!table || !rows) { return; }
+    e.preventDefault();
+    get(table.getAttribute("data-steps") + "/steps?after=" +
+        encodeURIComponent(rows.getAttribute("data-last")))
+      .then(function (html) { appendSteps(parse(html)); })
+      .catch(function () { window.location.href = e.target.href; });
+  }
+
+  // A value is fetched when its <details> is first opened, and shown as text.
+  function openValue(e) {
+    var d = e.target;
+    if (!d || d.tagName !== "DETAILS" || !d.open || !d.hasAttribute("data-value") ||
+        d.hasAttribute("data-loaded")) { return; }
+    d.setAttribute("data-loaded", "");
+    var pre = d.querySelector("pre");
+    fetch(d.getAttribute("data-value"), { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+      .then(function (text) { if (pre) { pre.textContent = text; } })
+      .catch(function () { d.removeAttribute("data-loaded"); });
   }
 
   function onRun(e) {
@@ -92,5 +195,12 @@
     source.onerror = function () { setLive(false); };
   }
 
+  document.querySelectorAll("#step-rows tr[data-open]").forEach(function (tr) {
+    remember(tr, tr);
+  });
+  document.addEventListener("toggle", openValue, true);  // toggle does not bubble
+  document.addEventListener("click", function (e) {
+    if (e.target && e.target.id === "more-steps") { moreSteps(e); }
+  });
   connect();
 })();
