@@ -6,7 +6,7 @@ not import each other: each imports this module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -15,9 +15,19 @@ from ._sql import named_queries, schema_query
 from .store import translate_error
 
 if TYPE_CHECKING:
-    from .app import App
+    from .store import Store
 
 Row = dict[str, Any]
+
+
+class Pooled(Protocol):
+    """What ``cli_fetch`` needs of an app (``pgjournal.App`` has it). A protocol:
+    the app imports this module, not the reverse."""
+
+    @property
+    def schema(self) -> str: ...
+
+    async def store(self) -> Store: ...
 
 
 def cli_query(name: str, schema: str, **literals: Any) -> sql.Composed:
@@ -36,7 +46,7 @@ async def run_query(conn: psycopg.AsyncConnection[Row], name: str, schema: str, 
         raise translate_error(exc, schema) from exc
 
 
-async def cli_fetch(app: App, name: str, /, **params: Any) -> list[Row]:
+async def cli_fetch(app: Pooled, name: str, /, **params: Any) -> list[Row]:
     """Execute a named CLI query through the app's pool (schema checked on open)."""
     store = await app.store()
     async with store.pool.connection() as conn:

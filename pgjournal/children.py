@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import ChildFailed
-
-if TYPE_CHECKING:
-    from .run import Run
 
 __all__ = ["ChildRun", "ChildSettings", "child_id"]
 
@@ -26,6 +23,15 @@ __all__ = ["ChildRun", "ChildSettings", "child_id"]
 ChildSettings = Callable[[str, "str | None"], tuple[str, int, int]]
 
 _UNSET: Any = object()
+
+
+class Parent(Protocol):
+    """What a ``ChildRun`` asks of the run that spawned it (its child runs' side,
+    ``pgjournal._run.family.Family``): a protocol, so this module imports no run."""
+
+    async def wait_one(self, child: ChildRun) -> None: ...
+
+    def loads(self, text: str) -> Any: ...
 
 
 def child_id(parent: uuid.UUID, position: int, index: int, key: str | None) -> uuid.UUID:
@@ -39,8 +45,8 @@ class ChildRun:
     """A child run of the running workflow: ``id``, ``workflow``, and its outcome
     through ``await child.result()`` (or ``run.wait_all`` / ``run.wait_first``)."""
 
-    def __init__(self, run: Run, child: uuid.UUID, workflow: str) -> None:
-        self._run = run
+    def __init__(self, parent: Parent, child: uuid.UUID, workflow: str) -> None:
+        self._parent = parent
         self.id = child
         self.workflow = workflow
         self._outcome: dict[str, Any] | None = None
@@ -60,7 +66,7 @@ class ChildRun:
         worker is held meanwhile). The outcome is journaled in the parent.
         """
         if self._outcome is None:
-            await self._run._wait_one(self)
+            await self._parent.wait_one(self)
         assert self._outcome is not None
         return self._value()
 
@@ -71,7 +77,7 @@ class ChildRun:
         outcome = self._outcome
         assert outcome is not None
         if outcome["status"] == "completed":
-            return self._run._ser.loads(outcome["output"])
+            return self._parent.loads(outcome["output"])
         exc = ChildFailed(str(self.id), outcome.get("error"), outcome["status"],
                           workflow=self.workflow)
         if return_exceptions:

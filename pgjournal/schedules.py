@@ -40,16 +40,15 @@ import logging
 import math
 import re
 from bisect import insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError, DatabaseUnavailable
 
 if TYPE_CHECKING:
-    from .app import App
     from .store import Store
 
 log = logging.getLogger("pgjournal.schedules")
@@ -448,7 +447,7 @@ class ScheduleSpec:
     fn: Any  # the decorated function; its workflow name is resolved at worker start
     queue: str | None = None
 
-    def workflow_name(self, app: App) -> str:
+    def workflow_name(self, app: Host) -> str:
         for wf in app.workflows.values():
             if wf.fn is self.fn:
                 return wf.name
@@ -456,6 +455,36 @@ class ScheduleSpec:
             f"schedule {self.name!r} decorates {getattr(self.fn, '__name__', self.fn)!r}, "
             "which is not registered with this app: put @app.workflow() under "
             "@app.schedule(...)")
+
+
+class Registered(Protocol):
+    """A registered workflow as schedules read it (``pgjournal.app.Workflow``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fn(self) -> Any: ...
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+    @property
+    def max_recoveries(self) -> int: ...
+
+
+class Host(Protocol):
+    """The app whose schedules fire (``pgjournal.App``): its workflows and its
+    declared schedules. A protocol: the app imports this module, not the reverse."""
+
+    @property
+    def workflows(self) -> Mapping[str, Registered]: ...
+
+    @property
+    def schedules(self) -> Mapping[str, ScheduleSpec]: ...
 
 
 # -- the scheduler task --------------------------------------------------------
@@ -472,7 +501,7 @@ class Scheduler:
     makes a slot one run even if two rounds ever computed it.
     """
 
-    def __init__(self, app: App, store: Store, workflows: Sequence[str],
+    def __init__(self, app: Host, store: Store, workflows: Sequence[str],
                  poll_interval: float) -> None:
         self.app = app
         self.store = store

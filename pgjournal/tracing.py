@@ -33,15 +33,51 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ._unwind import Abandoned, Suspended
 
 if TYPE_CHECKING:
-    from .run import Run
     from .store import Claim, Store
 
 log = logging.getLogger("pgjournal.tracing")
+
+
+class RunFacts(Protocol):
+    """What a span tells of the run it belongs to. Protocols, not ``Run``: tracing
+    is imported by the run's modules and imports none of them."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def workflow(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+
+class Journaled(RunFacts, Protocol):
+    """The replay engine of a run (``pgjournal._run.engine.Engine``), as the
+    decorators of its journaled calls see it."""
+
+    def next_occurrence(self, name: str) -> int: ...
+
+
+class Attempted(RunFacts, Protocol):
+    """A ``Run``, as ``attempt`` sees it: its claim and the store it came from."""
+
+    @property
+    def recoveries(self) -> int: ...
+
+    @property
+    def fencing_token(self) -> int: ...
+
+    @property
+    def _store(self) -> Store: ...
+
+    @property
+    def _claim(self) -> Claim: ...
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -131,7 +167,7 @@ def _end_with_exception(otel: Any, span: Any, exc: BaseException) -> None:
     span.set_status(otel.Status(otel.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
-def _run_attributes(run: Run) -> dict[str, Any]:
+def _run_attributes(run: RunFacts) -> dict[str, Any]:
     return {"pgjournal.run_id": str(run.id), "pgjournal.workflow": run.workflow,
             "pgjournal.attempt": run.attempt}
 
@@ -238,7 +274,7 @@ def _empty_context() -> Any:
     return Context()
 
 
-def attempt(run: Run, coro: Awaitable[T]) -> Awaitable[T]:
+def attempt(run: Attempted, coro: Awaitable[T]) -> Awaitable[T]:
     """The workflow body of one execution of a run, in a ``pgjournal.run <workflow>``
     span whose parent is the trace context stored with the run."""
     otel = _otel()
@@ -247,7 +283,7 @@ def attempt(run: Run, coro: Awaitable[T]) -> Awaitable[T]:
     return _attempt(otel, run, coro)
 
 
-async def _attempt(otel: Any, run: Run, coro: Awaitable[T]) -> T:
+async def _attempt(otel: Any, run: Attempted, coro: Awaitable[T]) -> T:
     key = (run.id, run.fencing_token)
     stash = _claimed.pop(key, None)
     if stash is None:  # not claimed by a worker's claim loop (or claimed before tracing)
@@ -271,12 +307,12 @@ async def _attempt(otel: Any, run: Run, coro: Awaitable[T]) -> T:
 # -- the run: journaled calls ---------------------------------------------------------
 
 #: kind -> how a call names itself: (name, occurrence) from the run and the arguments.
-_IDENTITY: dict[str, Callable[[Run, tuple[Any, ...], dict[str, Any]], tuple[Any, Any]]] = {
-    "rate": lambda run, a, kw: (f"rate:{a[2]}", a[1]),  # _take_units(position, occ, bucket, ..)
+_IDENTITY: dict[str, Callable[[Journaled, tuple[Any, ...], dict[str, Any]], tuple[Any, Any]]] = {
+    "rate": lambda run, a, kw: (f"rate:{a[2]}", a[1]),  # take_units(engine, pos, occ, bucket)
 }
 
 
-def _identity(kind: str, run: Run, args: tuple[Any, ...],
+def _identity(kind: str, run: Journaled, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[Any, Any]:
     special = _IDENTITY.get(kind)
     if special is not None:
@@ -284,15 +320,15 @@ def _identity(kind: str, run: Run, args: tuple[Any, ...],
     name = args[0] if args else kwargs.get("name", kwargs.get("workflow"))
     if not isinstance(name, str):
         return None, None
-    return name, run._occurrences[name]  # the occurrence _call is about to allocate
+    return name, run.next_occurrence(name)  # the occurrence the call is about to take
 
 
 def traced(kind: str) -> Callable[[F], F]:
-    """Decorate a journaled call of ``Run`` (an async method whose first argument
-    is the call's name): one ``pgjournal.<kind> <name>`` span per call."""
+    """Decorate a journaled call (an async function of the run's engine whose
+    first argument after it is the call's name): one ``pgjournal.<kind> <name>`` span per call."""
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
-        def wrapper(run: Run, *args: Any, **kwargs: Any) -> Any:
+        def wrapper(run: Journaled, *args: Any, **kwargs: Any) -> Any:
             otel = _otel()
             if otel is None:
                 return fn(run, *args, **kwargs)
@@ -301,7 +337,7 @@ def traced(kind: str) -> Callable[[F], F]:
     return decorate
 
 
-async def _call(otel: Any, kind: str, fn: Callable[..., Awaitable[T]], run: Run,
+async def _call(otel: Any, kind: str, fn: Callable[..., Awaitable[T]], run: Journaled,
                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
     # No await before ``fn`` starts: the occurrence read here is the one it takes.
     name, occurrence = _identity(kind, run, args, kwargs)
@@ -322,26 +358,26 @@ async def _call(otel: Any, kind: str, fn: Callable[..., Awaitable[T]], run: Run,
         span.end()
 
 
-def _call_attributes(run: Run, kind: str, name: str, occurrence: Any) -> dict[str, Any]:
+def _call_attributes(run: RunFacts, kind: str, name: str, occurrence: Any) -> dict[str, Any]:
     return {**_run_attributes(run), "pgjournal.step.kind": kind, "pgjournal.step.name": name,
             "pgjournal.step.occurrence": occurrence, "pgjournal.replayed": False}
 
 
 def traced_stream(fn: F) -> F:
-    """Decorate ``Run.stream_step``: one ``pgjournal.stream <name>`` span from the
-    first chunk asked for to the end of the iteration (not made current: the
+    """Decorate ``stream_step`` (of the run's engine): one ``pgjournal.stream <name>``
+    span from the first chunk asked for to the end of the iteration (not made current: the
     workflow's code runs between chunks)."""
     @functools.wraps(fn)
-    def wrapper(run: Run, name: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(run: Journaled, name: Any, *args: Any, **kwargs: Any) -> Any:
         otel = _otel()
         if otel is None or not isinstance(name, str):
             return fn(run, name, *args, **kwargs)
-        occurrence = run._occurrences[name]
+        occurrence = run.next_occurrence(name)
         return _stream(otel, run, name, occurrence, fn(run, name, *args, **kwargs))
     return cast(F, wrapper)
 
 
-async def _stream(otel: Any, run: Run, name: str, occurrence: int,
+async def _stream(otel: Any, run: Journaled, name: str, occurrence: int,
                   chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
     span = _tracer(otel).start_span(f"pgjournal.stream {name}",
                                     attributes=_call_attributes(run, "stream", name, occurrence))
