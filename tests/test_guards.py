@@ -357,16 +357,16 @@ async def test_a_new_attempt_waits_suspended_for_its_new_take_and_takes_once(
 # -- a key's slot and a run past its lease ----------------------------------------------------
 
 
-async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
+async def test_a_run_past_its_lease_still_in_its_step_keeps_holding_its_key(
         pgjournal_app: pgjournal.App, db: Sql) -> None:
-    """Documents today's behaviour (docs/flow-control.md, "What counts"): only
-    running runs with a live lease count toward their key's limit. Worker A's
-    heartbeats do not get through (a cut network, a blocked event loop) while
-    its step of run 1 (key K, limit 1) is still calling out. Once run 1's lease
-    expired in the database, a claim on another host starts run 2 of K beside
-    it: two runs of K execute at once, and run 1, which nobody took over, then
-    completes normally (its epoch never moved). A claim that counted runs past
-    their lease until they are taken over would flip the marked assertion."""
+    """A running run holds its key's slot until it ends or is taken over, live
+    lease or not (migration 0022). Worker A's heartbeats do not get through (a
+    cut network, a blocked event loop) while its step of run 1 (key K, limit 1)
+    is still calling out. Before 0022, once run 1's lease expired in the
+    database, a claim on another host started run 2 of K beside it ("run 2
+    was started beside run 1"): two runs of K executed at once, and when A's
+    heartbeats got through again both held live leases (the chaos run's K
+    row). Now run 2 waits; the takeover of run 1 itself is not held back."""
     app = pgjournal_app
     store = await app.store()
     await app.set_concurrency_limit("K", 1)
@@ -384,30 +384,35 @@ async def test_a_run_past_its_lease_still_in_its_step_no_longer_holds_its_key(
     first = await app.start("long_call", concurrency_key="K")
     second = await app.start("long_call", queue="b", concurrency_key="K")
 
-    def claim_b() -> list[uuid.UUID]:
-        rows = db.call("claim_runs", worker=db.register(), queues=["b"], limit=1,
+    def claim(queue: str) -> list[uuid.UUID]:
+        rows = db.call("claim_runs", worker=db.register(), queues=[queue], limit=1,
                        lease_seconds=30.0)
         return [r["id"] for r in rows]
 
-    async with serving(app, queues=["a"], lease=1.0, heartbeat_interval=3600.0):
+    # poll_interval: the worker itself never looks for expired leases here (it
+    # would take run 1 over from under the test's own claims).
+    async with serving(app, queues=["a"], lease=1.0, heartbeat_interval=3600.0,
+                       poll_interval=3600.0):
         async def first_in_step() -> bool:
             return first.run_id in entered
         await wait_for(first_in_step, 30, what="run 1 to enter its step")
         # While run 1's lease is live, K is at its limit: nothing of K is claimed.
-        assert claim_b() == []
+        assert claim("b") == []
         await wait_for(lambda: lease_expired(store, first.run_id), 30,
                        what="run 1's lease to expire in the database")
         # Run 1 is still in its step (its call has not returned) ...
         assert not release.is_set()
-        # ... and a claim of K on another host takes run 2 beside it.
-        assert claim_b() == [second.run_id], "run 2 was not started beside run 1"  # <-
+        # ... and still holds K: no claim of K on another host starts run 2.
+        assert claim("b") == [], "run 2 was started beside run 1"
         running = db.conn.execute(
             "SELECT count(*) AS n FROM runs WHERE concurrency_key = 'K' "
             "AND status = 'running'").fetchone()
-        assert running is not None and running["n"] == 2
+        assert running is not None and running["n"] == 1
+        # A takeover of run 1 itself replaces its slot: not held back by K.
+        assert claim("a") == [first.run_id], "the expired run 1 was not taken over"
         release.set()
-        assert await first.result(timeout=30) == "done"
-    assert await first.status() == "completed"
+    # Run 1's old worker lost its lease to the takeover; run 2 still waits for K.
+    assert await second.status() == "queued"
 
 
 async def test_retried_calls_are_paced_by_the_bucket(
