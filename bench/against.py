@@ -359,6 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         "meta": meta,
         "figures": [asdict(f) | {"ratios": f.ratios} for f in figures],
         "rounds": [{"side": key, "round": i + 1, "seconds": seconds[key][i],
+                    "systems": data.get("meta", {}).get("systems", {}),
                     "results": data.get("results", []), "notes": data.get("notes", [])}
                    for i in range(args.repeat) for key in ("work", "ref")
                    for data in [rounds[key][i]]],

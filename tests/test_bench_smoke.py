@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -117,23 +118,46 @@ async def test_wakeup_parts_splits_every_timed_run(bench_dsn: str) -> None:
     assert parts["total"]["p50"] >= parts["claim"]["p50"]
 
 
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost",
+                    *args], cwd=cwd, check=True, capture_output=True)
+
+
 def test_against_head_prints_a_ratio_per_figure(pgjournal_dsn: str, tmp_path: Path) -> None:
     """``bench --against HEAD`` at a tiny size: both trees measured, each with its
-    own code (worker processes included), one ratio row per figure, and the
-    REF's worktree and both sides' databases gone afterwards."""
+    own pgjournal package, one ratio row per figure, and the REF's worktree and
+    both sides' databases gone afterwards.
+
+    It runs in a clone of this repository holding this working tree's code,
+    whose HEAD commit marks pgjournal's version and whose working tree takes
+    the mark back (uncommitted): the version each side's bench process
+    reports shows whose package it imported."""
     if not (against.ROOT / ".git").exists():
         pytest.skip("not a git checkout: --against needs the repository's history")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", "--shared", str(against.ROOT), str(clone))
+    for name in ("bench", "pgjournal", "sql"):
+        shutil.copytree(against.ROOT / name, clone / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "results*.json"))
+    git(clone, "add", "-A")
+    git(clone, "commit", "--quiet", "--allow-empty", "-m", "this working tree")
+    init = clone / "pgjournal" / "__init__.py"
+    unmarked = init.read_text()
+    init.write_text(unmarked + '\n__version__ = "0.0.0+ref-mark"\n')
+    git(clone, "commit", "--quiet", "-am", "mark the version")
+    init.write_text(unmarked)
+
     prefix = f"bench_ag_{uuid.uuid4().hex[:8]}_"
     out = tmp_path / "against.json"
-    env = {**os.environ, "PYTHONPATH": str(against.ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--against", "HEAD", "--dsn", pgjournal_dsn,
          "--db-prefix", prefix, "--systems", "pgjournal", "--scenarios", "S1,S2",
          "--quick", "--jobs", "500", "--repeat", "1", "--out", str(out),
          "--log-dir", str(tmp_path / "logs")],
-        cwd=against.ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
+        cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True,
+        text=True, timeout=240)
     print(done.stdout)
+    assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     figures = {(f["scenario"], f["case"]): f for f in data["figures"]}
     assert set(figures) == {("S1", "one at a time"), ("S1", "batches of 500"),
@@ -143,11 +167,15 @@ def test_against_head_prints_a_ratio_per_figure(pgjournal_dsn: str, tmp_path: Pa
         assert len(f["work"]) == len(f["ref"]) == 1 and f["work"][0] > 0 and f["ref"][0] > 0
         row = next(r for r in rows if r.startswith(f"| {scenario} | {case} | pgjournal |"))
         assert f"| {f['ratios'][0]:.2f}x |" in row and "higher is better" in row
+    versions = {r["side"]: r["systems"]["pgjournal"]["version"] for r in data["rounds"]}
+    assert versions["ref"] == "0.0.0+ref-mark" != versions["work"]
     ref_tree = Path(data["meta"]["ref"]["tree"])
     assert Path(data["meta"]["ref"]["imports"]["pgjournal"]).is_relative_to(ref_tree)
-    assert Path(data["meta"]["work"]["imports"]["pgjournal"]).is_relative_to(against.ROOT)
+    assert Path(data["meta"]["work"]["imports"]["pgjournal"]).is_relative_to(clone)
     assert not ref_tree.exists()
-    assert str(ref_tree) not in against.git("worktree", "list")
+    listed = subprocess.run(["git", "worktree", "list"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert str(ref_tree) not in listed
     assert count(pgjournal_dsn, "SELECT count(*) FROM pg_database "
                                 f"WHERE datname LIKE '{prefix}%'") == 0
 
