@@ -181,6 +181,8 @@ def test_against_head_prints_a_ratio_per_figure(pgjournal_dsn: str, tmp_path: Pa
 
 
 def test_against_an_unknown_ref_is_one_line() -> None:
+    if not (against.ROOT / ".git").exists():
+        pytest.skip("not a git checkout: --against needs the repository's history")
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--against", "no-such-ref-xyz", "--dsn", "host=nowhere"],
         cwd=against.ROOT, env={**os.environ, "PYTHONPATH": str(against.ROOT)},
@@ -188,7 +190,7 @@ def test_against_an_unknown_ref_is_one_line() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "python -m bench --against: unknown ref 'no-such-ref-xyz' (not a commit in "
-        f"{against.ROOT})"] or not (against.ROOT / ".git").exists()
+        f"{against.ROOT})"]
 
 
 def test_against_says_what_a_refs_bench_lacks(tmp_path: Path) -> None:
