@@ -25,6 +25,7 @@ from bench import scenarios as sc
 from bench.adapters import load
 from bench.adapters.base import MODE_NOOP, MODE_STEPS
 from bench.cli import Report, Result, fresh_database, tables
+from bench.procs import ROOT
 
 
 @pytest.fixture
@@ -132,12 +133,12 @@ def test_against_head_prints_a_ratio_per_figure(pgjournal_dsn: str, tmp_path: Pa
     whose HEAD commit marks pgjournal's version and whose working tree takes
     the mark back (uncommitted): the version each side's bench process
     reports shows whose package it imported."""
-    if not (against.ROOT / ".git").exists():
+    if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: --against needs the repository's history")
     clone = tmp_path / "clone"
-    git(tmp_path, "clone", "--quiet", "--shared", str(against.ROOT), str(clone))
+    git(tmp_path, "clone", "--quiet", "--shared", str(ROOT), str(clone))
     for name in ("bench", "pgjournal", "sql"):
-        shutil.copytree(against.ROOT / name, clone / name, dirs_exist_ok=True,
+        shutil.copytree(ROOT / name, clone / name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "results*.json"))
     git(clone, "add", "-A")
     git(clone, "commit", "--quiet", "--allow-empty", "-m", "this working tree")
@@ -181,16 +182,16 @@ def test_against_head_prints_a_ratio_per_figure(pgjournal_dsn: str, tmp_path: Pa
 
 
 def test_against_an_unknown_ref_is_one_line() -> None:
-    if not (against.ROOT / ".git").exists():
+    if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: --against needs the repository's history")
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--against", "no-such-ref-xyz", "--dsn", "host=nowhere"],
-        cwd=against.ROOT, env={**os.environ, "PYTHONPATH": str(against.ROOT)},
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "python -m bench --against: unknown ref 'no-such-ref-xyz' (not a commit in "
-        f"{against.ROOT})"]
+        f"{ROOT})"]
 
 
 def test_against_says_what_a_refs_bench_lacks(tmp_path: Path) -> None:
