@@ -427,8 +427,9 @@ class Driver:
             return
         # Retried once its durable sleep's wake time has passed (the retry
         # replays it) and the queue is not backed up (the 1000 backfilled
-        # slots), so the fresh deadline is not spent waiting in the queue.
-        for _ in range(600):
+        # slots, or a large run's backlog), so the fresh deadline is not spent
+        # waiting in the queue. A user would wait as long: up to 5 minutes.
+        for _ in range(3000):
             (ready,) = (await self._rows(
                 "SELECT coalesce((SELECT (s.output #>> '{}')::timestamptz < now() "
                 "FROM steps s WHERE s.run_id = %s AND s.name = 'nap'), true) "
