@@ -426,14 +426,17 @@ class Driver:
         if p_status != "failed" or c_status != "failed":
             return
         # Retried once its durable sleep's wake time has passed (the retry
-        # replays it) and the queue is not backed up (the 1000 backfilled
-        # slots, or a large run's backlog), so the fresh deadline is not spent
-        # waiting in the queue. A user would wait as long: up to 5 minutes.
+        # replays it) and the work in progress is not backed up, so the fresh
+        # deadline is not spent waiting in the queue. A retried run started
+        # before, so it is claimed ahead of new runs (resumptions first): a
+        # backlog of new runs (the 1000 backfilled slots, a large run's
+        # offered load) does not delay it. A user would wait up to 5 minutes.
         for _ in range(3000):
             (ready,) = (await self._rows(
                 "SELECT coalesce((SELECT (s.output #>> '{}')::timestamptz < now() "
                 "FROM steps s WHERE s.run_id = %s AND s.name = 'nap'), true) "
-                "AND (SELECT count(*) FROM runs WHERE status = 'queued') < 50", child))[0]
+                "AND (SELECT count(*) FROM runs WHERE status = 'queued' "
+                "AND started_at IS NOT NULL) < 50", child))[0]
             if ready or self.stop.is_set():
                 break
             await asyncio.sleep(0.1)
