@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,11 +113,29 @@ def test_schedule_check_counts_missing_and_doubled_slots() -> None:
 def test_expected_end_check_allows_only_the_harness_cancels() -> None:
     """A racer cancelled by its parent's wait_first(cancel_rest=True) is expected;
     one whose parent did not ask for it is not; nor is a run left running."""
-    rows = [("p1", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": True}}),
-            ("p2", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": False}}),
-            ("r1", "leaf", "cancelled", "p1", None, None, {"args": [101, 0.2]}),
-            ("r2", "leaf", "cancelled", "p2", None, None, {"args": [101, 0.2]}),
-            ("k1", "leaf", "cancelled", "p3", None, None, {"args": [1, 0.2]}),
-            ("x", "keyed", "running", None, None, None, {"kwargs": {}})]
+    rows = [("p1", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": True}}, 1),
+            ("p2", "tree", "completed", None, None, None, {"kwargs": {"cancel_rest": False}}, 1),
+            ("r1", "leaf", "cancelled", "p1", None, None, {"args": [101, 0.2]}, 1),
+            ("r2", "leaf", "cancelled", "p2", None, None, {"args": [101, 0.2]}, 1),
+            ("k1", "leaf", "cancelled", "p3", None, None, {"args": [1, 0.2]}, 1),
+            ("x", "keyed", "running", None, None, None, {"kwargs": {}}, 1)]
     row = checks.runs_as_expected(fake(rows), cancelled={"p3"})
     assert [b[0] for b in row.bad] == ["r2", "x"]
+
+
+def test_expected_end_check_allows_only_a_repair_that_missed_its_fresh_deadline() -> None:
+    """A retried child that failed again by its deadline (attempt 2) and its
+    parent are expected; a child the harness never retried, or one that failed
+    for another reason, is not."""
+    def kid(rid: str, parent: str, etype: str, attempt: int) -> tuple[Any, ...]:
+        return (rid, "slowkid", "failed", parent, etype, "", {"args": [6.0]}, attempt)
+
+    def par(rid: str) -> tuple[Any, ...]:
+        return (rid, "deadliner", "failed", None, "ChildFailed", "", {"args": [3.0]}, 2)
+
+    rows = [par("d1"), kid("s1", "d1", "TimeoutError", 2),     # repaired, missed again
+            par("d2"), kid("s2", "d2", "TimeoutError", 1),     # never retried
+            par("d3"), kid("s3", "d3", "ValueError", 2)]       # failed otherwise
+    row = checks.runs_as_expected(fake(rows), cancelled=set(), retried={"s1", "s2", "s3"})
+    assert sorted(b[0] for b in row.bad) == ["d2", "d3", "s2", "s3"]
+    assert "1 repaired children" in row.what
